@@ -1,0 +1,54 @@
+"""Argument validation. Shape, dtype and device checks never read tensor values; only the explicit
+finiteness check does (it is one reduction and one host sync per call, and can be switched off)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(x, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_ndim(x: Tensor, ndim: int, name: str, layout: str) -> Tensor:
+    check_tensor(x, name)
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor {layout}, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_floating(x: Tensor, name: str) -> Tensor:
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_b}: expected shape {tuple(a.shape)} (the shape of {name_a}), "
+                         f"got {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"{name_b}: expected device {a.device} (the device of {name_a}), got {b.device}")
+
+
+def check_features(activations: Tensor, gradients: Tensor) -> None:
+    """Both (B, C, h, w), floating, same shape and device, non-empty."""
+    check_ndim(activations, 4, "activations", "(B, C, h, w)")
+    check_ndim(gradients, 4, "gradients", "(B, C, h, w)")
+    check_floating(activations, "activations")
+    check_floating(gradients, "gradients")
+    check_same_shape(activations, gradients, "activations", "gradients")
+    if activations.numel() == 0:
+        raise ValueError(f"activations: expected a non-empty (B, C, h, w) tensor, got shape "
+                         f"{tuple(activations.shape)}")
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    """Raise naming the first image (dim 0) that holds a NaN or an infinity. One host sync."""
+    bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
+    if bool(bad.any()):
+        idx = torch.nonzero(bad).flatten().tolist()
+        raise ValueError(f"{name}: expected finite values, got NaN or inf in image index "
+                         f"{idx[0]}" + (f" (and {len(idx) - 1} more: {idx[1:6]})" if len(idx) > 1 else ""))

@@ -1,0 +1,111 @@
+"""Pure CAM functions on target-layer features: activations and gradients in, maps out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_features, check_finite
+from .cluster import channel_clusters
+from .filters import guided_filter
+
+
+@dataclass
+class CAMResult:
+    """CAMs for a batch.
+
+    cams: (B, h, w) float32 in [0, 1]; weights: (B, C) channel weights. CF-CAM also fills
+    labels: (B, C) int64 DBSCAN channel clusters (-1 = noise), n_clusters: (B,), eps: (B,) DBSCAN radius,
+    min_samples. The engine adds targets: (B,) and logits: (B, K).
+    """
+
+    cams: Tensor
+    weights: Tensor
+    labels: Tensor | None = None
+    n_clusters: Tensor | None = None
+    eps: Tensor | None = None
+    min_samples: int | None = None
+    targets: Tensor | None = None
+    logits: Tensor | None = None
+
+    @property
+    def all_noise(self) -> Tensor | None:
+        """(B,) bool: every channel was DBSCAN noise, so every weight is 0 and the CAM is all zeros."""
+        return None if self.n_clusters is None else self.n_clusters == 0
+
+    def upsample(self, size) -> Tensor:
+        """(B, h, w) -> (B, H, W) bilinear (align_corners=False), e.g. to the input image size."""
+        if isinstance(size, int):
+            size = (size, size)
+        return F.interpolate(self.cams[:, None], size=tuple(size), mode="bilinear",
+                             align_corners=False)[:, 0]
+
+
+def weighted_cam(activations: Tensor, weights: Tensor) -> Tensor:
+    """relu(sum_c w_c A_c), divided by its max where that is > 0.
+
+    activations: (B, C, h, w); weights: (B, C) -> (B, h, w) float32 in [0, 1].
+    """
+    cam = torch.einsum("bc,bchw->bhw", weights.float(), activations.float()).clamp_min_(0)
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    return cam / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def guided_filter_radius(h: int, w: int) -> int:
+    """The seed's radius: a quarter of the map's spatial scale, int(sqrt(h w) / 4)."""
+    return int((h * w) ** 0.5 / 4)
+
+
+def cluster_weights(gradients: Tensor, labels: Tensor) -> Tensor:
+    """CF-CAM channel weights from clustered, guided-filtered mean gradients.
+
+    gradients: (B, C, h, w); labels: (B, C) int64 (-1 = noise) -> weights (B, C) float32.
+    Cluster k's mean gradient m_k (h, w) is guided-filtered with itself as guide, radius
+    int(sqrt(h w) / 4) and eps 0.1 var(m_k); a channel's weight is the spatial mean of its cluster's
+    filtered map, 0 for noise. Clusters are bounded by K = C, so every shape is static (no host sync).
+    """
+    B, C, h, w = gradients.shape
+    grads = gradients.float().flatten(2)  # (B, C, N)
+    slot = torch.where(labels >= 0, labels, C)  # noise -> the spare slot C
+    sums = grads.new_zeros(B, C + 1, h * w).scatter_add_(1, slot[:, :, None].expand(-1, -1, h * w), grads)
+    counts = grads.new_zeros(B, C + 1).scatter_add_(1, slot, torch.ones_like(grads[:, :, 0]))
+    means = (sums[:, :C] / counts[:, :C, None].clamp_min(1)).reshape(B * C, 1, h, w)  # (B*K, 1, h, w)
+    eps = 0.1 * means.flatten(1).var(dim=1, unbiased=False)
+    filtered = guided_filter(means, means, guided_filter_radius(h, w), eps)
+    cluster_w = filtered.mean(dim=(1, 2, 3)).reshape(B, C)  # (B, K)
+    return torch.where(labels >= 0, cluster_w.gather(1, slot.clamp_max(C - 1)), 0.0)
+
+
+def _prepare(activations: Tensor, gradients: Tensor, check_values: bool) -> None:
+    check_features(activations, gradients)
+    if check_values:
+        check_finite(activations, "activations")
+        check_finite(gradients, "gradients")
+
+
+def cfcam_from_features(activations: Tensor, gradients: Tensor, backend: str = "torch",
+                        check_values: bool = True) -> CAMResult:
+    """CF-CAM for a batch from target-layer activations and gradients.
+
+    activations, gradients: (B, C, h, w) -> CAMResult with cams (B, h, w) in [0, 1], labels (B, C),
+    weights (B, C), n_clusters (B,), eps (B,). ``backend`` picks the DBSCAN implementation ("torch",
+    "sklearn", "cuml"). ``check_values`` raises on NaN/inf naming the image (one host sync).
+    """
+    _prepare(activations, gradients, check_values)
+    clusters = channel_clusters(activations, backend)
+    weights = cluster_weights(gradients, clusters.labels)
+    n_clusters = (clusters.labels.amax(dim=1) + 1)
+    return CAMResult(cams=weighted_cam(activations, weights), weights=weights, labels=clusters.labels,
+                     n_clusters=n_clusters, eps=clusters.eps, min_samples=clusters.min_samples)
+
+
+def gradcam_from_features(activations: Tensor, gradients: Tensor, check_values: bool = True) -> CAMResult:
+    """Plain Grad-CAM: weights = spatial mean of the gradients; same normalisation as CF-CAM.
+
+    activations, gradients: (B, C, h, w) -> CAMResult with cams (B, h, w) and weights (B, C).
+    """
+    _prepare(activations, gradients, check_values)
+    weights = gradients.float().mean(dim=(2, 3))
+    return CAMResult(cams=weighted_cam(activations, weights), weights=weights)

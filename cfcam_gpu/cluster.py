@@ -1,0 +1,191 @@
+"""Batched DBSCAN over channels, and the seed's channel-clustering rule.
+
+DBSCAN semantics (scikit-learn's): ``j`` is a neighbour of ``i`` iff ``dist[i, j] <= eps``; ``i`` is core
+iff it has ``>= min_samples`` neighbours (itself included); clusters are the connected components of the
+core points, numbered 0, 1, ... by their smallest core index; a non-core point with a core neighbour joins
+the smallest-numbered cluster among its core neighbours; the rest are noise (-1).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._checks import check_ndim, check_tensor
+from .distance import percentile_of_distances, squared_distances
+
+BACKENDS = ("torch", "sklearn", "cuml")
+EPS_PERCENTILE = 25.0
+
+
+def _label_dtype(C: int) -> torch.dtype:
+    """Smallest integer type that holds 0..C: halves the (B, C, C) temporaries of the masked minima."""
+    return torch.int16 if C < 2**15 - 1 else torch.int32
+
+
+def _masked_min(adj: Tensor, values: Tensor, fill: int) -> Tensor:
+    """out[b, i] = min(values[b, j] for j with adj[b, i, j]), ``fill`` where row i is empty.
+
+    adj: (B, C, C) bool; values: (B, C) integer -> (B, C) of values' dtype.
+    """
+    big = torch.full((), fill, dtype=values.dtype, device=values.device)
+    return torch.where(adj, values[:, None, :], big).amin(dim=2)
+
+
+def connected_components(adj: Tensor, max_rounds: int | None = None) -> Tensor:
+    """Smallest node index of each node's connected component.
+
+    adj: (B, C, C) bool, symmetric -> (B, C) int64. Isolated nodes (empty rows) are their own component.
+    Min-label hooking with full pointer jumping (Shiloach-Vishkin style): each round every node looks at
+    its neighbours' labels, hooks its own tree root to the smallest one, then all pointers jump to their
+    roots. Labels only decrease and stay inside the component, so the fixed point is the component
+    minimum; rounds are few on the dense graphs DBSCAN builds here.
+    """
+    B, C, _ = adj.shape
+    dt = _label_dtype(C)
+    parent = torch.arange(C, device=adj.device).expand(B, C).contiguous()
+    jumps = max(1, math.ceil(math.log2(max(C, 2))))
+    rounds = max_rounds if max_rounds is not None else C
+    for _ in range(rounds):
+        seen = torch.minimum(_masked_min(adj, parent.to(dt), C).long(), parent)
+        new = parent.scatter_reduce(1, parent, seen, reduce="amin", include_self=True)
+        new = torch.minimum(new, seen)
+        for _ in range(jumps):
+            new = new.gather(1, new)
+        if torch.equal(new, parent):
+            break
+        parent = new
+    return parent
+
+
+def dbscan_from_adjacency(adj: Tensor, min_samples: int) -> Tensor:
+    """DBSCAN labels from a neighbour relation.
+
+    adj: (B, C, C) bool, symmetric, with a true diagonal -> labels (B, C) int64, -1 = noise.
+    """
+    B, C, _ = adj.shape
+    core = adj.sum(dim=2) >= min_samples  # (B, C)
+    core_cols = adj & core[:, None, :]  # neighbours that are core
+    root = connected_components(core_cols & core[:, :, None])
+    idx = torch.arange(C, device=adj.device)
+    is_root = core & (root == idx)
+    cluster_of_root = is_root.cumsum(dim=1) - 1  # (B, C): cluster number of each root index
+    dt = _label_dtype(C)
+    core_cluster = torch.where(core, cluster_of_root.gather(1, root), C).to(dt)
+    # Core points: their own cluster (all their core neighbours share it). Border points: the smallest
+    # cluster among their core neighbours. Neither: noise.
+    labels = _masked_min(core_cols, core_cluster, C).long()
+    return torch.where(labels == C, -1, labels)
+
+
+def dbscan(dist: Tensor, eps, min_samples: int) -> Tensor:
+    """Batched exact DBSCAN on precomputed distances.
+
+    dist: (B, C, C) symmetric distances; eps: float or (B,) tensor; min_samples >= 1 ->
+    labels (B, C) int64, -1 = noise. Identical to
+    ``sklearn.cluster.DBSCAN(eps, min_samples=min_samples, metric="precomputed").fit(dist[b]).labels_``
+    for every b (eps = 0 is allowed here: neighbours are then the points at distance exactly 0).
+    """
+    check_ndim(dist, 3, "dist", "(B, C, C)")
+    if dist.shape[1] != dist.shape[2]:
+        raise ValueError(f"dist: expected square (B, C, C) matrices, got shape {tuple(dist.shape)}")
+    if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
+        raise ValueError(f"min_samples: expected an int >= 1, got {min_samples!r}")
+    eps = torch.as_tensor(eps, dtype=dist.dtype, device=dist.device)
+    if eps.ndim == 0:
+        eps = eps.expand(dist.shape[0])
+    if eps.shape != (dist.shape[0],):
+        raise ValueError(f"eps: expected a float or a ({dist.shape[0]},) tensor, got shape {tuple(eps.shape)}")
+    adj = dist <= eps[:, None, None]
+    adj.diagonal(dim1=1, dim2=2).fill_(True)
+    return dbscan_from_adjacency(adj, min_samples)
+
+
+class ChannelClusters(NamedTuple):
+    """labels (B, C) int64 (-1 = noise), eps (B,) the adaptive DBSCAN radius, min_samples."""
+
+    labels: Tensor
+    eps: Tensor
+    min_samples: int
+
+
+def seed_min_samples(C: int) -> int:
+    """The seed's rule: 5% of the channels, at least 2."""
+    return max(2, int(0.05 * C))
+
+
+def _features(activations: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, C, h*w), float32 unless float64 (the features scikit-learn would see)."""
+    check_ndim(activations, 4, "activations", "(B, C, h, w)")
+    feats = activations.flatten(2)
+    return feats if feats.dtype == torch.float64 else feats.float()
+
+
+def _cluster_torch(feats: Tensor) -> ChannelClusters:
+    C = feats.shape[1]
+    d2 = squared_distances(feats)  # (B, C, C) float64
+    dist = d2.sqrt().to(feats.dtype)  # the seed's distance matrix, in the features' dtype
+    eps = percentile_of_distances(dist, EPS_PERCENTILE)
+    del dist
+    # scikit-learn compares float64 squared distances with eps**2 computed in the features' dtype.
+    threshold = (eps * eps).double()
+    adj = d2 <= threshold[:, None, None]
+    del d2
+    min_samples = seed_min_samples(C)
+    return ChannelClusters(dbscan_from_adjacency(adj, min_samples), eps, min_samples)
+
+
+def _cluster_sklearn(feats: Tensor) -> ChannelClusters:
+    from .reference import cluster_reference
+
+    labels, eps = [], []
+    for f in feats.detach().cpu().numpy():
+        lab, e, min_samples = cluster_reference(f)
+        labels.append(torch.from_numpy(lab).long())
+        eps.append(float(e))
+    return ChannelClusters(torch.stack(labels).to(feats.device),
+                           torch.tensor(eps, dtype=feats.dtype, device=feats.device),
+                           seed_min_samples(feats.shape[1]))
+
+
+def _cluster_cuml(feats: Tensor) -> ChannelClusters:
+    try:
+        from cuml.cluster import DBSCAN as CuDBSCAN
+    except ImportError as err:
+        raise ImportError("backend='cuml' needs RAPIDS cuML (pip install cuml-cu13 libcuml-cu13, CUDA 13); "
+                          "it is not importable here. Use backend='torch' (the default).") from err
+    if feats.device.type != "cuda":
+        raise ValueError(f"activations: backend='cuml' expects CUDA tensors, got device {feats.device}")
+    d2 = squared_distances(feats)
+    dist = d2.sqrt().to(feats.dtype)
+    eps = percentile_of_distances(dist, EPS_PERCENTILE)
+    min_samples = seed_min_samples(feats.shape[1])
+    labels = []
+    for b in range(feats.shape[0]):  # cuML fits one data set per call
+        e = float(eps[b])
+        model = CuDBSCAN(eps=e if e > 0 else 1e-30, min_samples=min_samples, metric="precomputed",
+                         output_type="numpy")
+        labels.append(torch.as_tensor(model.fit_predict(dist[b].contiguous())).long())
+    return ChannelClusters(torch.stack(labels).to(feats.device), eps, min_samples)
+
+
+def channel_clusters(activations: Tensor, backend: str = "torch") -> ChannelClusters:
+    """Group each image's channels with DBSCAN using the seed's adaptive parameters.
+
+    activations: (B, C, h, w) -> ChannelClusters(labels (B, C) int64, eps (B,), min_samples), with
+    eps = 25th percentile of the (C, C) channel distance matrix and min_samples = max(2, int(0.05 C)).
+    backend: "torch" (batched, any device, default), "sklearn" (per image on the CPU; the oracle) or
+    "cuml" (RAPIDS, CUDA; cuML only guarantees core and noise labels equal to scikit-learn's).
+    """
+    check_tensor(activations, "activations")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    feats = _features(activations)
+    return {"torch": _cluster_torch, "sklearn": _cluster_sklearn, "cuml": _cluster_cuml}[backend](feats)
+
+
+def cluster_channels(activations: Tensor, backend: str = "torch") -> Tensor:
+    """activations: (B, C, h, w) -> DBSCAN labels (B, C) int64, -1 = noise. See ``channel_clusters``."""
+    return channel_clusters(activations, backend).labels

@@ -1,0 +1,71 @@
+"""Box and guided filters with OpenCV's symmetric border (``BORDER_REFLECT``: ``cba|abcd|dcb``)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_floating, check_ndim, check_same_shape
+
+
+def _symmetric_index(n: int, radius: int, device) -> Tensor:
+    """Source index of each of the n + 2 radius padded positions, reflecting as often as needed."""
+    pos = torch.arange(-radius, n + radius, device=device) % (2 * n)
+    return torch.where(pos < n, pos, 2 * n - 1 - pos)
+
+
+def symmetric_pad(x: Tensor, radius: int) -> Tensor:
+    """(N, K, H, W) -> (N, K, H + 2r, W + 2r) with OpenCV's BORDER_REFLECT; any r >= 0, also r >= H."""
+    H, W = x.shape[-2:]
+    rows = _symmetric_index(H, radius, x.device)
+    cols = _symmetric_index(W, radius, x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def box_filter(x: Tensor, radius: int) -> Tensor:
+    """Normalised (2r+1) x (2r+1) mean with symmetric border.
+
+    x: (N, K, H, W) floating -> (N, K, H, W).
+    """
+    check_ndim(x, 4, "x", "(N, K, H, W)")
+    if radius == 0:
+        return x
+    k = 2 * radius + 1
+    padded = symmetric_pad(x, radius)
+    out = F.avg_pool2d(padded, kernel_size=(1, k), stride=1)
+    return F.avg_pool2d(out, kernel_size=(k, 1), stride=1)
+
+
+def guided_filter(guide: Tensor, src: Tensor, radius: int, eps) -> Tensor:
+    """Guided filter (He et al.) with ``cv2.ximgproc.guidedFilter`` semantics, single-channel guide.
+
+    guide, src: (N, 1, H, W) floating; radius: int >= 0 (any size, also >= H); eps: float or (N,)
+    tensor, used as is (not squared) -> (N, 1, H, W).
+    Where the local variance plus eps is exactly 0 (a constant window with eps = 0, where OpenCV returns
+    NaN) the slope ``a`` is 0, so a constant map comes back unchanged.
+    """
+    check_ndim(guide, 4, "guide", "(N, 1, H, W)")
+    check_ndim(src, 4, "src", "(N, 1, H, W)")
+    check_floating(guide, "guide")
+    check_floating(src, "src")
+    check_same_shape(guide, src, "guide", "src")
+    if guide.shape[1] != 1:
+        raise ValueError(f"guide: expected one channel (N, 1, H, W), got shape {tuple(guide.shape)}")
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
+        raise ValueError(f"radius: expected an int >= 0, got {radius!r}")
+    N = guide.shape[0]
+    eps = torch.as_tensor(eps, dtype=guide.dtype, device=guide.device)
+    if eps.ndim == 0:
+        eps = eps.expand(N)
+    if eps.shape != (N,):
+        raise ValueError(f"eps: expected a float or a ({N},) tensor, got shape {tuple(eps.shape)}")
+    means = box_filter(torch.cat([guide, src, guide * guide, guide * src], dim=1), radius)
+    mean_i, mean_p, mean_ii, mean_ip = means.unbind(dim=1)
+    var = mean_ii - mean_i * mean_i
+    cov = mean_ip - mean_i * mean_p
+    denom = var + eps[:, None, None]
+    zero = denom == 0
+    a = torch.where(zero, 0.0, cov / torch.where(zero, 1.0, denom))
+    b = mean_p - a * mean_i
+    mean_a, mean_b = box_filter(torch.stack([a, b], dim=1), radius).unbind(dim=1)
+    return (mean_a * guide[:, 0] + mean_b)[:, None]
