@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_ndim, check_tensor
-from .distance import percentile_of_distances, squared_distances
+from .distance import percentile_from_squared, percentile_of_distances, squared_distances
 
 BACKENDS = ("torch", "sklearn", "cuml")
 EPS_PERCENTILE = 25.0
@@ -126,9 +126,8 @@ def _features(activations: Tensor) -> Tensor:
 def _cluster_torch(feats: Tensor) -> ChannelClusters:
     C = feats.shape[1]
     d2 = squared_distances(feats)  # (B, C, C) float64
-    dist = d2.sqrt().to(feats.dtype)  # the seed's distance matrix, in the features' dtype
-    eps = percentile_of_distances(dist, EPS_PERCENTILE)
-    del dist
+    # The seed's eps: the 25th percentile of the distance matrix in the features' dtype.
+    eps = percentile_from_squared(d2, EPS_PERCENTILE, feats.dtype)
     # scikit-learn compares float64 squared distances with eps**2 computed in the features' dtype.
     threshold = (eps * eps).double()
     adj = d2 <= threshold[:, None, None]

@@ -75,26 +75,58 @@ def percentile(x: Tensor, q: float) -> Tensor:
     return _lerp(a, b, g)
 
 
+def _upper(m: Tensor) -> Tensor:
+    """(B, C, C) -> (B, C(C-1)/2) strict upper triangle, row-major."""
+    C = m.shape[1]
+    iu = torch.triu_indices(C, C, offset=1, device=m.device)
+    return m[:, iu[0], iu[1]]
+
+
+def _next_value(values: Tensor, a: Tensor, rank: int) -> Tensor:
+    """Given a = the rank-th smallest (0-based) of each row, the (rank+1)-th smallest, in two cheap passes
+    instead of a second selection. values: (B, M); a: (B,) -> (B,)."""
+    more_equal = (values <= a[:, None]).sum(dim=1) > rank + 1
+    above = torch.where(values > a[:, None], values, torch.full((), float("inf"), dtype=values.dtype,
+                                                                 device=values.device)).amin(dim=1)
+    return torch.where(more_equal, a, above)
+
+
+def _symmetric_order_stats(m: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """Values at 0-based ranks lo <= hi = lo or lo + 1 of all C*C entries of symmetric, non-negative,
+    zero-diagonal matrices m (B, C, C), read from the strict upper triangle only: the sorted matrix is C
+    zeros followed by every off-diagonal value twice."""
+    B, C, _ = m.shape
+    zero = m.new_zeros(B)
+    if hi < C:
+        return zero, zero
+    upper = _upper(m)
+    r_hi = (hi - C) // 2
+    if lo < C:
+        return zero, upper.kthvalue(r_hi + 1, dim=1).values
+    r_lo = (lo - C) // 2
+    a = upper.kthvalue(r_lo + 1, dim=1).values
+    return a, (a if r_hi == r_lo else _next_value(upper, a, r_lo))
+
+
 def percentile_of_distances(dist: Tensor, q: float) -> Tensor:
     """Percentile over all C*C entries of symmetric, zero-diagonal, non-negative distance matrices.
 
-    dist: (B, C, C) -> (B,). Same value as ``percentile(dist.flatten(1), q)`` but selects from the strict
-    upper triangle only: the sorted full matrix is C zeros followed by every off-diagonal value twice.
+    dist: (B, C, C) -> (B,). Same value as ``percentile(dist.flatten(1), q)``, selecting from the strict
+    upper triangle only.
     """
-    B, C, _ = dist.shape
-    lo, hi, g = _linear_rank(C * C, float(q))
-    if C == 1:
-        return dist.new_zeros(B)
-    iu = torch.triu_indices(C, C, offset=1, device=dist.device)
-    upper = dist[:, iu[0], iu[1]]  # (B, C(C-1)/2)
+    lo, hi, g = _linear_rank(dist.shape[1] ** 2, float(q))
+    a, b = _symmetric_order_stats(dist, lo, hi)
+    return a if g == 0.0 else _lerp(a, b, g)
 
-    def value_at(rank: int) -> Tensor:
-        if rank < C:
-            return dist.new_zeros(B)
-        return upper.kthvalue((rank - C) // 2 + 1, dim=1).values
 
-    a = value_at(lo)
-    if g == 0.0:
-        return a
-    b = a if (hi < C) == (lo < C) and (hi - C) // 2 == (lo - C) // 2 else value_at(hi)
-    return _lerp(a, b, g)
+def percentile_from_squared(d2: Tensor, q: float, dtype: torch.dtype) -> Tensor:
+    """Percentile of the distance matrices sqrt(d2) rounded to ``dtype``, without forming them.
+
+    d2: (B, C, C) float64 squared distances -> (B,) in ``dtype``. Equals
+    ``percentile(d2.sqrt().to(dtype).flatten(1), q)``: rounding a square root is monotone, so the order
+    statistics are selected on d2 and only the two selected values are rooted and rounded.
+    """
+    lo, hi, g = _linear_rank(d2.shape[1] ** 2, float(q))
+    a, b = _symmetric_order_stats(d2, lo, hi)
+    a, b = a.sqrt().to(dtype), b.sqrt().to(dtype)
+    return a if g == 0.0 else _lerp(a, b, g)

@@ -1,0 +1,269 @@
+"""Images in: bundled sample photos, file lists, a fault-tolerant Dataset, batched preprocessing.
+
+Model input is (B, 3, H, W) float32, resized with antialiased bilinear
+interpolation (as torchvision's Resize on tensors) and normalised with a
+per-channel mean / std. Display images are the same resize without the
+normalisation: (B, 3, H, W) float in [0, 1], or uint8 from the Dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+# RGB photos shipped inside the scikit-image wheel (no pooch download needed).
+_SKIMAGE_PHOTOS = (
+    "chelsea",
+    "coffee",
+    "astronaut",
+    "rocket",
+    "stereo_motorcycle",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+)
+
+
+def bundled_images() -> list[tuple[str, np.ndarray]]:
+    """Real RGB photos from installed wheels, chelsea first: [(name, (H, W, 3) uint8)].
+
+    scikit-image's chelsea, coffee, astronaut, rocket, ... and scikit-learn's
+    china and flower. Images that would need a download are skipped.
+    """
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    images = []
+    for name in _SKIMAGE_PHOTOS:
+        try:
+            image = getattr(skimage.data, name)()
+        except (AttributeError, ImportError, OSError, ValueError):
+            continue  # not in this scikit-image version, or needs pooch / network
+        if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity)
+            image = image[0]
+        images.append((name.removeprefix("stereo_"), image))
+    sample = load_sample_images()
+    for filename, image in zip(sample.filenames, sample.images):
+        images.append((Path(filename).stem, image))
+    return [(name, np.array(image, dtype=np.uint8)) for name, image in images
+            if image.ndim == 3 and image.shape[2] == 3]
+
+
+def expand_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Image files named by ``paths``: files, folders, or .txt lists of paths.
+
+    A folder yields its image files (IMAGE_EXTENSIONS, any case), recursively,
+    sorted. A .txt file yields its non-empty, non-# lines, relative ones taken
+    relative to the .txt file's folder; listed folders are expanded, listed
+    files are kept even if missing (the Dataset reports them). Other files are
+    kept as given. Order follows the arguments; duplicates are dropped.
+    Raises FileNotFoundError for a missing argument.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += _images_in(path)
+        elif path.is_file() and path.suffix.lower() == ".txt":
+            for line in path.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    listed = path.parent / line  # an absolute `line` stays absolute
+                    found += _images_in(listed) if listed.is_dir() else [listed]
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"paths: no such file or folder: {str(path)!r}")
+    return list(dict.fromkeys(found))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        key=lambda p: p.as_posix(),
+    )
+
+
+def display_images(
+    images: Sequence[np.ndarray | torch.Tensor] | torch.Tensor,
+    size: int | tuple[int, int] = (224, 224),
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Resize uint8 images to one size: (B, 3, H, W) float32 in [0, 1] on ``device``.
+
+    ``images``: (H, W, 3) uint8 arrays or (3, H, W) uint8 tensors of any sizes,
+    or a (B, 3, H, W) uint8 tensor. Bilinear with antialias, align_corners=False.
+    """
+    size = _check_size(size)
+    if len(images) == 0:
+        raise ValueError("images: expected at least one image, got none")
+    if torch.is_tensor(images) and images.ndim == 4:
+        _check_uint8_chw(images[0], "images[0]")
+        return _resize(images.to(device).float() / 255, size)
+    batch = [_resize(_to_chw(image, i).to(device)[None].float() / 255, size) for i, image in enumerate(images)]
+    return torch.cat(batch)
+
+
+def preprocess(
+    images: Sequence[np.ndarray | torch.Tensor] | torch.Tensor,
+    size: int | tuple[int, int] = (224, 224),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Model input from uint8 images: (B, 3, H, W) float32, resized and normalised.
+
+    ``images`` as for ``display_images``; ``denormalize`` inverts the normalisation.
+    """
+    return normalize(display_images(images, size, device), mean, std)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (images - mean) / std, per channel."""
+    mean_t, std_t = _channel_stats(mean, std, images)
+    return (images - mean_t) / std_t
+
+
+def denormalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Inverse of ``normalize``: (B, 3, H, W) model input -> display images in [0, 1]."""
+    mean_t, std_t = _channel_stats(mean, std, batch)
+    return (batch * std_t + mean_t).clamp(0, 1)
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(images.shape[-2:]) == size:
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _to_chw(image: np.ndarray | torch.Tensor, index: int) -> torch.Tensor:
+    """(H, W, 3) uint8 array or (3, H, W) uint8 tensor -> (3, H, W) uint8 tensor."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(
+                f"images[{index}]: expected an (H, W, 3) uint8 array, "
+                f"got shape {image.shape} dtype {image.dtype}"
+            )
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: may be read-only
+    if torch.is_tensor(image):
+        _check_uint8_chw(image, f"images[{index}]")
+        return image
+    raise TypeError(f"images[{index}]: expected a numpy array or tensor, got {type(image).__name__}")
+
+
+def _check_uint8_chw(image: torch.Tensor, what: str) -> None:
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(
+            f"{what}: expected a (3, H, W) uint8 tensor, got shape {tuple(image.shape)} dtype {image.dtype}"
+        )
+
+
+def _check_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(s, int) and s > 0 for s in pair):
+        raise ValueError(f"size: expected (H, W) positive ints, got {size!r}")
+    return pair
+
+
+def _channel_stats(mean, std, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean/std: expected 3 values each, std > 0, got mean={mean!r} std={std!r}")
+    mean_t = torch.tensor(mean, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
+    return mean_t, std_t
+
+
+class Sample(NamedTuple):
+    """One item of ``ImageFolderDataset``; ``ok`` False means image/display are None."""
+
+    image: torch.Tensor | None  # (3, H, W) float32, normalised
+    display: torch.Tensor | None  # (3, H, W) uint8, resized
+    index: int
+    ok: bool
+    error: str  # "" when ok
+
+
+class Batch(NamedTuple):
+    """Good samples stacked, bad ones listed: what ``ImageFolderDataset.collate`` returns."""
+
+    images: torch.Tensor  # (B, 3, H, W) float32, normalised
+    displays: torch.Tensor  # (B, 3, H, W) uint8
+    indices: torch.Tensor  # (B,) int64, positions in the dataset
+    paths: list[Path]  # B paths
+    failures: list[tuple[Path, str]]  # unreadable files and why
+
+
+class ImageFolderDataset(Dataset):
+    """Image files decoded to RGB (torchvision.io, PIL for BMP / TIFF) and resized.
+
+    An unreadable or corrupt file does not raise: its Sample has ok=False and
+    an error message. Use ``DataLoader(dataset, collate_fn=dataset.collate)``.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        size: int | tuple[int, int] = (224, 224),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        self.paths = [Path(p) for p in paths]
+        self.size = _check_size(size)
+        _channel_stats(mean, std, torch.empty(0))  # validate now, not in a worker
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Sample:
+        try:
+            image = _decode_rgb(self.paths[index])
+        except Exception as error:  # any decoder failure is reported, never raised
+            message = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+            return Sample(None, None, index, False, f"{type(error).__name__}: {message}")
+        display = _resize(image[None], self.size)  # (1, 3, H, W) in [0, 1]
+        model_input = normalize(display, self.mean, self.std)[0]
+        display_u8 = (display[0] * 255).round().clamp(0, 255).to(torch.uint8)
+        return Sample(model_input, display_u8, index, True, "")
+
+    def collate(self, samples: Sequence[Sample]) -> Batch:
+        """Stack the good samples; list the bad ones as (path, error)."""
+        good = [s for s in samples if s.ok]
+        height, width = self.size
+        return Batch(
+            images=torch.stack([s.image for s in good]) if good else torch.empty(0, 3, height, width),
+            displays=(
+                torch.stack([s.display for s in good])
+                if good
+                else torch.empty(0, 3, height, width, dtype=torch.uint8)
+            ),
+            indices=torch.tensor([s.index for s in good], dtype=torch.int64),
+            paths=[self.paths[s.index] for s in good],
+            failures=[(self.paths[s.index], s.error) for s in samples if not s.ok],
+        )
+
+
+def _decode_rgb(path: Path) -> torch.Tensor:
+    """File -> (3, h, w) float32 in [0, 1], EXIF orientation applied."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    if path.suffix.lower() in (".bmp", ".tif", ".tiff"):  # not decoded by torchvision.io
+        from PIL import Image, ImageOps
+
+        with Image.open(path) as pil:
+            rgb = np.asarray(ImageOps.exif_transpose(pil).convert("RGB"))
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
+    image = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    # 16-bit PNGs decode to uint16; scale every integer type by its own maximum.
+    return image.float() / torch.iinfo(image.dtype).max
