@@ -30,6 +30,16 @@ class CAMResult:
     targets: Tensor | None = None
     logits: Tensor | None = None
 
+    @staticmethod
+    def cat(parts: "list[CAMResult]") -> "CAMResult":
+        """Concatenate per-chunk results along the batch dimension."""
+        first = parts[0]
+        fields = {}
+        for name in ("cams", "weights", "labels", "n_clusters", "eps", "targets", "logits"):
+            values = [getattr(p, name) for p in parts]
+            fields[name] = None if values[0] is None else torch.cat(values)
+        return CAMResult(min_samples=first.min_samples, **fields)
+
     @property
     def all_noise(self) -> Tensor | None:
         """(B,) bool: every channel was DBSCAN noise, so every weight is 0 and the CAM is all zeros."""

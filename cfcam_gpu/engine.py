@@ -94,77 +94,173 @@ class _Capture:
         return leaf.clone()  # later in-place ops (ReLU(inplace=True), +=) must not touch the leaf
 
 
+class _PipelineCapture:
+    """Forward hook for ``explain``: keeps the layer output of the caller's own forward pass.
+
+    It hands the rest of the model a clone, so in-place ops after the layer cannot change the values or
+    the autograd version of the kept tensor.
+    """
+
+    def __init__(self):
+        self.output: Tensor | None = None
+
+    def __call__(self, module, inputs, output):
+        if isinstance(output, Tensor):
+            self.output = output
+            return output.clone()
+        return None
+
+
+AMP_DTYPES = {True: torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+              "float16": torch.float16, "fp16": torch.float16}
+
+
 class _CAMEngine:
-    """Common engine; subclasses choose the pure function that turns features into maps."""
+    """Common engine; subclasses choose the pure function that turns features into maps.
+
+    Options: ``reshape_transform`` (callable mapping the layer output and its gradient to (B, C, h, w)),
+    ``check_values`` (raise on NaN/inf naming the image; one host sync), ``amp`` (False, True/"bfloat16"
+    or "float16": autocast for the model pass only; clustering and filtering run in float32 or better),
+    ``channels_last`` (converts the model in place and feeds channels-last images), ``chunk_size``
+    (explain at most that many images per pass; results equal the unchunked call).
+    """
 
     def __init__(self, model: nn.Module, target_layer, reshape_transform: Callable | None = None,
-                 check_values: bool = True):
+                 check_values: bool = True, amp=False, channels_last: bool = False,
+                 chunk_size: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if amp is not False and amp not in AMP_DTYPES:
+            raise ValueError(f"amp: expected False, True, 'bfloat16' or 'float16', got {amp!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
         self.model = model
         self.target_layer = resolve_layer(model, target_layer)
         self.reshape_transform = reshape_transform
         self.check_values = check_values
+        self.amp_dtype = AMP_DTYPES.get(amp) if amp is not False else None
+        self.channels_last = channels_last
+        self.chunk_size = chunk_size
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        self._pipeline: _PipelineCapture | None = None
+        self._pipeline_handle = None
 
+    # -- context manager: a persistent hook for explain() -------------------------------------------
     def __enter__(self):
+        self._pipeline = _PipelineCapture()
+        self._pipeline_handle = self.target_layer.register_forward_hook(self._pipeline)
         return self
 
     def __exit__(self, *exc):
+        self.close()
         return False
+
+    def close(self) -> None:
+        """Remove the hook installed by ``with``; idempotent."""
+        if self._pipeline_handle is not None:
+            self._pipeline_handle.remove()
+        self._pipeline_handle, self._pipeline = None, None
 
     def _from_features(self, activations: Tensor, gradients: Tensor) -> CAMResult:
         raise NotImplementedError
 
-    def _features(self, images: Tensor, targets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """images (B, 3, H, W) -> activations, gradients (B, C, h, w), targets (B,), logits (B, K)."""
-        check_ndim(images, 4, "images", "(B, 3, H, W)")
-        check_floating(images, "images")
-        capture = _Capture()
-        was_training = self.model.training
-        handle = self.target_layer.register_forward_hook(capture)
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                logits = self.model(images)
-                if capture.output is None:
-                    raise ValueError("target_layer: the layer did not run during the forward pass; "
-                                     "pick a layer on the path from the input to the logits")
-                if not isinstance(logits, Tensor) or logits.ndim != 2:
-                    raise ValueError("model: expected the model to return logits (B, K), got "
-                                     f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
-                target_idx = resolve_targets(targets, logits)
-                score = logits.gather(1, target_idx[:, None]).sum()
-                if not score.requires_grad:
-                    raise ValueError("target_layer: the logits do not depend on the layer's output; "
-                                     "pick a layer on the path from the input to the logits")
-                (grads,) = torch.autograd.grad(score, capture.output)
-        finally:
-            handle.remove()
-            self.model.train(was_training)
-        acts = capture.output.detach()
+    def _to_maps(self, acts: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
         if self.reshape_transform is not None:
             acts, grads = self.reshape_transform(acts), self.reshape_transform(grads)
         if acts.ndim != 4:
             raise ValueError(f"target_layer: expected the layer output to be (B, C, h, w), got shape "
                              f"{tuple(acts.shape)}; {TOKENS_HINT}")
+        return acts, grads
+
+    def _features(self, images: Tensor, targets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """images (B, 3, H, W) -> activations, gradients (B, C, h, w), targets (B,), logits (B, K)."""
+        capture = _Capture()
+        was_training = self.model.training
+        handle = self.target_layer.register_forward_hook(capture)
+        try:
+            self.model.eval()
+            with torch.no_grad(), torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32,
+                                                 enabled=self.amp_dtype is not None):
+                logits = self.model(images)
+            if capture.output is None:
+                raise ValueError("target_layer: the layer did not run during the forward pass; "
+                                 "pick a layer on the path from the input to the logits")
+            if not isinstance(logits, Tensor) or logits.ndim != 2:
+                raise ValueError("model: expected the model to return logits (B, K), got "
+                                 f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+            target_idx = resolve_targets(targets, logits)
+            if not logits.requires_grad:
+                raise ValueError("target_layer: the logits do not depend on the layer's output; "
+                                 "pick a layer on the path from the input to the logits")
+            (grads,) = torch.autograd.grad(logits.gather(1, target_idx[:, None]).sum(), capture.output)
+        finally:
+            handle.remove()
+            self.model.train(was_training)
+        acts, grads = self._to_maps(capture.output.detach(), grads)
         return acts, grads, target_idx, logits.detach()
+
+    def _explain_images(self, images: Tensor, targets) -> CAMResult:
+        acts, grads, target_idx, logits = self._features(images, targets)
+        result = self._from_features(acts, grads)
+        result.targets, result.logits = target_idx, logits
+        return result
 
     def __call__(self, images: Tensor, targets=None) -> CAMResult:
         """images: (B, 3, H, W) on the model's device; targets: None (top-1), an int, or B class indices.
 
         Returns the CAMResult with cams (B, h, w) at the layer's resolution, targets (B,), logits (B, K).
+        With ``chunk_size`` the batch is explained chunk by chunk (bounded memory, same results).
         """
-        acts, grads, target_idx, logits = self._features(images, targets)
+        check_ndim(images, 4, "images", "(B, 3, H, W)")
+        check_floating(images, "images")
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        B = images.shape[0]
+        if self.chunk_size is None or B <= self.chunk_size:
+            return self._explain_images(images, targets)
+        per_image = not (targets is None or isinstance(targets, int))
+        if per_image and len(targets) != B:
+            raise ValueError(f"targets: expected {B} class indices (one per image), got {len(targets)}")
+        parts = [self._explain_images(images[i:i + self.chunk_size],
+                                      targets[i:i + self.chunk_size] if per_image else targets)
+                 for i in range(0, B, self.chunk_size)]
+        return CAMResult.cat(parts)
+
+    def explain(self, logits: Tensor, targets=None) -> CAMResult:
+        """CAMs for a forward pass the caller already ran inside ``with cam:`` (no second forward).
+
+        logits: (B, K) from that forward, computed with grad enabled -> CAMResult.
+        """
+        if self._pipeline is None:
+            raise ValueError("explain: expected to be called inside `with CFCAM(model, layer) as cam:` "
+                             "after `logits = model(x)`; no hook is installed")
+        captured = self._pipeline.output
+        if captured is None:
+            raise ValueError("explain: no forward pass of the model was captured at the target layer; "
+                             "run `logits = model(x)` inside the `with` block first")
+        check_ndim(logits, 2, "logits", "(B, K)")
+        if not captured.requires_grad or not logits.requires_grad:
+            raise ValueError("explain: the captured forward ran without gradients (under torch.no_grad "
+                             "or torch.inference_mode); run it with grad enabled")
+        if logits.shape[0] != captured.shape[0]:
+            raise ValueError(f"logits: expected {captured.shape[0]} rows (the captured batch), got "
+                             f"{logits.shape[0]}")
+        target_idx = resolve_targets(targets, logits)
+        (grads,) = torch.autograd.grad(logits.gather(1, target_idx[:, None]).sum(), captured)
+        self._pipeline.output = None
+        acts, grads = self._to_maps(captured.detach(), grads)
         result = self._from_features(acts, grads)
-        result.targets, result.logits = target_idx, logits
+        result.targets, result.logits = target_idx, logits.detach()
         return result
 
 
 class CFCAM(_CAMEngine):
     """CF-CAM: DBSCAN-clustered, guided-filtered Grad-CAM, for a whole batch in one call.
 
-    ``CFCAM(model, target_layer, backend="torch", reshape_transform=None, check_values=True)``;
-    ``cam(images, targets)`` -> CAMResult. Use as a context manager or directly.
+    ``CFCAM(model, target_layer, backend="torch", **options)`` (options: see ``_CAMEngine``);
+    ``cam(images, targets)`` -> CAMResult; ``with CFCAM(...) as cam: cam.explain(model(x))``.
     """
 
     def __init__(self, model: nn.Module, target_layer, backend: str = "torch", **options):
