@@ -2,7 +2,8 @@
 from .cam import CAMResult, cfcam_from_features, cluster_weights, gradcam_from_features, weighted_cam
 from .cluster import channel_clusters, cluster_channels, dbscan
 from .distance import pairwise_distances, percentile
-from .engine import CFCAM, GradCAM, resolve_layer
+from .engine import CFCAM, GradCAM
+from .layers import resolve_layer
 from .filters import box_filter, guided_filter
 
 __all__ = [

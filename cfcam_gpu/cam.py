@@ -77,15 +77,18 @@ def cluster_weights(gradients: Tensor, labels: Tensor) -> Tensor:
     filtered map, 0 for noise. Clusters are bounded by K = C, so every shape is static (no host sync).
     """
     B, C, h, w = gradients.shape
+    # K clusters at most: C keeps every shape static on accelerators (no host sync); on the CPU a sync is
+    # free and filtering only the clusters that exist saves filtering C - K empty maps.
+    K = C if labels.device.type != "cpu" else max(1, int(labels.max()) + 1)
     grads = gradients.float().flatten(2)  # (B, C, N)
-    slot = torch.where(labels >= 0, labels, C)  # noise -> the spare slot C
-    sums = grads.new_zeros(B, C + 1, h * w).scatter_add_(1, slot[:, :, None].expand(-1, -1, h * w), grads)
-    counts = grads.new_zeros(B, C + 1).scatter_add_(1, slot, torch.ones_like(grads[:, :, 0]))
-    means = (sums[:, :C] / counts[:, :C, None].clamp_min(1)).reshape(B * C, 1, h, w)  # (B*K, 1, h, w)
+    slot = torch.where(labels >= 0, labels, K)  # noise -> the spare slot K
+    sums = grads.new_zeros(B, K + 1, h * w).scatter_add_(1, slot[:, :, None].expand(-1, -1, h * w), grads)
+    counts = grads.new_zeros(B, K + 1).scatter_add_(1, slot, torch.ones_like(grads[:, :, 0]))
+    means = (sums[:, :K] / counts[:, :K, None].clamp_min(1)).reshape(B * K, 1, h, w)  # (B*K, 1, h, w)
     eps = 0.1 * means.flatten(1).var(dim=1, unbiased=False)
     filtered = guided_filter(means, means, guided_filter_radius(h, w), eps)
-    cluster_w = filtered.mean(dim=(1, 2, 3)).reshape(B, C)  # (B, K)
-    return torch.where(labels >= 0, cluster_w.gather(1, slot.clamp_max(C - 1)), 0.0)
+    cluster_w = filtered.mean(dim=(1, 2, 3)).reshape(B, K)  # (B, K)
+    return torch.where(labels >= 0, cluster_w.gather(1, slot.clamp_max(K - 1)), 0.0)
 
 
 def _prepare(activations: Tensor, gradients: Tensor, check_values: bool) -> None:

@@ -8,6 +8,7 @@ normalisation: (B, 3, H, W) float in [0, 1], or uint8 from the Dataset.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -55,8 +56,8 @@ def bundled_images() -> list[tuple[str, np.ndarray]]:
     sample = load_sample_images()
     for filename, image in zip(sample.filenames, sample.images):
         images.append((Path(filename).stem, image))
-    return [(name, np.array(image, dtype=np.uint8)) for name, image in images
-            if image.ndim == 3 and image.shape[2] == 3]
+    rgb = [(name, image) for name, image in images if image.ndim == 3 and image.shape[2] == 3]
+    return [(name, np.array(image, dtype=np.uint8)) for name, image in rgb]  # writable copies
 
 
 def expand_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -230,8 +231,7 @@ class ImageFolderDataset(Dataset):
         try:
             image = _decode_rgb(self.paths[index])
         except Exception as error:  # any decoder failure is reported, never raised
-            message = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-            return Sample(None, None, index, False, f"{type(error).__name__}: {message}")
+            return Sample(None, None, index, False, _error_message(error))
         display = _resize(image[None], self.size)  # (1, 3, H, W) in [0, 1]
         model_input = normalize(display, self.mean, self.std)[0]
         display_u8 = (display[0] * 255).round().clamp(0, 255).to(torch.uint8)
@@ -252,6 +252,12 @@ class ImageFolderDataset(Dataset):
             paths=[self.paths[s.index] for s in good],
             failures=[(self.paths[s.index], s.error) for s in samples if not s.ok],
         )
+
+
+def _error_message(error: Exception) -> str:
+    """"RuntimeError: Image is incomplete or truncated", without torchvision's C++ source location."""
+    last_line = (str(error).strip().splitlines() or [""])[-1]
+    return f"{type(error).__name__}: " + re.sub(r"^\w+, \S+:\d+, ", "", last_line)
 
 
 def _decode_rgb(path: Path) -> torch.Tensor:

@@ -25,11 +25,10 @@ def squared_distances(x: Tensor) -> Tensor:
     check_ndim(x, 3, "x", "(B, C, N)")
     check_floating(x, "x")
     x64 = x.double()
-    gram = torch.bmm(x64, x64.transpose(1, 2))
-    norms = torch.diagonal(gram, dim1=1, dim2=2)
-    d2 = (norms[:, :, None] + norms[:, None, :]).sub_(gram, alpha=2).clamp_min_(0)
-    d2.diagonal(dim1=1, dim2=2).zero_()
-    return d2
+    d2 = torch.bmm(x64, x64.transpose(1, 2))  # the Gram matrix, turned into d2 in place
+    norms = torch.diagonal(d2, dim1=1, dim2=2).clone()
+    d2.mul_(-2).add_(norms[:, :, None]).add_(norms[:, None, :])  # the diagonal becomes exactly 0
+    return d2.clamp_min_(0)
 
 
 def pairwise_distances(x: Tensor) -> Tensor:

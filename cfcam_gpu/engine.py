@@ -13,40 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_floating, check_ndim, check_tensor
+from .layers import resolve_layer
 from .cam import CAMResult, cfcam_from_features, gradcam_from_features
 
 TOKENS_HINT = ("for transformer tokens (B, N, D) pass reshape_transform=lambda t: "
                "t[:, 1:].reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2) (drop the class token, "
                "then (B, D, h, w))")
-
-
-def resolve_layer(model: nn.Module, layer) -> nn.Module:
-    """A module of ``model`` given as a module or a dotted name: "layer4", "layer4.2", "layer4.-1"."""
-    if isinstance(layer, nn.Module):
-        if not any(m is layer for m in model.modules()):
-            raise ValueError(f"target_layer: expected a submodule of the model, got a {type(layer).__name__} "
-                             "that is not inside it")
-        return layer
-    if not isinstance(layer, str) or not layer:
-        raise TypeError(f"target_layer: expected a module or a dotted name like 'layer4.-1', got {layer!r}")
-    module, path = model, []
-    for part in layer.split("."):
-        children = dict(module.named_children())
-        if part.lstrip("-").isdigit() and not part in children:
-            try:
-                module = list(module.children())[int(part)]
-            except IndexError:
-                raise ValueError(f"target_layer: index {part} out of range in {'.'.join(path) or 'the model'} "
-                                 f"({len(children)} children) for {layer!r}") from None
-        elif part in children:
-            module = children[part]
-        else:
-            names = list(children)
-            shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-            raise ValueError(f"target_layer: unknown layer {layer!r}: no child {part!r} in "
-                             f"{'.'.join(path) or 'the model'}; expected one of: {shown or '(no children)'}")
-        path.append(part)
-    return module
 
 
 def resolve_targets(targets, logits: Tensor) -> Tensor:

