@@ -153,7 +153,7 @@ class _CAMEngine:
         handle = self.target_layer.register_forward_hook(capture)
         try:
             self.model.eval()
-            with torch.no_grad(), torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32,
+            with torch.no_grad(), torch.autocast(images.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                                  enabled=self.amp_dtype is not None):
                 logits = self.model(images)
             if capture.output is None:
