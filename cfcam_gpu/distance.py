@@ -8,27 +8,51 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._checks import check_floating, check_ndim, check_tensor
 
 
+def _row_hashes(x: Tensor) -> Tensor:
+    """Two exact integer hashes of each row's bit pattern: equal rows always hash equal.
+
+    x: (B, C, N) floating -> (B, C, 2) int64. Integer arithmetic wraps modulo 2**64 in any order, so
+    unlike a floating-point product the result does not depend on where a row sits in a BLAS kernel.
+    """
+    bits = (x + 0.0).view(torch.int64 if x.element_size() == 8 else torch.int32 if x.element_size() == 4
+                          else torch.int16).long()  # + 0.0 turns -0.0 into +0.0
+    gen = torch.Generator().manual_seed(0x5EED)
+    mult = torch.randint(1, 2**62, (x.shape[-1], 2), generator=gen).mul_(2).add_(1).to(x.device)
+    return (bits[..., None] * mult).sum(dim=2)
+
+
 def squared_distances(x: Tensor) -> Tensor:
     """Squared Euclidean distances between rows, in float64.
 
-    x: (B, C, N) -> (B, C, C) float64, >= 0, exactly 0 on the diagonal and between identical rows.
-
-    Uses the Gram matrix G = x x^T with the norms read off its own diagonal, so identical rows give
-    G_ii + G_jj - 2 G_ij = 0 exactly (``torch.cdist`` computes the norms separately and does not).
+    x: (B, C, N) -> (B, C, C) float64: symmetric, >= 0, exactly 0 on the diagonal and between identical
+    rows (the Gram formula alone leaves ~1e-13 there, which breaks the eps = 0 rule "neighbours are the
+    exact duplicates"; identical rows are found by exact integer hashes of their bits).
     """
     check_ndim(x, 3, "x", "(B, C, N)")
     check_floating(x, "x")
     x64 = x.double()
     d2 = torch.bmm(x64, x64.transpose(1, 2))  # the Gram matrix, turned into d2 in place
     norms = torch.diagonal(d2, dim1=1, dim2=2).clone()
-    d2.mul_(-2).add_(norms[:, :, None]).add_(norms[:, None, :])  # the diagonal becomes exactly 0
-    return d2.clamp_min_(0)
+    d2.mul_(-2).add_(norms[:, :, None]).add_(norms[:, None, :])
+    h = _row_hashes(x)
+    same = (h[:, :, None, :] == h[:, None, :, :]).all(dim=3)  # (B, C, C), true on the diagonal
+    d2 = torch.minimum(d2, d2.transpose(1, 2)).clamp_min_(0)  # exactly symmetric
+    return d2.masked_fill_(same, 0.0)
+
+
+def exact_sqrt(x: Tensor) -> Tensor:
+    """Correctly rounded square root. torch's CPU float64 sqrt is vectorised and can be one ulp off;
+    numpy's is IEEE (and CUDA's sqrt is correctly rounded). For a handful of values, not matrices."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sqrt(x.detach().numpy()))
+    return x.sqrt()
 
 
 def pairwise_distances(x: Tensor) -> Tensor:
@@ -127,5 +151,5 @@ def percentile_from_squared(d2: Tensor, q: float, dtype: torch.dtype) -> Tensor:
     """
     lo, hi, g = _linear_rank(d2.shape[1] ** 2, float(q))
     a, b = _symmetric_order_stats(d2, lo, hi)
-    a, b = a.sqrt().to(dtype), b.sqrt().to(dtype)
+    a, b = exact_sqrt(a).to(dtype), exact_sqrt(b).to(dtype)
     return a if g == 0.0 else _lerp(a, b, g)

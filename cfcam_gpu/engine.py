@@ -149,7 +149,7 @@ class _CAMEngine:
     def _features(self, images: Tensor, targets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """images (B, 3, H, W) -> activations, gradients (B, C, h, w), targets (B,), logits (B, K)."""
         capture = _Capture()
-        was_training = self.model.training
+        modes = [(m, m.training) for m in self.model.modules()]
         handle = self.target_layer.register_forward_hook(capture)
         try:
             self.model.eval()
@@ -166,10 +166,12 @@ class _CAMEngine:
             if not logits.requires_grad:
                 raise ValueError("target_layer: the logits do not depend on the layer's output; "
                                  "pick a layer on the path from the input to the logits")
-            (grads,) = torch.autograd.grad(logits.gather(1, target_idx[:, None]).sum(), capture.output)
+            with torch.enable_grad():  # also when the caller runs us under torch.no_grad()
+                (grads,) = torch.autograd.grad(logits.gather(1, target_idx[:, None]).sum(), capture.output)
         finally:
             handle.remove()
-            self.model.train(was_training)
+            for module, training in modes:  # every submodule's own mode (e.g. a frozen BatchNorm)
+                module.training = training
         acts, grads = self._to_maps(capture.output.detach(), grads)
         return acts, grads, target_idx, logits.detach()
 

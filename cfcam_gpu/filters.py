@@ -59,6 +59,15 @@ def guided_filter(guide: Tensor, src: Tensor, radius: int, eps) -> Tensor:
         eps = eps.expand(N)
     if eps.shape != (N,):
         raise ValueError(f"eps: expected a float or a ({N},) tensor, got shape {tuple(eps.shape)}")
+    if radius == 0:  # 1x1 windows: var = cov = 0, so a = 0 and q = src exactly
+        return src.clone()
+    # The filter is shift-equivariant (a is unchanged, q shifts with src), so work on maps centred on
+    # their means: same result in exact arithmetic, far less float32 cancellation in var and cov. A
+    # nearly constant map (the usual cluster mean above a global average pool) then stays put instead of
+    # amplifying rounding noise by cov / var.
+    shift_i = guide.mean(dim=(2, 3), keepdim=True)
+    shift_p = src.mean(dim=(2, 3), keepdim=True)
+    guide, src = guide - shift_i, src - shift_p
     means = box_filter(torch.cat([guide, src, guide * guide, guide * src], dim=1), radius)
     mean_i, mean_p, mean_ii, mean_ip = means.unbind(dim=1)
     var = mean_ii - mean_i * mean_i
@@ -68,4 +77,4 @@ def guided_filter(guide: Tensor, src: Tensor, radius: int, eps) -> Tensor:
     a = torch.where(zero, 0.0, cov / torch.where(zero, 1.0, denom))
     b = mean_p - a * mean_i
     mean_a, mean_b = box_filter(torch.stack([a, b], dim=1), radius).unbind(dim=1)
-    return (mean_a * guide[:, 0] + mean_b)[:, None]
+    return (mean_a * guide[:, 0] + mean_b)[:, None] + shift_p

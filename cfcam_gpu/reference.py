@@ -7,7 +7,7 @@ Differences from the seed script, all deliberate and documented in the README:
   broadcast needs C*C*h*w floats and sums in float32);
 - DBSCAN runs with ``algorithm="brute"`` (what scikit-learn's "auto" picks for h*w > 15 anyway);
 - eps = 0 (scikit-learn refuses it) means "neighbours = exact duplicates";
-- a constant cluster mean with eps_k = 0 (OpenCV returns NaN) is returned unchanged.
+- a constant cluster mean (OpenCV returns NaN for it) is returned unchanged.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def cfcam_reference(activation: np.ndarray, gradient: np.ndarray) -> SimpleNames
     for k in range(n_clusters):
         mean_k = np.mean(grad[labels == k], axis=0)
         eps_k = 0.1 * np.var(mean_k)
-        if eps_k == 0:  # constant map: OpenCV would divide 0 by 0
+        if np.ptp(mean_k) == 0:  # constant map (float32 var may still be ~1e-17): OpenCV gives NaN
             smoothed = mean_k
         else:
             smoothed = guided_filter_reference(mean_k, mean_k, radius, eps_k)

@@ -189,9 +189,6 @@ def test_constant_gradients(device, guarded_reference):
         np.testing.assert_allclose(res.cams[b].cpu().numpy(), cam, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG in cfcam_gpu.reference.cfcam_reference: a constant cluster mean "
-                   "whose float32 np.var is tiny but not exactly 0 (value 0.3 -> eps_k 8.9e-17) skips the "
-                   "eps_k == 0 guard and cv2.ximgproc.guidedFilter returns NaN: weights and cam are NaN")
 def test_reference_constant_gradients_not_exactly_zero_variance():
     act = np.ones((2, 7, 7), np.float32)
     grad = np.full((2, 7, 7), 0.3, np.float32)

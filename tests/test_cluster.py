@@ -275,21 +275,11 @@ def test_cluster_channels_integer_valued_ties(device, dtype):
                 assert np.array_equal(res.labels[b].cpu().numpy(), plain), (C, b)
 
 
-def _torch_f64_sqrt_is_exact(device) -> bool:
-    x = torch.tensor([170.0, 1002.0], dtype=torch.float64, device=device)
-    return x.sqrt().cpu().tolist() == [math.sqrt(170.0), math.sqrt(1002.0)]
-
-
-def test_float64_sqrt_tie_at_eps(device, request):
+def test_float64_sqrt_tie_at_eps(device):
     """Five float64 channels; the closest pair is at distance sqrt(170), which is the 25th percentile.
 
     Reference and scikit-learn: eps = 13.038404810405298 (correctly rounded), the pair is a cluster.
     """
-    if not _torch_f64_sqrt_is_exact(device):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG: float64 activations: eps comes from torch's float64 sqrt, which on this CPU is not "
-            "correctly rounded (sqrt(170) -> 13.038404810405297, numpy 13.038404810405298), so "
-            "eps*eps < 170 and the pair at exactly eps is dropped: labels [-1]*5 instead of [0, 0, -1, -1, -1]")))
     F_ = np.zeros((5, 16))
     F_[1, :2] = [13, 1]
     F_[2:, 0] = [100, 200, 300]
@@ -335,9 +325,6 @@ def test_cluster_channels_eps_zero_with_dead_channels(device):
     assert len(set(res.labels[1].tolist()) - {-1}) == 2  # dead channels + the duplicated channel 3
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with eps = 0 the neighbours must be the exact duplicates, but "
-                   "squared_distances leaves ~1e-13 instead of 0 between some identical non-zero channels (Gram "
-                   "rounding), so duplicated channels become noise: about half of these images get wrong labels")
 def test_eps_zero_duplicate_live_channel_pairs(device):
     if device.type != "cpu":
         pytest.skip("the failure is measured on the CPU BLAS")

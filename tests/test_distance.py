@@ -119,9 +119,6 @@ def test_pairwise_distances_vs_scipy(device, rng, dtype):
             assert torch.equal(d[b], d[b].T), "distance matrix must be exactly symmetric"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: squared_distances/pairwise_distances are not exactly symmetric "
-                   "in float64 (the Gram matrix from bmm differs between (i, j) and (j, i) by ~1 ulp); "
-                   "percentile_of_distances reads only the upper triangle and dbscan assumes symmetry")
 def test_pairwise_distances_float64_exactly_symmetric():
     x = np.random.default_rng(0).normal(size=(1, 512, 49))
     d = pairwise_distances(torch.from_numpy(x))
@@ -141,9 +138,6 @@ def test_pairwise_distances_exact_zero_for_dead_channels(device, rng):
         assert np.array_equal(d[b] == 0, dup)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: squared_distances promises exact zeros between identical rows, "
-                   "but G_ii + G_jj - 2 G_ij from bmm is not exactly 0 for duplicated non-zero rows "
-                   "(e.g. 3.4e-7 after the float32 sqrt); breaks the eps == 0 'exact duplicates' rule")
 def test_pairwise_distances_exact_zero_for_duplicate_rows(device):
     if device.type != "cpu":
         pytest.skip("the failure is measured on the CPU BLAS")

@@ -362,9 +362,6 @@ def test_train_mode_is_restored_and_eval_is_used(tiny, tiny_images):
     assert_clean(tiny, training=True)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the engine restores only the top-level mode with "
-                   "model.train(was_training), which overwrites per-submodule modes (e.g. a BatchNorm frozen in "
-                   "eval inside a model in train mode comes back in train mode)")
 def test_mixed_submodule_modes_are_restored(tiny, tiny_images):
     tiny.train()
     tiny.features[1].eval()  # a frozen BatchNorm, as in fine-tuning
@@ -384,9 +381,6 @@ def test_parameters_and_grad_mode_untouched(tiny, tiny_images):
     assert not res.cams.requires_grad and not res.weights.requires_grad
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: called under the caller's torch.no_grad(), the engine computes "
-                   "the target score outside its own grad-enabled region and autograd.grad raises "
-                   "RuntimeError 'element 0 of tensors does not require grad'")
 def test_call_under_callers_no_grad(tiny, tiny_images):
     expected = GradCAM(tiny, "features")(tiny_images)
     with torch.no_grad():

@@ -1,0 +1,92 @@
+"""evaluate.py end to end: the demo on 2 bundled photos, image folders with a corrupt file, usage errors,
+and wiring into a parent CLI through add_arguments / run."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cfcam_gpu import evaluate
+
+SCALARS = ("average_drop", "increase_in_confidence", "average_drop_threshold",
+           "increase_in_confidence_threshold", "deletion_auc", "insertion_auc")
+FILES = ("metrics.json", "metrics.md", "per_image.json", "curves.npz", "deletion_insertion.png",
+         "robustness.png", "comparison.png")
+
+
+def _finite_stat(stat):
+    return (math.isfinite(stat["mean"]) and len(stat["ci95"]) == 2
+            and all(v is not None and math.isfinite(v) for v in stat["ci95"])
+            and stat["ci95"][0] <= stat["mean"] <= stat["ci95"][1])
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "eval"
+    code = evaluate.main(["--demo", "--max-images", "2", "--methods", "cfcam,gradcam,gradcam++",
+                          "--steps", "3", "--sigmas", "0.5,1", "--out", str(out), "--quiet"])
+    assert code == 0
+    for name in FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "metrics.json").read_text())
+    assert list(summary) == ["cfcam", "gradcam", "gradcam++"]
+    for method, entry in summary.items():
+        for key in SCALARS:
+            assert _finite_stat(entry[key]), (method, key)
+        assert set(entry["robustness"]) == {"0.5", "1"}
+        for sigma in entry["robustness"].values():
+            assert _finite_stat(sigma["ssim"]) and _finite_stat(sigma["mse"])
+        assert entry["n_images"] == 2 and entry["seconds_per_image"] > 0
+        assert 0 <= entry["deletion_auc"]["mean"] <= 1 and 0 <= entry["insertion_auc"]["mean"] <= 1
+    per_image = json.loads((out / "per_image.json").read_text())
+    assert per_image["images"] == ["chelsea", "coffee"]
+    assert per_image["classes"] == ["Egyptian cat", "espresso"]
+    assert per_image["clusters"]["cfcam"]["n_clusters"] and len(per_image["methods"]["gradcam"]["deletion_auc"]) == 2
+    curves = np.load(out / "curves.npz")
+    assert curves["gradcam__deletion"].shape == (2, 4) and np.isfinite(curves["gradcam__insertion"]).all()
+    md = (out / "metrics.md").read_text()
+    assert "| CF-CAM |" in md and "Grad-CAM++" in md and "±" in md
+    grid = np.asarray(Image.open(out / "comparison.png"))
+    assert grid.shape[0] > 2 * 224 and grid.shape[1] > 4 * 224  # 2 rows; input + 3 methods
+
+
+def test_paths_with_a_corrupt_file_and_gradient_free_method(tmp_path, photos):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("chelsea", "coffee"):
+        Image.fromarray(photos[name][:160, :160]).save(folder / f"{name}.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "eval"
+    code = evaluate.main([str(folder), "--model", "resnet18", "--layer", "layer4", "--methods",
+                          "layercam,ablationcam", "--steps", "2", "--sigmas", "0.25", "--out", str(out), "--quiet",
+                          "--device", "cpu"])
+    assert code == 1  # one unreadable file, the rest evaluated
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["ablationcam"]["robustness"] is None and summary["layercam"]["robustness"]["0.25"]
+    assert summary["ablationcam"]["n_images"] == 2
+    assert "n/a (gradient-free)" in (out / "metrics.md").read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--demo", "--methods", "gradcam,magic"], "--methods"),
+    ([], "PATH"),
+    (["--demo", "--steps", "0"], "--steps"),
+    (["--demo", "--sigmas", "a,b"], "--sigmas"),
+    (["nowhere/at/all"], "PATH"),
+])
+def test_usage_errors(tmp_path, capsys, argv, message):
+    assert evaluate.main(argv + ["--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_wires_into_a_parent_cli(tmp_path):
+    parser = argparse.ArgumentParser(prog="cfcam")
+    sub = parser.add_subparsers(dest="command", required=True)
+    evaluate.add_arguments(sub.add_parser("evaluate"))
+    args = parser.parse_args(["evaluate", "--demo", "--max-images", "1", "--methods", "hirescam", "--steps", "1",
+                              "--sigmas", "0.1", "--out", str(tmp_path / "o"), "--quiet", "--grid-images", "1"])
+    assert evaluate.run(args) == 0
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["hirescam"]["n_images"] == 1
