@@ -144,6 +144,7 @@ def _cluster_torch(feats: Tensor) -> ChannelClusters:
     threshold = (eps * eps).double()
     adj = d2 <= threshold[:, None, None]
     del d2
+    adj = adj & adj.transpose(1, 2)  # symmetric even where the Gram matrix rounds (i, j) and (j, i) apart
     min_samples = seed_min_samples(C)
     return ChannelClusters(dbscan_from_adjacency(adj, min_samples), eps, min_samples)
 

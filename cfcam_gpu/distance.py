@@ -15,36 +15,48 @@ from torch import Tensor
 from ._checks import check_floating, check_ndim, check_tensor
 
 
-def _row_hashes(x: Tensor) -> Tensor:
-    """Two exact integer hashes of each row's bit pattern: equal rows always hash equal.
+def row_hashes(x: Tensor) -> Tensor:
+    """An exact 64-bit integer hash of each row's bit pattern: equal rows always hash equal, all-zero
+    rows hash to 0, and different rows collide with probability ~2**-64.
 
-    x: (B, C, N) floating -> (B, C, 2) int64. Integer arithmetic wraps modulo 2**64 in any order, so
-    unlike a floating-point product the result does not depend on where a row sits in a BLAS kernel.
+    x: (B, C, N) floating -> (B, C) int64. Integer arithmetic wraps modulo 2**64 in any order, so unlike
+    a floating-point product the result does not depend on where a row sits in a BLAS kernel.
     """
-    bits = (x + 0.0).view(torch.int64 if x.element_size() == 8 else torch.int32 if x.element_size() == 4
-                          else torch.int16).long()  # + 0.0 turns -0.0 into +0.0
+    int_type = {8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()]
+    z = (x + 0.0).view(int_type).long()  # + 0.0 turns -0.0 into +0.0
+    # splitmix64-style mixing per element: float bit patterns of round numbers end in long runs of zeros,
+    # which a plain multiply would keep in the low bits (and so collide after the sum).
+    z = (z ^ (z >> 31)) * -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64
+    z = (z ^ (z >> 27)) * -7723592293110705685  # 0x94D049BB133111EB as int64
+    z = z ^ (z >> 33)
     gen = torch.Generator().manual_seed(0x5EED)
-    mult = torch.randint(1, 2**62, (x.shape[-1], 2), generator=gen).mul_(2).add_(1).to(x.device)
-    return (bits[..., None] * mult).sum(dim=2)
+    mult = torch.randint(1, 2**62, (x.shape[-1],), generator=gen).mul_(2).add_(1).to(x.device)
+    h = (z * mult).sum(dim=2)
+    return torch.where((x != 0).any(dim=2), h | 1, 0)  # all-zero rows -> 0, every other row odd
 
 
 def squared_distances(x: Tensor) -> Tensor:
     """Squared Euclidean distances between rows, in float64.
 
-    x: (B, C, N) -> (B, C, C) float64: symmetric, >= 0, exactly 0 on the diagonal and between identical
-    rows (the Gram formula alone leaves ~1e-13 there, which breaks the eps = 0 rule "neighbours are the
-    exact duplicates"; identical rows are found by exact integer hashes of their bits).
+    x: (B, C, N) -> (B, C, C) float64, >= 0, exactly 0 on the diagonal and between identical rows (the
+    Gram formula alone can leave ~1e-13 between identical non-zero rows, which would break the eps = 0
+    rule "neighbours are the exact duplicates"; such rows are found by exact integer hashes of their
+    bits). Symmetric up to the rounding of the Gram matrix; ``pairwise_distances`` is exactly symmetric.
     """
     check_ndim(x, 3, "x", "(B, C, N)")
     check_floating(x, "x")
     x64 = x.double()
     d2 = torch.bmm(x64, x64.transpose(1, 2))  # the Gram matrix, turned into d2 in place
     norms = torch.diagonal(d2, dim1=1, dim2=2).clone()
-    d2.mul_(-2).add_(norms[:, :, None]).add_(norms[:, None, :])
-    h = _row_hashes(x)
-    same = (h[:, :, None, :] == h[:, None, :, :]).all(dim=3)  # (B, C, C), true on the diagonal
-    d2 = torch.minimum(d2, d2.transpose(1, 2)).clamp_min_(0)  # exactly symmetric
-    return d2.masked_fill_(same, 0.0)
+    d2.mul_(-2).add_(norms[:, :, None]).add_(norms[:, None, :]).clamp_min_(0)
+    h = row_hashes(x)
+    # All-zero rows are already exactly 0 apart (every product is 0). Identical live rows are rare: on
+    # the CPU (where a host sync is free) skip the (B, C, C) pass when there are none.
+    sorted_h = h.sort(dim=1).values
+    live_dups = (sorted_h[:, 1:] == sorted_h[:, :-1]) & (sorted_h[:, 1:] != 0)
+    if x.device.type != "cpu" or bool(live_dups.any()):
+        d2.masked_fill_(h[:, :, None] == h[:, None, :], 0.0)
+    return d2
 
 
 def exact_sqrt(x: Tensor) -> Tensor:
@@ -58,9 +70,11 @@ def exact_sqrt(x: Tensor) -> Tensor:
 def pairwise_distances(x: Tensor) -> Tensor:
     """Euclidean distances between the C rows of each item.
 
-    x: (B, C, N) -> (B, C, C) in x's dtype (computed in float64 and rounded once), zero diagonal.
+    x: (B, C, N) -> (B, C, C) in x's dtype (computed in float64 and rounded once), exactly symmetric,
+    zero diagonal, exactly 0 between identical rows.
     """
-    return squared_distances(x).sqrt_().to(x.dtype)
+    d2 = squared_distances(x)
+    return torch.minimum(d2, d2.transpose(1, 2)).sqrt_().to(x.dtype)
 
 
 def _linear_rank(n: int, q: float) -> tuple[int, int, float]:
