@@ -9,6 +9,9 @@ shared by subcommands.
 
 Exit codes: 0 success, 1 some images failed (the rest are explained), 2 usage or configuration error
 (one line on stderr, no traceback), 130 interrupted.
+
+``explain`` also runs as several processes under ``torchrun`` (see ``distributed``): each rank explains
+a shard of the sorted inputs and rank 0 merges the per-rank manifests at the end.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -30,12 +34,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .engine import CFCAM, GradCAM
 from .data import ImageFolderDataset, Sample, bundled_images, display_images, expand_paths, normalize
 from .viz import contact_sheet, overlay, save_png
 
 PROG = "cfcam"
 MANIFEST = "manifest.jsonl"
+RANK_MANIFEST = "manifest.rank{rank}.jsonl"  # one per rank of a torchrun job, merged into MANIFEST at the end
+_RANK_MANIFEST_RE = re.compile(r"manifest\.rank(\d+)\.jsonl")
+_TEMPORARY_RE = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # save_npy / write_text_atomic / viz.save_png
 RUN_CONFIG = "run.json"
 CONTACT_SHEET = "contact_sheet.png"
 SHEET_MAX_TILES = 100  # the contact sheet shows the first 100 explained images
@@ -47,9 +55,10 @@ DEMO_PREFIX = "bundled:"  # manifest path of a bundled photo: "bundled:chelsea"
 class CLIError(Exception):
     """A usage or configuration error: ``main`` prints ``cfcam: error: MESSAGE`` and returns ``code``."""
 
-    def __init__(self, message: str, code: int = 2):
+    def __init__(self, message: str, code: int = 2, echo: bool = True):
         super().__init__(message)
         self.code = code
+        self.echo = echo  # False: not printed (under torchrun, rank 0 prints an error every rank shares)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args._run(args)
     except CLIError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        if error.echo:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
         return error.code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -312,8 +322,58 @@ def output_names(keys: Sequence[str], stems: Sequence[str]) -> list[str]:
     return names
 
 
-def prepare_output(out: Path, resume: bool, overwrite: bool, config: dict) -> list[dict]:
-    """Create/check DIR; returns the manifest rows to keep (resume) and rewrites the manifest to them."""
+def rank_manifests(out: Path, names: Sequence[str] | None = None) -> list[Path]:
+    """DIR's per-rank manifests (``manifest.rank{R}.jsonl``, left by a torchrun job), by rank; ``names``:
+    DIR's file names if already listed."""
+    if names is None:
+        names = os.listdir(out) if out.is_dir() else []
+    found = [(int(m.group(1)), name) for name in names if (m := _RANK_MANIFEST_RE.fullmatch(name))]
+    return [out / name for _, name in sorted(found)]
+
+
+def _in_order(rows: list[dict], order: Sequence[str] | None) -> list[dict]:
+    """``rows`` sorted by their path's place in ``order`` (paths not in it last, as they were)."""
+    if order is None:
+        return rows
+    index = {key: i for i, key in enumerate(order)}
+    return sorted(rows, key=lambda row: index.get(row["path"], len(index)))
+
+
+def gather_manifests(out: Path, order: Sequence[str] | None = None, rank_files: list[Path] | None = None
+                     ) -> tuple[list[dict], list[Path], bool]:
+    """The rows of DIR's manifest and of any per-rank manifests, one per path (a per-rank row replaces the
+    merged one), in ``order`` -> (rows, the per-rank files, whether any file had content)."""
+    manifest = out / MANIFEST
+    rank_files = rank_manifests(out) if rank_files is None else rank_files
+    files = ([manifest] if manifest.is_file() else []) + rank_files
+    has_rows = any(path.stat().st_size > 0 for path in files)
+    rows: dict[str, dict] = {}
+    for path in files:
+        for row in read_manifest(path):
+            rows.pop(row["path"], None)
+            rows[row["path"]] = row
+    return _in_order(list(rows.values()), order), rank_files, has_rows
+
+
+def merge_manifests(out: Path, order: Sequence[str] | None = None) -> list[dict]:
+    """Fold DIR's per-rank manifests into DIR/manifest.jsonl (rows in ``order``, atomically), then delete
+    them; returns the rows. Nothing happens when there are no per-rank manifests."""
+    rows, rank_files, _ = gather_manifests(out, order)
+    if rank_files:
+        write_text_atomic(out / MANIFEST, "".join(json.dumps(row) + "\n" for row in rows))
+        for path in rank_files:
+            path.unlink(missing_ok=True)
+    return rows
+
+
+def prepare_output(out: Path, resume: bool, overwrite: bool, config: dict,
+                   order: Sequence[str] | None = None) -> list[dict]:
+    """Create/check DIR; returns the manifest rows to keep (resume) and rewrites the manifest to them.
+
+    The rows of a torchrun job that did not finish (per-rank manifests) count as DIR's: they are merged
+    into DIR/manifest.jsonl, kept rows sorted by their path's place in ``order`` (the inputs) if given.
+    Temporary files an abruptly killed run left behind are deleted.
+    """
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out: {str(out)!r} exists and is not a folder")
     try:
@@ -324,19 +384,21 @@ def prepare_output(out: Path, resume: bool, overwrite: bool, config: dict) -> li
     except OSError as error:
         raise CLIError(f"--out: cannot write to {str(out)!r} ({error.strerror or error})") from None
     manifest = out / MANIFEST
-    has_rows = manifest.is_file() and manifest.stat().st_size > 0
-    previous = read_manifest(manifest) if has_rows else []
+    names = os.listdir(out)  # once: DIR can hold millions of files
+    previous, rank_files, has_rows = gather_manifests(out, order, rank_manifests(out, names))
     if overwrite:
         for row in previous:
             for name in (row.get("files") or {}).values():
                 if isinstance(name, str) and "/" not in name and "\\" not in name:
                     (out / name).unlink(missing_ok=True)
-        for name in (MANIFEST, RUN_CONFIG, CONTACT_SHEET):
-            (out / name).unlink(missing_ok=True)
-        previous, has_rows = [], False
+        for path in [out / name for name in (MANIFEST, RUN_CONFIG, CONTACT_SHEET)] + rank_files:
+            path.unlink(missing_ok=True)
+        previous, rank_files, has_rows = [], [], False
     elif has_rows and not resume:
-        raise CLIError(f"--out: {str(out)!r} already holds a run ({MANIFEST} is not empty); pass --resume "
-                       "to explain only the images not done yet, --overwrite to start over, or another --out")
+        what = (f"{MANIFEST} is not empty" if manifest.is_file() and manifest.stat().st_size > 0 else
+                "the per-rank manifests of an unfinished torchrun job")
+        raise CLIError(f"--out: {str(out)!r} already holds a run ({what}); pass --resume to explain only "
+                       "the images not done yet, --overwrite to start over, or another --out")
     if resume and (out / RUN_CONFIG).is_file():
         try:
             old = json.loads((out / RUN_CONFIG).read_text(encoding="utf-8"))
@@ -347,10 +409,15 @@ def prepare_output(out: Path, resume: bool, overwrite: bool, config: dict) -> li
         if changed:
             raise CLIError(f"--resume: {str(out)!r} was made with other settings ({'; '.join(changed)}); "
                            "rerun with the same options, or pass --overwrite or another --out")
+    for name in names:  # a killed run's half-written files (the names save_npy & co. use)
+        if _TEMPORARY_RE.fullmatch(name) and (out / name).is_file():
+            (out / name).unlink(missing_ok=True)
     write_text_atomic(out / RUN_CONFIG, json.dumps(config, indent=2) + "\n")
     kept = [row for row in previous if row.get("status") == "ok" and _row_files_exist(row, out)]
-    if has_rows:  # compact: drop error rows, rows whose files are gone and a half-written last line
+    if has_rows or rank_files:  # compact: drop error rows, rows whose files are gone, half-written lines
         write_text_atomic(manifest, "".join(json.dumps(row) + "\n" for row in kept))
+        for path in rank_files:
+            path.unlink(missing_ok=True)
     return kept
 
 
@@ -469,29 +536,85 @@ def _is_config_error(error: Exception) -> bool:
 @register_subcommand("explain", "explain images with CF-CAM / Grad-CAM heatmaps", add_explain_arguments,
                      EXPLAIN_DESCRIPTION)
 def run_explain(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    target = parse_target(args.target)
-    check_data_arguments(args)
-    device = resolve_device(args.device)
-    items, arrays = _collect_inputs(args)
-    out = Path(args.out)
-    config = {"model": args.model, "weights": os.path.abspath(args.weights) if args.weights else None,
-              "num_classes": args.num_classes, "layer": args.layer, "method": args.method,
-              "target": "top1" if target is None else target}
-    # Check the model before touching DIR, so a typo in --model leaves DIR as it was.
-    model, info, layer = load_model(args, device)
-    config["layer"] = layer
-    if target is not None and target >= info.num_classes:
-        raise CLIError(f"--target: expected 'top1' or a class index in [0, {info.num_classes}) for "
-                       f"{args.model!r}, got {target}")
-    kept = prepare_output(out, args.resume, args.overwrite, config)
+    try:
+        ctx = distributed.context()
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    try:
+        return _run_explain(args, ctx)
+    except CLIError as error:
+        if ctx.rank > 0 and error.echo:  # an error of this rank alone: say which
+            raise CLIError(f"rank {ctx.rank}: {error}", error.code) from None
+        raise
+    finally:
+        distributed.destroy()
 
-    done = {row["path"]: row for row in kept}
-    pending = [i for i, item in enumerate(items) if item.key not in done]
-    n_skipped = len(items) - len(pending)
-    log = (lambda message: None) if args.quiet else (lambda message: tqdm.write(message, file=sys.stderr))
-    log(f"{PROG}: {args.method} on {args.model} at layer {layer!r}, {device}; {len(pending)} image(s) to "
-        f"explain" + (f", {n_skipped} already done" if n_skipped else "") + f" -> {out}")
+
+class _SameOnEveryRank:
+    """``with _SameOnEveryRank(ctx):`` a CLIError raised inside comes from the options or the inputs, which
+    every rank of a torchrun job shares: only rank 0 prints it."""
+
+    def __init__(self, ctx: distributed.Context):
+        self.ctx = ctx
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, CLIError) and self.ctx.rank > 0:
+            error.echo = False
+        return False
+
+
+def _run_explain(args: argparse.Namespace, ctx: distributed.Context) -> int:
+    started = time.perf_counter()
+    with _SameOnEveryRank(ctx):
+        target = parse_target(args.target)
+        check_data_arguments(args)
+    # under torchrun, 'auto' / 'cuda' is this process's GPU, cuda:LOCAL_RANK
+    device = resolve_device(distributed.device_spec(args.device, ctx))
+    with _SameOnEveryRank(ctx):
+        items, arrays = _collect_inputs(args)  # all of them, on every rank: the output names depend on all
+        out = Path(args.out)
+        config = {"model": args.model, "weights": os.path.abspath(args.weights) if args.weights else None,
+                  "num_classes": args.num_classes, "layer": args.layer, "method": args.method,
+                  "target": "top1" if target is None else target}
+        # Check the model before touching DIR, so a typo in --model leaves DIR as it was.
+        model, info, layer = load_model(args, device)
+        config["layer"] = layer
+        if target is not None and target >= info.num_classes:
+            raise CLIError(f"--target: expected 'top1' or a class index in [0, {info.num_classes}) for "
+                           f"{args.model!r}, got {target}")
+    distributed.init(device)  # a process group only under torchrun with WORLD_SIZE > 1
+    if ctx.distributed and args.weights is None:
+        distributed.broadcast_module(model)  # random weights: every rank uses rank 0's
+    keys = [item.key for item in items]
+
+    # Rank 0 prepares DIR (checks, run.json, resume: merges what a previous run left); the others wait for
+    # its outcome: an error every rank raises, or the indices of the inputs already done.
+    outcome: tuple[str, int] | list[int] | None = None
+    if ctx.is_main:
+        try:
+            kept = prepare_output(out, args.resume, args.overwrite, config, order=keys)
+        except CLIError as error:
+            distributed.broadcast_object((str(error), error.code))
+            raise
+        done_keys = {row["path"] for row in kept}
+        outcome = [i for i, key in enumerate(keys) if key in done_keys]
+    outcome = distributed.broadcast_object(outcome)
+    if isinstance(outcome, tuple):
+        raise CLIError(outcome[0], outcome[1], echo=False)
+    done = set(outcome)
+    pending_all = [i for i in range(len(items)) if i not in done]
+    n_skipped = len(items) - len(pending_all)
+    pending = distributed.shard(pending_all, ctx.rank, ctx.world_size)  # this rank's share of the work
+    manifest_path = out / (RANK_MANIFEST.format(rank=ctx.rank) if ctx.distributed else MANIFEST)
+
+    quiet = args.quiet or not ctx.is_main
+    log = (lambda message: None) if quiet else (lambda message: tqdm.write(message, file=sys.stderr))
+    processes = f" x {ctx.world_size} processes" if ctx.distributed else ""
+    log(f"{PROG}: {args.method} on {args.model} at layer {layer!r}, {device}{processes}; {len(pending_all)} "
+        f"image(s) to explain" + (f", {n_skipped} already done" if n_skipped else "") + f" -> {out}")
 
     engine_class = CFCAM if args.method == "cfcam" else GradCAM
     engine = engine_class(model, layer)
@@ -503,10 +626,11 @@ def run_explain(args: argparse.Namespace) -> int:
     counts = {"ok": 0, "error": 0}
     loop_started = time.perf_counter()
     progress = tqdm(total=len(pending), file=sys.stderr, unit="img", dynamic_ncols=True,
-                    disable=args.quiet or not sys.stderr.isatty())
+                    desc=f"rank 0 of {ctx.world_size}" if ctx.distributed else None,
+                    disable=quiet or not sys.stderr.isatty())
     loader = make_loader(dataset, args.batch_size, args.workers, device) if pending else ()
     try:
-        with open(out / MANIFEST, "a", encoding="utf-8") as manifest, \
+        with open(manifest_path, "a", encoding="utf-8") as manifest, \
                 ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="cfcam-write") as writer:
             _explain_loop(loader, engine, items, pending, target, info, device, out, args.method, writer,
                           manifest, counts, progress)
@@ -515,10 +639,20 @@ def run_explain(args: argparse.Namespace) -> int:
     finally:
         progress.close()
         engine.close()
-    n_ok, n_failed = counts["ok"], counts["error"]
+    if ctx.distributed:
+        distributed.barrier()  # every rank's rows are committed to its manifest
+        totals = distributed.all_reduce_sum(torch.tensor([counts["ok"], counts["error"]], dtype=torch.int64))
+        n_ok, n_failed = (int(n) for n in totals.tolist())
+    else:
+        n_ok, n_failed = counts["ok"], counts["error"]
     seconds = time.perf_counter() - loop_started
+    if not ctx.is_main:
+        return 1 if n_failed else 0
 
-    rows = {row["path"]: row for row in read_manifest(out / MANIFEST)}
+    if ctx.distributed:  # one manifest.jsonl, in input order, as one process writes it
+        rows = {row["path"]: row for row in merge_manifests(out, order=keys)}
+    else:
+        rows = {row["path"]: row for row in read_manifest(out / MANIFEST)}
     ok_rows = [rows[item.key] for item in items if item.key in rows and rows[item.key].get("status") == "ok"]
     sheet_rows = ok_rows[:SHEET_MAX_TILES]
     n_blank = sum(bool(row.get("blank")) for row in ok_rows)
@@ -536,13 +670,14 @@ def run_explain(args: argparse.Namespace) -> int:
                "manifest": str((out / MANIFEST).resolve()),
                "contact_sheet": str((out / CONTACT_SHEET).resolve()) if sheet_rows else None,
                "model": args.model, "layer": layer, "method": args.method, "target": config["target"],
-               "device": str(device), "batch_size": args.batch_size, "workers": args.workers}
+               "device": str(device), "batch_size": args.batch_size, "workers": args.workers,
+               "world_size": ctx.world_size}
     if args.json:
         print(json.dumps(summary, indent=2))
     elif not args.quiet:
         rate = f" ({summary['images_per_s']} images/s)" if n_ok else ""
         print(f"{PROG}: {n_ok} explained, {n_failed} failed, {n_skipped} already done in {seconds:.1f} s"
-              f"{rate} -> {out}", file=sys.stderr)
+              f"{rate}{processes} -> {out}", file=sys.stderr)
     return 1 if n_failed else 0
 
 
@@ -567,6 +702,7 @@ def _explain_loop(loader, engine, items, pending, target, info, device, out, met
         for row in rows:
             counts["ok" if row["status"] == "ok" else "error"] += 1
         progress.update(len(rows))
+        _test_hook_die(counts["ok"] + counts["error"])
 
     try:
         for batch in loader:
@@ -592,6 +728,16 @@ def _explain_loop(loader, engine, items, pending, target, info, device, out, met
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 break
         raise
+
+
+def _test_hook_die(n_committed: int) -> None:
+    """Test hook (tests/test_distributed.py kills a rank mid-run with it; unset, it does nothing): with
+    CFCAM_TEST_DIE_AFTER=N in the environment, the process of rank CFCAM_TEST_DIE_RANK (default 0) exits at
+    once with status 1 (os._exit: no cleanup, as if killed) when N or more of its images are committed."""
+    after = os.environ.get("CFCAM_TEST_DIE_AFTER")
+    if after and n_committed >= int(after) and \
+            distributed.context().rank == int(os.environ.get("CFCAM_TEST_DIE_RANK", "0")):
+        os._exit(1)
 
 
 def _write_file(path: Path, array: np.ndarray) -> None:
