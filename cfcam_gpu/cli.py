@@ -840,3 +840,17 @@ def _write_contact_sheet(out: Path, rows: list[dict]) -> None:
         labels.append(f"{label} | {name}")
     if tiles and len({tile.shape for tile in tiles}) == 1:
         save_png(contact_sheet(tiles, labels), out / CONTACT_SHEET)
+
+
+# ---------------------------------------------------------------------------------------------------
+# `cfcam evaluate`: faithfulness and robustness metrics (cfcam_gpu.evaluate).
+
+def _register_evaluate() -> None:
+    from . import evaluate
+
+    SUBCOMMANDS["evaluate"] = Subcommand("compare CAM methods: Average Drop/Increase, deletion/insertion AUC, "
+                                         "robustness", evaluate.add_arguments, evaluate.run,
+                                         evaluate.DESCRIPTION)
+
+
+_register_evaluate()

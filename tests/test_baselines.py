@@ -211,11 +211,13 @@ def test_ablationcam_with_a_layer_inside_a_residual_block(resnet18, x2):
 
 def test_gradient_free_methods_restore_model_state(resnet18, x2):
     model = copy.deepcopy(resnet18).train()
+    model.bn1.eval()  # a frozen BatchNorm keeps its own mode
     for cls in (bl.ScoreCAM, bl.AblationCAM):
         layer = model.layer4[-1]
         cam = cls(model, layer, **({"score_batch_size": 512} if cls is bl.ScoreCAM else {}))
         res = cam(x2[:1], 0)
-        assert model.training and all(m.training for m in model.modules())
+        assert not model.bn1.training
+        assert all(m.training for m in model.modules() if m is not model.bn1)
         assert not layer._forward_hooks and all(p.grad is None for p in model.parameters())
         assert res.cams.shape == (1, 2, 2)
         with pytest.raises(ValueError, match="needs the input images"):

@@ -162,9 +162,10 @@ def test_gaussian_blur_is_normalised_and_smooths():
 
 def test_metrics_restore_train_mode_and_validate(toy):
     toy.train()
+    toy.frozen = nn.BatchNorm2d(3).eval()  # a submodule with its own mode
     M.deletion_insertion(toy, images_of(1.0), region_map(1, 0), 0, steps=2)
     M.average_drop_increase(toy, images_of(1.0), region_map(1, 0), 0)
-    assert toy.training
+    assert toy.training and not toy.frozen.training
     with pytest.raises(ValueError, match="cams"):
         M.deletion_insertion(toy, images_of(1.0, 2), region_map(1, 0), 0)
     with pytest.raises(ValueError, match="steps"):
