@@ -18,6 +18,8 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_LAYERS = {"resnet50": "layer4", "efficientnet_lite0": "bn2"}
+# The TensorFlow EfficientNet-Lite weights expect (pixel - 127) / 128 (cfcam_gpu.models.LITE0_MEAN/STD).
+NORMALISATION = {"resnet50": (IMAGENET_MEAN, IMAGENET_STD), "efficientnet_lite0": ((0.5,) * 3, (0.5,) * 3)}
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -100,8 +102,9 @@ def _photos() -> list[tuple[str, "object"]]:
     return out
 
 
-def make_images(batch: int, size: int = 224, kind: str = "real", seed: int = 0) -> tuple[torch.Tensor, str]:
-    """(B, 3, size, size) float32, ImageNet-normalised, and a description.
+def make_images(batch: int, size: int = 224, kind: str = "real", seed: int = 0,
+                norm=(IMAGENET_MEAN, IMAGENET_STD)) -> tuple[torch.Tensor, str]:
+    """(B, 3, size, size) float32, normalised with norm = (mean, std), and a description.
 
     kind="real": bundled photos resized to size x size, cycled (every second pass mirrored) to fill B;
     falls back to random when none is importable. kind="random": seeded N(0, 1) pixels.
@@ -111,8 +114,8 @@ def make_images(batch: int, size: int = 224, kind: str = "real", seed: int = 0) 
     if not photos:
         what = "random N(0,1) images, seed %d" % seed + (" (no bundled photos importable)" if kind == "real" else "")
         return torch.randn(batch, 3, size, size, generator=g), what
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    mean = torch.tensor(norm[0])[:, None, None]
+    std = torch.tensor(norm[1])[:, None, None]
     base = []
     for _, img in photos:
         t = torch.from_numpy(img.copy()).permute(2, 0, 1).float()[None] / 255.0
@@ -130,18 +133,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+LAST_CPU_S = [0.0]
+
+
 def time_call(fn: Callable[[], object], device: torch.device, meter: "MemoryMeter | None" = None):
-    """(seconds, result, memory reading) of one call; synchronised on CUDA, gc run beforehand."""
+    """(wall seconds, result, memory reading) of one call; synchronised on CUDA, gc run beforehand.
+
+    The process CPU time of the call (all threads, user + sys) is left in ``LAST_CPU_S[0]``: on a CPU
+    shared with other jobs it is the steadier number (wall time waits for the other jobs, CPU time
+    mostly does not)."""
     gc.collect()
     if meter is not None:
         meter.reset()
     sync(device)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     out = fn()
     sync(device)
     dt = time.perf_counter() - t0
+    LAST_CPU_S[0] = time.process_time() - c0
     mem = meter.read() if meter is not None else None
     return dt, out, mem
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def median(xs):
@@ -163,12 +182,23 @@ def _proc_status() -> dict[str, int]:
     return out
 
 
+def _malloc_trim() -> None:
+    """Give glibc's free heap pages back to the OS, so that the next call's RSS starts from live data."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class MemoryMeter:
     """Peak memory of one call.
 
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (tensor memory of the
     caching allocator, not the driver's reservation). CPU: the process's resident-set high-water mark
-    VmHWM from /proc/self/status, reset per call by writing 5 to /proc/self/clear_refs (Linux >= 4.0);
+    VmHWM from /proc/self/status, reset per call by writing 5 to /proc/self/clear_refs (Linux >= 4.0)
+    after glibc's ``malloc_trim(0)`` (so freed heap pages do not count); extra = peak - RSS at the start;
     where that is not allowed, ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which only grows (then the
     per-method numbers after the first large one are upper bounds, and say so).
     """
@@ -197,6 +227,7 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         elif self.kind.startswith("cpu VmHWM"):
+            _malloc_trim()
             self._clear_refs()
             self.base = _proc_status()["VmRSS"]
         else:

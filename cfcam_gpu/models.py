@@ -30,6 +30,13 @@ from .layers import resolve_layer  # noqa: F401  (re-exported for model users)
 LITE0_MEAN = (0.5, 0.5, 0.5)
 LITE0_STD = (0.5, 0.5, 0.5)
 DEFAULT_MODEL = "efficientnet_lite0"
+# The embedded model's CAM layer: its last convolutional block (blocks.6, 320 x 7 x 7), not the head
+# after it (conv_head -> bn2 -> ReLU6, 1280 x 7 x 7, what the probe below would pick). At bn2 the seed's
+# CF-CAM degenerates on every bundled photo: 30-70% of the channels are exactly zero, so the 25th
+# percentile distance (eps) is 0 or nearly, DBSCAN's one cluster is the dead channels and every live
+# channel is noise; and the gradients are spatially constant (bn2 feeds the global pool), so the guided
+# filter has nothing to smooth: the CAM is all zeros (README, "The embedded model's layer").
+LITE0_LAYER = "blocks.6"
 DEFAULT_INPUT_SIZE = (224, 224)
 
 # Last layers of common families, used for TorchScript models, which cannot
@@ -224,6 +231,8 @@ def build_model(
     if weights is not None:
         load_weights(model, weights)
     classes, layer = _probe(model, input_size)
+    if name == DEFAULT_MODEL:
+        layer = LITE0_LAYER
     if num_classes is not None and classes != num_classes:
         raise ValueError(f"num_classes: expected {num_classes}, the model {name!r} outputs {classes}")
     info = ModelInfo(

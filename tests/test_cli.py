@@ -62,7 +62,7 @@ def test_python_m_demo_end_to_end(tmp_path, photos):
     summary = json.loads(proc.stdout)  # stdout holds only the JSON summary
     n = len(photos)
     assert summary["n_images"] == summary["n_ok"] == n and summary["n_failed"] == 0
-    assert summary["model"] == "efficientnet_lite0" and summary["layer"] == "bn2"
+    assert summary["model"] == "efficientnet_lite0" and summary["layer"] == "blocks.6"
     assert summary["method"] == "cfcam" and summary["device"] == "cpu"
     assert summary["images_per_s"] > 0 and Path(summary["out"]) == out.resolve()
 
@@ -85,7 +85,7 @@ def test_python_m_demo_end_to_end(tmp_path, photos):
             assert png.size == (224, 224) and png.mode == "RGB"
     with Image.open(out / "contact_sheet.png") as sheet:
         assert sheet.width > 3 * 224 and sheet.height > 3 * 224  # 4 x 3 tiles for 10 photos
-    assert json.loads((out / "run.json").read_text())["layer"] == "bn2"
+    assert json.loads((out / "run.json").read_text())["layer"] == "blocks.6"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 

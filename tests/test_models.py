@@ -198,17 +198,18 @@ def test_default_layer_is_last_feature_map(name, layer, channels):
     assert out[0].shape == (1, channels, 7, 7)
 
 
-def test_lite0_default_layer_feeds_the_pool(lite0):
+def test_lite0_default_layer_is_the_last_block(lite0):
+    """blocks.6 (320 x 7 x 7): the last convolutional block, whose output feeds the 1x1 head conv."""
     model, info = lite0
-    assert info.default_layer == "bn2"
+    assert info.default_layer == "blocks.6"
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        features = model.forward_features(x)
         out = []
-        handle = resolve_layer(model, "bn2").register_forward_hook(lambda m, i, o: out.append(o))
-        model(x)
+        handle = resolve_layer(model, "blocks.6").register_forward_hook(lambda m, i, o: out.append(o))
+        features = model.forward_features(x)
         handle.remove()
-    torch.testing.assert_close(out[0], features)
+    assert out[0].shape == (1, 320, 7, 7)
+    torch.testing.assert_close(model.bn2(model.conv_head(out[0])), features)
 
 
 def test_resolve_layer_paths():
