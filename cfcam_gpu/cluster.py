@@ -44,15 +44,17 @@ def max_cc_rounds(C: int) -> int:
     return 2 * math.ceil(math.log2(max(C, 2))) + 2
 
 
-def connected_components(adj: Tensor, sync_free: bool | None = None) -> Tensor:
-    """Smallest node index of each node's connected component.
+def _min_label_components(adj: Tensor, active: Tensor, sync_free: bool | None) -> tuple[Tensor, Tensor]:
+    """Components of the graph ``adj`` restricted to the active nodes, by min-label hooking.
 
-    adj: (B, C, C) bool, symmetric -> (B, C) int64. Isolated nodes (empty rows) are their own component.
-    Min-label hooking with full pointer jumping (Shiloach-Vishkin style): each round every tree root
-    hooks onto the smallest root adjacent to its tree, then all pointers jump to their roots. Labels
-    only decrease and stay inside the component, so the fixed point is the component minimum.
-    ``sync_free`` (default: on non-CPU devices) runs the proven bound of ``max_cc_rounds(C)`` rounds with
-    no host synchronisation; otherwise it stops at the fixed point (usually 2-3 rounds on DBSCAN graphs).
+    adj: (B, C, C) bool, symmetric, columns of inactive nodes all False; active: (B, C) bool ->
+    (root, nearest), both (B, C) int64: root[u] = the smallest index in u's component for active u (u for
+    inactive u); nearest[u] = the smallest root among u's active neighbours, C if none, for every u.
+    Each round every tree root hooks onto the smallest root adjacent to its tree, then all pointers jump
+    to their roots; labels only decrease and stay inside the component. The pass that finds nothing to
+    hook is also the pass that yields ``nearest``. ``sync_free`` (default: on non-CPU devices) runs the
+    proven bound of ``max_cc_rounds(C)`` rounds with no host synchronisation; otherwise it stops at the
+    fixed point (two rounds on most DBSCAN graphs).
     """
     B, C, _ = adj.shape
     if sync_free is None:
@@ -61,15 +63,26 @@ def connected_components(adj: Tensor, sync_free: bool | None = None) -> Tensor:
     parent = torch.arange(C, device=adj.device).expand(B, C).contiguous()
     jumps = max(1, math.ceil(math.log2(max(C, 2))))
     for _ in range(max_cc_rounds(C)):
-        seen = torch.minimum(_masked_min(adj, parent.to(dt), C).long(), parent)
+        nearest = _masked_min(adj, parent.to(dt), C).long()
+        seen = torch.where(active, torch.minimum(nearest, parent), parent)
+        if not sync_free and torch.equal(seen, parent):
+            return parent, nearest
         new = parent.scatter_reduce(1, parent, seen, reduce="amin", include_self=True)
         new = torch.minimum(new, seen)
         for _ in range(jumps):
             new = new.gather(1, new)
-        if not sync_free and torch.equal(new, parent):
-            break
         parent = new
-    return parent
+    return parent, _masked_min(adj, parent.to(dt), C).long()
+
+
+def connected_components(adj: Tensor, sync_free: bool | None = None) -> Tensor:
+    """Smallest node index of each node's connected component.
+
+    adj: (B, C, C) bool, symmetric -> (B, C) int64. Isolated nodes (empty rows) are their own component.
+    See ``_min_label_components`` for the algorithm and ``sync_free``.
+    """
+    active = torch.ones(adj.shape[:2], dtype=torch.bool, device=adj.device)
+    return _min_label_components(adj, active, sync_free)[0]
 
 
 def dbscan_from_adjacency(adj: Tensor, min_samples: int) -> Tensor:
@@ -80,16 +93,14 @@ def dbscan_from_adjacency(adj: Tensor, min_samples: int) -> Tensor:
     B, C, _ = adj.shape
     core = adj.sum(dim=2) >= min_samples  # (B, C)
     core_cols = adj & core[:, None, :]  # neighbours that are core
-    root = connected_components(core_cols & core[:, :, None])
+    root, nearest = _min_label_components(core_cols, core, None)
     idx = torch.arange(C, device=adj.device)
-    is_root = core & (root == idx)
-    cluster_of_root = is_root.cumsum(dim=1) - 1  # (B, C): cluster number of each root index
-    dt = _label_dtype(C)
-    core_cluster = torch.where(core, cluster_of_root.gather(1, root), C).to(dt)
-    # Core points: their own cluster (all their core neighbours share it). Border points: the smallest
-    # cluster among their core neighbours. Neither: noise.
-    labels = _masked_min(core_cols, core_cluster, C).long()
-    return torch.where(labels == C, -1, labels)
+    cluster_of_root = (core & (root == idx)).cumsum(dim=1) - 1  # (B, C): cluster number of each root
+    # Clusters are numbered in order of their root (smallest core index), so the smallest root among a
+    # point's core neighbours is its smallest-numbered cluster: its own for a core point, the first to
+    # reach it for a border point. No core neighbour: noise.
+    labels = cluster_of_root.gather(1, nearest.clamp_max(C - 1))
+    return torch.where(nearest < C, labels, -1)
 
 
 def dbscan(dist: Tensor, eps, min_samples: int) -> Tensor:
