@@ -191,3 +191,22 @@ def test_percentile_from_squared_equals_numpy_on_features(device, rng):
         for b in range(3):
             dist = cdist(x[b].astype(np.float64), x[b].astype(np.float64)).astype(np.float32)
             assert got[b].item() == np.percentile(dist, 25)
+
+
+@pytest.mark.parametrize("kind", ["random", "sorted", "ties"])
+def test_cpu_sampled_selection_is_exact(kind):
+    """The CPU selection (sample, bracket, select in the window) equals a full sort, including data
+    ordered so the strided sample is biased (sorted rows) and rows with many ties."""
+    from cfcam_gpu.distance import _pair_by_sampling
+
+    gen = torch.Generator().manual_seed(3)
+    for M in (2**16, 100_003, 2**18):
+        v = torch.rand(3, M, dtype=torch.float64, generator=gen)
+        if kind == "sorted":
+            v = v.sort(dim=1).values
+        if kind == "ties":
+            v = torch.round(v * 50)
+        ref = v.sort(dim=1).values
+        for rank in (0, M // 4 - 1, M // 2, M - 2):
+            a, b = _pair_by_sampling(v, rank)
+            assert torch.equal(a, ref[:, rank]) and torch.equal(b, ref[:, rank + 1]), (M, rank)
