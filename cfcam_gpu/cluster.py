@@ -156,7 +156,10 @@ def _cluster_torch(feats: Tensor) -> ChannelClusters:
     threshold = (eps * eps).double()
     adj = d2 <= threshold[:, None, None]
     del d2
-    adj = adj & adj.transpose(1, 2)  # symmetric even where the Gram matrix rounds (i, j) and (j, i) apart
+    if feats.dtype == torch.float64:
+        # Float64 products round, so the Gram matrix can round (i, j) and (j, i) apart. Float32 features
+        # have exact float64 products and come out symmetric, which saves this transposed pass.
+        adj = adj & adj.transpose(1, 2)
     min_samples = seed_min_samples(C)
     return ChannelClusters(dbscan_from_adjacency(adj, min_samples), eps, min_samples)
 
