@@ -201,3 +201,16 @@ def guarded_reference(monkeypatch):
 
     monkeypatch.setattr(reference, "guided_filter_reference", guarded)
     return reference.cfcam_reference
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    """torchvision ResNet18 with weights from torch.manual_seed(0), eval mode, CPU; one per test module
+    (some tests convert it to channels_last in place)."""
+    import torchvision
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    torch.random.set_rng_state(state)
+    return model

@@ -24,15 +24,6 @@ SIZE = 96
 
 
 @pytest.fixture(scope="module")
-def resnet18():
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).eval()
-    torch.random.set_rng_state(state)
-    return model
-
-
-@pytest.fixture(scope="module")
 def x3(photos):
     """chelsea, coffee, astronaut at 96 px, ImageNet normalisation."""
     return torch.stack([preprocess(photos[n], size=SIZE) for n in ("chelsea", "coffee", "astronaut")])

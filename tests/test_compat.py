@@ -15,18 +15,6 @@ from cfcam_gpu.data import IMAGENET_MEAN, IMAGENET_STD, bundled_images, display_
 
 
 @pytest.fixture(scope="module")
-def resnet18():
-    """torchvision ResNet18 with weights from torch.manual_seed(0), eval mode, CPU."""
-    import torchvision
-
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).eval()
-    torch.random.set_rng_state(state)
-    return model
-
-
-@pytest.fixture(scope="module")
 def batch():
     """Three bundled photos: display images (3, 3, 224, 224) in [0, 1] and the normalised model input."""
     photos = dict(bundled_images())
