@@ -7,12 +7,13 @@ when a call returns or raises.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import numbers
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_floating, check_ndim, check_tensor
+from ._checks import check_floating, check_ndim
 from .layers import resolve_layer
 from .cam import CAMResult, cfcam_from_features, gradcam_from_features
 
@@ -28,7 +29,8 @@ def resolve_targets(targets, logits: Tensor) -> Tensor:
         return logits.argmax(dim=1)
     if isinstance(targets, bool):
         raise TypeError(f"targets: expected None, an int or {B} class indices, got a bool")
-    if isinstance(targets, int):
+    if isinstance(targets, numbers.Integral):  # a Python or NumPy integer
+        targets = int(targets)
         if not 0 <= targets < K:
             raise ValueError(f"targets: expected a class index in [0, {K}), got {targets}")
         return torch.full((B,), targets, dtype=torch.long, device=logits.device)
@@ -194,7 +196,7 @@ class _CAMEngine:
         B = images.shape[0]
         if self.chunk_size is None or B <= self.chunk_size:
             return self._explain_images(images, targets)
-        per_image = not (targets is None or isinstance(targets, int))
+        per_image = not (targets is None or isinstance(targets, numbers.Integral))
         if per_image and len(targets) != B:
             raise ValueError(f"targets: expected {B} class indices (one per image), got {len(targets)}")
         parts = [self._explain_images(images[i:i + self.chunk_size],

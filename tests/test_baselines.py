@@ -7,13 +7,12 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torchvision
 from pytorch_grad_cam import (AblationCAM as PgcAblationCAM, GradCAMPlusPlus as PgcGradCAMPlusPlus,
                               HiResCAM as PgcHiResCAM, LayerCAM as PgcLayerCAM, ScoreCAM as PgcScoreCAM,
                               XGradCAM as PgcXGradCAM)
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
-from cfcam_gpu import CFCAM, GradCAM, cfcam_from_features
+from cfcam_gpu import GradCAM, cfcam_from_features
 from cfcam_gpu import baselines as bl
 from cfcam_gpu.reference import cfcam_reference
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam import GradCAM as PGCGradCAM  # noqa: E402
