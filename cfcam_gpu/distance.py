@@ -15,6 +15,15 @@ from torch import Tensor
 from ._checks import check_floating, check_ndim, check_tensor
 
 
+def _mix64(z: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping arithmetic): spreads every input bit over the
+    word. Float bit patterns of round numbers end in long runs of zeros, which a plain multiply would keep
+    in the low bits (and so collide after the sum)."""
+    z = (z ^ (z >> 31)) * -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64
+    z = (z ^ (z >> 27)) * -7723592293110705685  # 0x94D049BB133111EB as int64
+    return z ^ (z >> 33)
+
+
 def row_hashes(x: Tensor) -> Tensor:
     """An exact 64-bit integer hash of each row's bit pattern: equal rows always hash equal, all-zero
     rows hash to 0, and different rows collide with probability ~2**-64.
@@ -23,14 +32,9 @@ def row_hashes(x: Tensor) -> Tensor:
     a floating-point product the result does not depend on where a row sits in a BLAS kernel.
     """
     int_type = {8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()]
-    z = (x + 0.0).view(int_type).long()  # + 0.0 turns -0.0 into +0.0
-    # splitmix64-style mixing per element: float bit patterns of round numbers end in long runs of zeros,
-    # which a plain multiply would keep in the low bits (and so collide after the sum).
-    z = (z ^ (z >> 31)) * -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64
-    z = (z ^ (z >> 27)) * -7723592293110705685  # 0x94D049BB133111EB as int64
-    z = z ^ (z >> 33)
-    gen = torch.Generator().manual_seed(0x5EED)
-    mult = torch.randint(1, 2**62, (x.shape[-1],), generator=gen).mul_(2).add_(1).to(x.device)
+    z = _mix64((x + 0.0).view(int_type).long())  # + 0.0 turns -0.0 into +0.0
+    # One odd multiplier per position (so permuted rows differ), made on the device: no host copy.
+    mult = _mix64(torch.arange(1, x.shape[-1] + 1, device=x.device)) | 1
     h = (z * mult).sum(dim=2)
     return torch.where((x != 0).any(dim=2), h | 1, 0)  # all-zero rows -> 0, every other row odd
 
