@@ -507,3 +507,23 @@ def test_explain_on_callers_forward(tiny, tiny_images):
     torch.testing.assert_close(res.cams, expected.cams, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="explain"):
         CFCAM(tiny, "features").explain(logits.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_no_host_sync_between_backward_and_cams():
+    """Issue 3: on CUDA, with targets=None and check_values=False, nothing after the forward pass
+    synchronises with the host (set_sync_debug_mode('error') raises on any sync)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval().cuda()
+    x = torch.randn(4, 3, 112, 112, device="cuda")
+    cam = CFCAM(model, "layer4.-1", check_values=False)
+    expected = cam(x)  # warm-up (lazy CUDA init may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = cam(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(result.cams, expected.cams)
