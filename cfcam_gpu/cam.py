@@ -74,7 +74,8 @@ def cluster_weights(gradients: Tensor, labels: Tensor) -> Tensor:
     gradients: (B, C, h, w); labels: (B, C) int64 (-1 = noise) -> weights (B, C) float32.
     Cluster k's mean gradient m_k (h, w) is guided-filtered with itself as guide, radius
     int(sqrt(h w) / 4) and eps 0.1 var(m_k); a channel's weight is the spatial mean of its cluster's
-    filtered map, 0 for noise. Clusters are bounded by K = C, so every shape is static (no host sync).
+    filtered map, 0 for noise. On accelerators clusters are bounded by K = C, so every shape is static
+    (no host sync); memory then grows as B * C * h * w, so use the engine's ``chunk_size`` for large B.
     """
     B, C, h, w = gradients.shape
     # K clusters at most: C keeps every shape static on accelerators (no host sync); on the CPU a sync is

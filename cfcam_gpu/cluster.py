@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_ndim, check_tensor
-from .distance import percentile_from_squared, percentile_of_distances, squared_distances
+from .distance import percentile_from_squared, squared_distances
 
 BACKENDS = ("torch", "sklearn", "cuml")
 EPS_PERCENTILE = 25.0
@@ -186,8 +186,8 @@ def _cluster_cuml(feats: Tensor) -> ChannelClusters:
     if feats.device.type != "cuda":
         raise ValueError(f"activations: backend='cuml' expects CUDA tensors, got device {feats.device}")
     d2 = squared_distances(feats)
-    dist = d2.sqrt().to(feats.dtype)
-    eps = percentile_of_distances(dist, EPS_PERCENTILE)
+    eps = percentile_from_squared(d2, EPS_PERCENTILE, feats.dtype)  # the same eps as the torch backend
+    dist = d2.sqrt_().to(feats.dtype)
     min_samples = seed_min_samples(feats.shape[1])
     labels = []
     for b in range(feats.shape[0]):  # cuML fits one data set per call
