@@ -541,7 +541,12 @@ def run_explain(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CLIError(str(error)) from None
     try:
-        return _run_explain(args, ctx)
+        code = _run_explain(args, ctx)
+        if ctx.distributed:
+            # The other ranks wait here until rank 0 has merged the manifests and written its files:
+            # a rank that exits early with status 1 would make torchrun stop rank 0 mid-write.
+            distributed.barrier()
+        return code
     except CLIError as error:
         if ctx.rank > 0 and error.echo:  # an error of this rank alone: say which
             raise CLIError(f"rank {ctx.rank}: {error}", error.code) from None

@@ -153,3 +153,12 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(work, src=src)
         if work is not tensor:
             tensor.copy_(work)
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """[rank 0's ``obj``, rank 1's, ...] on every rank (picklable objects; ``[obj]`` in one process)."""
+    if not is_initialized():
+        return [obj]
+    boxes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(boxes, obj)
+    return boxes

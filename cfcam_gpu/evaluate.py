@@ -212,11 +212,17 @@ def _fn(name: str):
 
 def evaluate(model, layer, images: torch.Tensor, methods: Sequence[str], mean, std, steps: int = 50,
              sigmas: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0), batch_size: int = 8,
-             forward_batch_size: int = 64, seed: int = 0, log=None) -> dict:
+             forward_batch_size: int = 64, seed: int = 0, log=None, positions: Sequence[int] | None = None,
+             total: int | None = None) -> dict:
     """Per-image metrics of every method on ``images`` (N, 3, H, W) for the model's top-1 classes.
 
     Returns {"targets", "probs", "per_image": {method: {metric: list}}, "curves": {method: {...}},
     "seconds": {method: {"cam", "metrics"}}, "cams": {method: (N, h, w) CPU tensor}, "clusters": {...}}.
+
+    ``positions`` (ascending) and ``total``: ``images`` are the images at these places of a list of ``total``
+    (one rank's share, under torchrun). The images are then batched as that whole list would be (batch k:
+    places [k * batch_size, (k + 1) * batch_size)) and each image gets the gradient noise it gets when the
+    whole list is evaluated in one process, so every per-image value is the one-process value.
     """
     from .engine import GradCAM
 
@@ -224,7 +230,11 @@ def evaluate(model, layer, images: torch.Tensor, methods: Sequence[str], mean, s
     N, _, H, W = images.shape
     fb = forward_batch_size
     probe = GradCAM(model, layer)
-    features = [probe._features(images[i:i + batch_size], None) for i in range(0, N, batch_size)]
+    if positions is None:
+        spans = [(i, min(i + batch_size, N), None) for i in range(0, N, batch_size)]
+    else:
+        spans = _global_spans(positions, batch_size, total)
+    features = [probe._features(images[i:j], None) for i, j, _ in spans]
     targets = torch.cat([f[2] for f in features])
     probs = torch.cat([f[3].float().softmax(1).gather(1, f[2][:, None])[:, 0] for f in features])
     generator = torch.Generator(images.device)
@@ -237,8 +247,9 @@ def evaluate(model, layer, images: torch.Tensor, methods: Sequence[str], mean, s
         cams_all, clusters, t_cam, t_metrics = [], {"n_clusters": [], "noise": [], "dead": []}, 0.0, 0.0
         fn = _fn(name)
         generator.manual_seed(seed)
-        for i, (acts, grads, tgt, _) in zip(range(0, N, batch_size), features):
-            x = images[i:i + batch_size]
+        next_batch = 0  # global batches whose noise is drawn (positions given)
+        for (i, j, span), (acts, grads, tgt, _) in zip(spans, features):
+            x = images[i:j]
             t0 = time.perf_counter()
             res = engine(x, tgt)
             cams = res.cams
@@ -259,7 +270,18 @@ def evaluate(model, layer, images: torch.Tensor, methods: Sequence[str], mean, s
             curves["deletion"].append(dele.deletion_curve.cpu())
             curves["insertion"].append(ins.insertion_curve.cpu())
             if fn is not None:
-                for s, r in M.robustness(fn, acts, grads, sigmas, generator, size=(H, W)).items():
+                if span is None:
+                    rob = M.robustness(fn, acts, grads, sigmas, generator, size=(H, W))
+                else:
+                    batch, rows, size = span
+                    for skipped in range(next_batch, batch):  # batches of other ranks alone: same draws
+                        n = min(batch_size, total - skipped * batch_size)
+                        for _ in sigmas:
+                            torch.randn((n, *grads.shape[1:]), generator=generator, device=grads.device,
+                                        dtype=grads.dtype)
+                    next_batch = batch + 1
+                    rob = _robustness_rows(fn, acts, grads, sigmas, generator, (H, W), rows, size)
+                for s, r in rob.items():
                     robust[s]["ssim"] += r.ssim.tolist()
                     robust[s]["mse"] += r.mse.tolist()
             if res.n_clusters is not None:
@@ -278,6 +300,35 @@ def evaluate(model, layer, images: torch.Tensor, methods: Sequence[str], mean, s
         if clusters["n_clusters"]:
             out["clusters"][name] = clusters
         log(f"{name}: CAMs {t_cam:.1f} s ({t_cam / N:.2f} s/image), metrics {t_metrics:.1f} s")
+    return out
+
+
+def _global_spans(positions: Sequence[int], batch_size: int, total: int) -> list:
+    """[(i, j, (batch, rows, size))]: images[i:j] are the rows ``rows`` of global batch ``batch`` (of
+    ``size`` images) of a list of ``total``; ``positions``: the images' places in that list, ascending."""
+    spans = []
+    for k, p in enumerate(positions):
+        batch = p // batch_size
+        if spans and spans[-1][2][0] == batch:
+            i, _, (_, rows, size) = spans[-1]
+            rows.append(p - batch * batch_size)
+            spans[-1] = (i, k + 1, (batch, rows, size))
+        else:
+            spans.append((k, k + 1, (batch, [p - batch * batch_size], min(batch_size, total - batch * batch_size))))
+    return spans
+
+
+def _robustness_rows(fn, acts, grads, sigmas, generator, size, rows, n) -> dict:
+    """``M.robustness`` for rows ``rows`` of a batch of ``n``: the noise is drawn for all ``n`` (as the
+    whole batch draws it) and the rows' noise is used."""
+    clean = M._upsample(fn(acts, grads).cams, size)
+    scale = grads.flatten(1).float().std(dim=1).to(grads.dtype)[:, None, None, None]
+    index = torch.as_tensor(rows, device=grads.device)
+    out = {}
+    for sigma in sigmas:
+        noise = torch.randn((n, *grads.shape[1:]), generator=generator, device=grads.device, dtype=grads.dtype)
+        noisy = M._upsample(fn(acts, grads + noise[index] * (float(sigma) * scale)).cams, size)
+        out[sigma] = M.Robustness(M.ssim(clean, noisy), ((clean.double() - noisy.double()) ** 2).flatten(1).mean(1))
     return out
 
 
@@ -436,29 +487,57 @@ def _finite(values):
 # Entry points.
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``evaluate`` from parsed arguments; returns the exit code (0, 1 some images unreadable, 2 usage)."""
+    """Run ``evaluate`` from parsed arguments; returns the exit code (0, 1 some images unreadable, 2 usage).
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every rank evaluates its ``distributed.shard`` of the images and
+    rank 0 gathers the per-image values and writes what one process writes (the same numbers); the other
+    ranks write and print nothing, and every rank returns the same exit code."""
+    from . import distributed
+
     try:
-        return _run(args)
-    except EvaluateError as error:
+        ctx = distributed.context()
+    except ValueError as error:
         print(f"cfcam evaluate: error: {error}", file=sys.stderr)
         return 2
+    try:
+        return _run(args) if not ctx.distributed else _run_distributed(args, ctx)
+    except EvaluateError as error:
+        if ctx.is_main:  # the options and inputs are every rank's: rank 0 says it
+            print(f"cfcam evaluate: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if ctx.distributed:
+            distributed.destroy()
 
 
-def _run(args) -> int:
-    from .viz import save_png
-
-    t_start = time.perf_counter()
+def _setup(args, device_spec: str | None = None):
     _check_args(args)
     methods = _parse_methods(args.methods)
     sigmas = _parse_sigmas(args.sigmas)
-    device = _device(args.device)
+    device = _device(device_spec or args.device)
     forward_batch_size = args.forward_batch_size or (8 if device.type == "cpu" else 64)
+    return methods, sigmas, device, forward_batch_size
+
+
+def _make_out(args, write: bool = True) -> Path:
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise EvaluateError(f"--out: cannot create {str(out)!r} ({error.strerror or error})") from None
-    log = (lambda *a: None) if args.quiet else (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True))
+    if write:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise EvaluateError(f"--out: cannot create {str(out)!r} ({error.strerror or error})") from None
+    return out
+
+
+def _logger(quiet: bool):
+    return (lambda *a: None) if quiet else (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True))
+
+
+def _run(args) -> int:
+    t_start = time.perf_counter()
+    methods, sigmas, device, forward_batch_size = _setup(args)
+    out = _make_out(args)
+    log = _logger(args.quiet)
     model, info, layer = _load_model(args, device)
     images, displays, names, failures = _load_images(args, info, device)
     for path, error in failures:
@@ -467,6 +546,17 @@ def _run(args) -> int:
     result = evaluate(model, layer, images, methods, info.mean, info.std, steps=args.steps, sigmas=sigmas,
                       batch_size=args.batch_size, forward_batch_size=forward_batch_size, seed=args.seed,
                       log=log)
+    _write(out, args, methods, sigmas, result, names, displays, info, layer, device, forward_batch_size,
+           t_start, log)
+    return 1 if failures else 0
+
+
+def _write(out, args, methods, sigmas, result, names, displays, info, layer, device, forward_batch_size,
+           t_start, log, processes: str = "") -> None:
+    """metrics.json, metrics.md, per_image.json, curves.npz, the plots and comparison.png. ``displays`` and
+    ``result["cams"]`` need only the first ``--grid-images`` rows."""
+    from .viz import save_png
+
     summary = summarize(result, methods)
     classes = [info.class_names[t] for t in result["targets"].tolist()]
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
@@ -487,7 +577,7 @@ def _run(args) -> int:
     save_png(grid, out / "comparison.png")
     context = {"model": info.name, "layer": layer, "n_images": len(names),
                "source": "bundled scikit-image / scikit-learn photos" if args.demo else "PATHs",
-               "steps": args.steps, "device": str(device), "threads": torch.get_num_threads(),
+               "steps": args.steps, "device": str(device) + processes, "threads": torch.get_num_threads(),
                "seconds": time.perf_counter() - t_start,
                "options": f"--methods {','.join(methods)} --steps {args.steps} --sigmas {','.join(f'{s:g}' for s in sigmas)} "
                           f"--batch-size {args.batch_size} --forward-batch-size {forward_batch_size} --seed {args.seed}"
@@ -495,7 +585,149 @@ def _run(args) -> int:
     (out / "metrics.md").write_text(markdown(summary, result, context))
     log(f"wrote {out}/metrics.json, metrics.md, per_image.json, curves.npz, deletion_insertion.png, "
         f"robustness.png, comparison.png in {context['seconds']:.0f} s")
-    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several processes (torchrun).
+
+def _load_shard(args, info, ctx):
+    """This rank's images, as ``_load_images`` would load them in one process and ``shard`` splits them.
+
+    Every rank lists the inputs, decodes its ``shard`` of them (in order, at most --max-images readable
+    ones) and the ranks share which files decoded; the images kept are the first --max-images readable
+    ones of the whole list, and the failures those one process meets. Returns (images (n, 3, H, W) CPU,
+    displays, names, positions: the images' places among all the images kept, n_total, failures: every
+    rank's (path, error), in input order)."""
+    from . import data, distributed
+
+    if args.demo:
+        bundled = data.bundled_images()[: args.max_images]
+        keys = [name for name, _ in bundled]
+        load = lambda i: (bundled[i][0], bundled[i][1], None)
+    else:
+        try:
+            paths = data.expand_paths(args.paths)
+        except FileNotFoundError as error:
+            raise EvaluateError(f"PATH: {error}") from None
+        if not paths:
+            raise EvaluateError(f"PATH: no image files found in {args.paths}")
+        keys = [str(p) for p in paths]
+        dataset = data.ImageFolderDataset(paths, info.input_size, info.mean, info.std)
+    mine: dict[int, tuple] = {}  # input index -> (image, display, name)
+    status: list[tuple[int, str | None]] = []  # (input index, error or None), decoded here
+    for i in distributed.shard(range(len(keys)), ctx.rank, ctx.world_size):
+        if args.demo:
+            name, array, _ = load(i)
+            display = data.display_images([array], info.input_size)
+            mine[i] = (data.normalize(display, info.mean, info.std)[0], display[0], name)
+            status.append((i, None))
+        else:
+            sample = dataset[i]
+            if not sample.ok:
+                status.append((i, sample.error))
+                continue
+            mine[i] = (sample.image, sample.display.float() / 255, dataset.paths[i].stem)
+            status.append((i, None))
+        if args.max_images is not None and len(mine) >= args.max_images:
+            break  # the first --max-images readable images of the list are among every rank's first ones
+    decoded = sorted(x for part in distributed.all_gather_object(status) for x in part)
+    readable = [i for i, error in decoded if error is None]
+    if args.max_images is not None and len(readable) > args.max_images:
+        readable = readable[: args.max_images]
+    if not readable:
+        first = next((error for _, error in decoded), "?")
+        raise EvaluateError(f"PATH: none of the {len(keys)} files could be read; first error: {first}")
+    cutoff = readable[-1] if args.max_images is not None and len(readable) == args.max_images else len(keys)
+    failures = [(keys[i], error) for i, error in decoded if error is not None and i < cutoff]
+    place = {i: p for p, i in enumerate(readable)}
+    kept = [i for i in sorted(mine) if i in place]
+    images = torch.stack([mine[i][0] for i in kept]) if kept else None
+    displays = torch.stack([mine[i][1] for i in kept]) if kept else None
+    return images, displays, [mine[i][2] for i in kept], [place[i] for i in kept], len(readable), failures
+
+
+def _merge(parts: list[dict], methods, sigmas_present: dict) -> tuple[dict, list, torch.Tensor]:
+    """Every rank's share of ``evaluate``'s result -> the result for all images in list order (cams and
+    displays: the grid rows only), names, displays."""
+    positions = [p for part in parts for p in part["positions"]]
+    order = np.argsort(positions, kind="stable").tolist()
+
+    def cat(lists):
+        flat = [x for values in lists for x in values]
+        return [flat[k] for k in order]
+
+    result = {"targets": torch.tensor(cat([part["targets"] for part in parts]), dtype=torch.int64),
+              "probs": torch.tensor(cat([part["probs"] for part in parts]), dtype=torch.float32),
+              "per_image": {}, "curves": {}, "seconds": {}, "cams": {}, "clusters": {}}
+    names = cat([part["names"] for part in parts])
+    for name in methods:
+        pers = [part["per_image"][name] for part in parts]
+        per = {k: cat([p[k] for p in pers]) for k in SCALARS}
+        if sigmas_present[name]:
+            per["robustness"] = {s: {m: cat([p["robustness"][s][m] for p in pers]) for m in ("ssim", "mse")}
+                                 for s in sigmas_present[name]}
+        else:
+            per["robustness"] = None
+        result["per_image"][name] = per
+        result["curves"][name] = {k: np.concatenate([part["curves"][name][k] for part in parts])[order]
+                                  for k in ("deletion", "insertion")}
+        result["seconds"][name] = {k: sum(part["seconds"][name][k] for part in parts) for k in ("cam", "metrics")}
+        clusters = [part["clusters"].get(name) for part in parts]
+        if any(c and c["n_clusters"] for c in clusters):
+            result["clusters"][name] = {k: cat([c[k] if c else [] for c in clusters])
+                                        for k in ("n_clusters", "noise", "dead")}
+    grid = sorted((p, row) for part in parts for p, row in part["grid"].items())
+    result["cams"] = {name: torch.stack([row[1][name] for _, row in grid]) for name in methods}
+    displays = torch.stack([row[0] for _, row in grid])
+    return result, names, displays
+
+
+def _run_distributed(args, ctx) -> int:
+    from . import distributed
+
+    t_start = time.perf_counter()
+    methods, sigmas, device, forward_batch_size = _setup(args, distributed.device_spec(args.device, ctx))
+    out = _make_out(args, write=ctx.is_main)
+    log = _logger(args.quiet or not ctx.is_main)
+    model, info, layer = _load_model(args, device)
+    distributed.init(device)
+    if args.weights is None:
+        distributed.broadcast_module(model)  # random weights: every rank uses rank 0's
+    images, displays, names, positions, total, failures = _load_shard(args, info, ctx)
+    if ctx.is_main:
+        for path, error in failures:
+            print(f"cfcam evaluate: skipped {path}: {error}", file=sys.stderr)
+    log(f"{total} images, model {info.name}, layer {layer}, methods {','.join(methods)}, device {device} "
+        f"x {ctx.world_size} processes")
+    rows = min(args.grid_images, total)
+    if positions:
+        result = evaluate(model, layer, images.to(device), methods, info.mean, info.std, steps=args.steps,
+                          sigmas=sigmas, batch_size=args.batch_size, forward_batch_size=forward_batch_size,
+                          seed=args.seed, log=log, positions=positions, total=total)
+        part = {"positions": positions, "names": names, "targets": result["targets"].tolist(),
+                "probs": result["probs"].tolist(), "per_image": result["per_image"], "curves": result["curves"],
+                "seconds": result["seconds"], "clusters": result["clusters"],
+                "grid": {p: (displays[k], {name: result["cams"][name][k] for name in methods})
+                         for k, p in enumerate(positions) if p < rows}}
+    else:  # nothing to do here (fewer images than ranks)
+        part = {"positions": [], "names": [], "targets": [], "probs": [],
+                "per_image": {name: {**{k: [] for k in SCALARS}, "robustness": None} for name in methods},
+                "curves": {name: {k: np.zeros((0, args.steps + 1), np.float32) for k in ("deletion", "insertion")}
+                           for name in methods},
+                "seconds": {name: {"cam": 0.0, "metrics": 0.0} for name in methods}, "clusters": {}, "grid": {}}
+    parts = distributed.all_gather_object(part)
+    code = 1 if failures else 0
+    if not ctx.is_main:
+        distributed.barrier()  # a rank that exits non-zero makes torchrun stop the others: wait for rank 0
+        return code
+    # gradient-free methods have robustness None on every rank; the others on the ranks with images
+    sigmas_present = {name: next((list(p["per_image"][name]["robustness"]) for p in parts
+                                  if p["per_image"][name]["robustness"] is not None), None) for name in methods}
+    result, names, grid_displays = _merge(parts, methods, sigmas_present)
+    _write(out, args, methods, sigmas, result, names, grid_displays, info, layer, device, forward_batch_size,
+           t_start, log, processes=f" x {ctx.world_size} processes")
+    distributed.barrier()
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
