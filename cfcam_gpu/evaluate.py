@@ -158,6 +158,19 @@ def _load_model(args, device):
     return model, info, layer
 
 
+def _input_paths(args: argparse.Namespace) -> list:
+    """The sorted image files named by PATH... (files, folders, .txt lists); a clear error if none."""
+    from . import data
+
+    try:
+        paths = data.expand_paths(args.paths)
+    except FileNotFoundError as error:
+        raise EvaluateError(f"PATH: {error}") from None
+    if not paths:
+        raise EvaluateError(f"PATH: no image files found in {args.paths}")
+    return paths
+
+
 def _load_images(args, info, device):
     """-> (images (N, 3, H, W) normalised on device, displays (N, 3, H, W) float [0, 1], names, failures)."""
     from . import data
@@ -168,12 +181,7 @@ def _load_images(args, info, device):
         arrays = [array for _, array in bundled]
         displays = data.display_images(arrays, info.input_size)
         return data.normalize(displays, info.mean, info.std).to(device), displays, names, []
-    try:
-        paths = data.expand_paths(args.paths)
-    except FileNotFoundError as error:
-        raise EvaluateError(f"PATH: {error}") from None
-    if not paths:
-        raise EvaluateError(f"PATH: no image files found in {args.paths}")
+    paths = _input_paths(args)
     dataset = data.ImageFolderDataset(paths, info.input_size, info.mean, info.std)
     images, displays, names, failures = [], [], [], []
     for i in range(len(dataset)):  # decoding; stops once --max-images readable images are found
@@ -605,12 +613,7 @@ def _load_shard(args, info, ctx):
         keys = [name for name, _ in bundled]
         load = lambda i: (bundled[i][0], bundled[i][1], None)
     else:
-        try:
-            paths = data.expand_paths(args.paths)
-        except FileNotFoundError as error:
-            raise EvaluateError(f"PATH: {error}") from None
-        if not paths:
-            raise EvaluateError(f"PATH: no image files found in {args.paths}")
+        paths = _input_paths(args)
         keys = [str(p) for p in paths]
         dataset = data.ImageFolderDataset(paths, info.input_size, info.mean, info.std)
     mine: dict[int, tuple] = {}  # input index -> (image, display, name)
