@@ -62,7 +62,11 @@ def _min_label_components(adj: Tensor, active: Tensor, sync_free: bool | None) -
     dt = _label_dtype(C)
     parent = torch.arange(C, device=adj.device).expand(B, C).contiguous()
     jumps = max(1, math.ceil(math.log2(max(C, 2))))
-    for _ in range(max_cc_rounds(C)):
+    for round_ in range(max_cc_rounds(C)):
+        if not sync_free and round_ > 0:
+            single = _single_tree(adj, active, parent)
+            if single is not None:
+                return parent, single
         nearest = _masked_min(adj, parent.to(dt), C).long()
         seen = torch.where(active, torch.minimum(nearest, parent), parent)
         if not sync_free and torch.equal(seen, parent):
@@ -73,6 +77,19 @@ def _min_label_components(adj: Tensor, active: Tensor, sync_free: bool | None) -
             new = new.gather(1, new)
         parent = new
     return parent, _masked_min(adj, parent.to(dt), C).long()
+
+
+def _single_tree(adj: Tensor, active: Tensor, parent: Tensor) -> Tensor | None:
+    """The common case on DBSCAN graphs, checked with one host sync (CPU path only): when every image's
+    active nodes all point to one root they form one component, so no verification pass is needed, and
+    ``nearest`` is that root for every node with an active neighbour (an ``any`` over ``adj``, cheaper
+    than a masked minimum). Returns ``nearest`` (B, C), or None when some image has several trees."""
+    C = adj.shape[1]
+    lowest = torch.where(active, parent, C).amin(dim=1)
+    highest = torch.where(active, parent, -1).amax(dim=1)
+    if not bool(((lowest == highest) | ~active.any(dim=1)).all()):
+        return None
+    return torch.where(adj.any(dim=2), lowest[:, None], C)
 
 
 def connected_components(adj: Tensor, sync_free: bool | None = None) -> Tensor:
