@@ -52,3 +52,12 @@ def check_finite(x: Tensor, name: str) -> None:
         idx = torch.nonzero(bad).flatten().tolist()
         raise ValueError(f"{name}: expected finite values, got NaN or inf in image index "
                          f"{idx[0]}" + (f" (and {len(idx) - 1} more: {idx[1:6]})" if len(idx) > 1 else ""))
+
+
+def validate_features(activations: Tensor, gradients: Tensor, check_values: bool) -> None:
+    """The checks every ``*_from_features`` function makes: shapes and dtypes, then (optionally, one host
+    sync) finiteness naming the image."""
+    check_features(activations, gradients)
+    if check_values:
+        check_finite(activations, "activations")
+        check_finite(gradients, "gradients")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_features, check_finite
+from ._checks import validate_features
 from .cam import CAMResult, cfcam_from_features, cluster_weights, gradcam_from_features, weighted_cam
 from .cluster import dbscan_from_adjacency
 from .distance import exact_sqrt, squared_distances
@@ -47,10 +47,7 @@ __all__ = [
 # Pure functions.
 
 def _prepare(activations: Tensor, gradients: Tensor, check_values: bool) -> tuple[Tensor, Tensor]:
-    check_features(activations, gradients)
-    if check_values:
-        check_finite(activations, "activations")
-        check_finite(gradients, "gradients")
+    validate_features(activations, gradients, check_values)
     dtype = torch.float64 if activations.dtype == torch.float64 else torch.float32
     return activations.to(dtype), gradients.to(dtype)
 
@@ -161,10 +158,7 @@ def cfcam_exclude_dead_from_features(activations: Tensor, gradients: Tensor,
     activations, gradients: (B, C, h, w) -> CAMResult (labels, n_clusters, eps (B,); min_samples None
     because it differs per image).
     """
-    check_features(activations, gradients)
-    if check_values:
-        check_finite(activations, "activations")
-        check_finite(gradients, "gradients")
+    validate_features(activations, gradients, check_values)
     feats = activations.flatten(2)
     feats = feats if feats.dtype == torch.float64 else feats.float()
     B, C, _ = feats.shape

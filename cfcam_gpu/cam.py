@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_features, check_finite
+from ._checks import validate_features
 from .cluster import channel_clusters
 from .filters import guided_filter
 
@@ -92,13 +92,6 @@ def cluster_weights(gradients: Tensor, labels: Tensor) -> Tensor:
     return torch.where(labels >= 0, cluster_w.gather(1, slot.clamp_max(K - 1)), 0.0)
 
 
-def _prepare(activations: Tensor, gradients: Tensor, check_values: bool) -> None:
-    check_features(activations, gradients)
-    if check_values:
-        check_finite(activations, "activations")
-        check_finite(gradients, "gradients")
-
-
 def cfcam_from_features(activations: Tensor, gradients: Tensor, backend: str = "torch",
                         check_values: bool = True) -> CAMResult:
     """CF-CAM for a batch from target-layer activations and gradients.
@@ -107,7 +100,7 @@ def cfcam_from_features(activations: Tensor, gradients: Tensor, backend: str = "
     weights (B, C), n_clusters (B,), eps (B,). ``backend`` picks the DBSCAN implementation ("torch",
     "sklearn", "cuml"). ``check_values`` raises on NaN/inf naming the image (one host sync).
     """
-    _prepare(activations, gradients, check_values)
+    validate_features(activations, gradients, check_values)
     clusters = channel_clusters(activations, backend)
     weights = cluster_weights(gradients, clusters.labels)
     n_clusters = (clusters.labels.amax(dim=1) + 1)
@@ -120,6 +113,6 @@ def gradcam_from_features(activations: Tensor, gradients: Tensor, check_values: 
 
     activations, gradients: (B, C, h, w) -> CAMResult with cams (B, h, w) and weights (B, C).
     """
-    _prepare(activations, gradients, check_values)
+    validate_features(activations, gradients, check_values)
     weights = gradients.float().mean(dim=(2, 3))
     return CAMResult(cams=weighted_cam(activations, weights), weights=weights)

@@ -108,7 +108,7 @@ def dbscan_from_adjacency(adj: Tensor, min_samples: int) -> Tensor:
     adj: (B, C, C) bool, symmetric, with a true diagonal -> labels (B, C) int64, -1 = noise.
     """
     B, C, _ = adj.shape
-    counts = adj.view(torch.uint8).sum(dim=2, dtype=_label_dtype(C))  # 4x faster than a bool sum
+    counts = adj.view(torch.uint8).sum(dim=2, dtype=_label_dtype(C))  # a bool sum widens to int64
     core = counts >= min_samples  # (B, C)
     core_cols = adj & core[:, None, :]  # neighbours that are core
     root, nearest = _min_label_components(core_cols, core, None)
@@ -165,8 +165,9 @@ def _features(activations: Tensor) -> Tensor:
 
 
 # On the CPU the (B, C, C) passes are memory-bound: images are clustered in groups whose float64
-# distance matrices fit in about this many bytes, so they stay cache- and page-friendly (measured +21%
-# end to end at ResNet50 layer4, B = 16, in bench/run.py's A/B). Accelerators take the whole batch.
+# distance matrices fit in about this many bytes, so they stay cache- and page-friendly (BENCHMARKS.md:
+# 0.58x -> 0.64x the floor at ResNet50 layer4, B = 16, python -m bench.run). Accelerators take the
+# whole batch.
 CPU_GROUP_BYTES = 32 * 2**20
 
 

@@ -138,7 +138,8 @@ def _pair_by_sampling(values: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     values: (B, M) -> (B,), (B,). A strided sample of the row, sorted, brackets the two ranks with a
     5-sigma margin; one counting pass and one selection pass then leave a few thousand candidates.
     If the bracket misses (only on adversarially ordered data) the row falls back to ``kthvalue``: the
-    answer is always exact. About 1.6x faster than ``kthvalue`` plus ``_next_value`` at C = 2048.
+    answer is always exact. Cheaper than ``kthvalue`` plus ``_next_value`` on the CPU (see the
+    percentile stage of ``python -m bench.run``).
     """
     B, M = values.shape
     nxt = min(rank + 1, M - 1)
