@@ -4,9 +4,21 @@ The classes are thin: they capture (activations, gradients) and hand them to the
 ``cam.py``. The model runs in eval mode (BatchNorm makes batch items independent only there) and its
 train/eval state is restored afterwards; parameters' ``.grad`` are never touched; every hook is removed
 when a call returns or raises.
+
+With ``compile`` the model pass goes through ``torch.compile``. The capture hooks are wrapped in
+``torch.compiler.disable``: the layer output has to become a leaf that autograd sees, which cannot happen
+inside one compiled graph, so dynamo splits the forward there. Measured on torch 2.14.1 (CPU): the graph
+breaks at the call in the model's code that leads to the target layer; what comes before and after that
+call is compiled, the call itself runs eagerly and dynamo compiles the user-code frames inside it on their
+own (ResNet-18 at ``layer4[-1]``: stem to layer3, each layer4 block and the head compiled, 4 frames; a
+target inside a plain ``nn.Sequential`` of torch.nn layers leaves that Sequential eager). A second call
+with the same input shapes compiles nothing; a new batch size compiles once more (dynamic shapes), then
+no more. Dynamo does not guard on module hooks by default, and the hook is only ever called eagerly, so a
+new hook per call causes no recompilation and is always honoured.
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Callable
 
@@ -52,12 +64,13 @@ class _Capture:
 
     The model runs under ``no_grad``; at the target layer the output is detached into a leaf that requires
     grad, so autograd records only the layers above it: no graph, no saved tensors and no backward below
-    the layer, whatever the parameters' requires_grad.
+    the layer, whatever the parameters' requires_grad. Never traced by ``torch.compile`` (a graph break).
     """
 
     def __init__(self):
         self.output: Tensor | None = None
 
+    @torch.compiler.disable
     def __call__(self, module, inputs, output):
         if not isinstance(output, Tensor):
             raise ValueError(f"target_layer: expected the layer to output a tensor (B, C, h, w), got "
@@ -72,12 +85,15 @@ class _PipelineCapture:
     """Forward hook for ``explain``: keeps the layer output of the caller's own forward pass.
 
     It hands the rest of the model a clone, so in-place ops after the layer cannot change the values or
-    the autograd version of the kept tensor.
+    the autograd version of the kept tensor. Never traced by ``torch.compile``: in a model the caller
+    compiled, the graph breaks here, so the kept tensor is an input of the graph above the layer and
+    ``autograd.grad`` can reach it (inside one graph it could not).
     """
 
     def __init__(self):
         self.output: Tensor | None = None
 
+    @torch.compiler.disable
     def __call__(self, module, inputs, output):
         if isinstance(output, Tensor):
             self.output = output
@@ -88,6 +104,28 @@ class _PipelineCapture:
 AMP_DTYPES = {True: torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
               "float16": torch.float16, "fp16": torch.float16}
 
+COMPILE_KEYS = tuple(name for name in inspect.signature(torch.compile).parameters if name != "model")
+
+
+def compile_options(compile) -> dict | None:
+    """compile: False (off), True (``torch.compile`` defaults) or a dict of its keyword arguments
+    -> the keyword arguments, or None when off."""
+    if compile is False:
+        return None
+    if compile is True:
+        return {}
+    if not isinstance(compile, dict):
+        raise TypeError(f"compile: expected False, True or a dict of torch.compile keyword arguments, got "
+                        f"{compile!r}")
+    unknown = sorted(str(k) for k in compile if k not in COMPILE_KEYS)
+    if unknown:
+        raise ValueError(f"compile: expected torch.compile keyword arguments ({', '.join(COMPILE_KEYS)}), "
+                         f"got {', '.join(unknown)}")
+    if compile.get("fullgraph"):
+        raise ValueError("compile: expected fullgraph False, got True; the capture at the target layer "
+                         "is a graph break by design")
+    return dict(compile)
+
 
 class _CAMEngine:
     """Common engine; subclasses choose the pure function that turns features into maps.
@@ -96,12 +134,18 @@ class _CAMEngine:
     ``check_values`` (raise on NaN/inf naming the image; one host sync), ``amp`` (False, True/"bfloat16"
     or "float16": autocast for the model pass only; clustering and filtering run in float32 or better),
     ``channels_last`` (converts the model in place and feeds channels-last images), ``chunk_size``
-    (explain at most that many images per pass; results equal the unchunked call).
+    (explain at most that many images per pass; results equal the unchunked call), ``compile`` (False,
+    True or a dict of ``torch.compile`` keyword arguments such as ``{"backend": "aot_eager"}``: the model
+    pass of ``cam(images)`` runs through ``torch.compile(model, **kwargs)``, made once here; the first call
+    per input shape compiles, later ones reuse it; the graph breaks at the target layer, see the module
+    docstring; ``fullgraph=True`` is refused). ``torch.compile`` leaves the model object in place and sets
+    only its ``_is_torch_compile`` attribute. ``explain`` runs no forward of its own, so ``compile`` does not
+    apply there.
     """
 
     def __init__(self, model: nn.Module, target_layer, reshape_transform: Callable | None = None,
                  check_values: bool = True, amp=False, channels_last: bool = False,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, compile=False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if amp is not False and amp not in AMP_DTYPES:
@@ -109,6 +153,7 @@ class _CAMEngine:
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
+        compile_kwargs = compile_options(compile)
         self.model = model
         self.target_layer = resolve_layer(model, target_layer)
         self.reshape_transform = reshape_transform
@@ -118,6 +163,8 @@ class _CAMEngine:
         self.chunk_size = chunk_size
         if channels_last:
             model.to(memory_format=torch.channels_last)
+        # the wrapper shares the model's modules; compilation itself happens on the first call
+        self._forward = model if compile_kwargs is None else torch.compile(model, **compile_kwargs)
         self._pipeline: _PipelineCapture | None = None
         self._pipeline_handle = None
 
@@ -157,7 +204,7 @@ class _CAMEngine:
             self.model.eval()
             with torch.no_grad(), torch.autocast(images.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                                  enabled=self.amp_dtype is not None):
-                logits = self.model(images)
+                logits = self._forward(images)
             if capture.output is None:
                 raise ValueError("target_layer: the layer did not run during the forward pass; "
                                  "pick a layer on the path from the input to the logits")
@@ -207,7 +254,10 @@ class _CAMEngine:
     def explain(self, logits: Tensor, targets=None) -> CAMResult:
         """CAMs for a forward pass the caller already ran inside ``with cam:`` (no second forward).
 
-        logits: (B, K) from that forward, computed with grad enabled -> CAMResult.
+        logits: (B, K) from that forward, computed with grad enabled -> CAMResult. The ``compile`` option
+        does not apply (the forward is the caller's). A model the caller compiled works when its first
+        compiled run is inside the ``with`` block: dynamo does not guard on hooks, so code compiled
+        before the hook existed never calls it (explain then says no forward pass was captured).
         """
         if self._pipeline is None:
             raise ValueError("explain: expected to be called inside `with CFCAM(model, layer) as cam:` "
