@@ -1,12 +1,20 @@
 """CF-CAM post-processing, stage by stage, on captured target-layer features.
 
-The stages mirror ``cfcam_gpu.cluster._cluster_torch`` and ``cfcam_gpu.cam.cfcam_from_features``:
+The stages mirror ``cfcam_gpu.cluster._cluster_torch`` and ``cfcam_gpu.cam.cfcam_from_features``. On
+the CPU with float32 features (the screened route, image by image, ``cfcam_gpu/screened.py``):
 
-  distances       cfcam_gpu.distance.squared_distances (float64) [+ sqrt to the features' dtype, where
-                  the library still forms the distance matrix]
-  percentile      cfcam_gpu.distance.percentile_from_squared(d2, 25, dtype) where it exists, else
-                  percentile_of_distances(dist, 25)
+  distances       screened.screen: float32 d~ by one matrix product, the percentile's bracket extracted
+  percentile      screened.screened_percentile: exact order statistics from the bracket's window
+  dbscan          screened.screened_adjacency + cluster.dbscan_from_adjacency
+
+elsewhere (accelerators, float64 features: the batched float64 route):
+
+  distances       cfcam_gpu.distance.squared_distances (float64 Gram)
+  percentile      cfcam_gpu.distance.percentile_from_squared(d2, 25, dtype)
   dbscan          threshold (eps**2 in the features' dtype vs float64 d2) + cluster.dbscan_from_adjacency
+
+then, on both:
+
   filter+weights  cfcam_gpu.cam.cluster_weights (cluster means, guided filter, spatial means)
   cam             cfcam_gpu.cam.weighted_cam
 
@@ -54,27 +62,32 @@ def stage_functions(acts: Tensor, grads: Tensor) -> list[tuple[str, Callable[[di
     feats = acts.flatten(2)
     feats = feats if feats.dtype == torch.float64 else feats.float()
     C = feats.shape[1]
-    min_samples = getattr(cluster_mod, "seed_min_samples", lambda c: max(2, int(0.05 * c)))(C)
-    q = getattr(cluster_mod, "EPS_PERCENTILE", 25.0)
+    min_samples = cluster_mod.seed_min_samples(C)
+    q = cluster_mod.EPS_PERCENTILE
 
-    if hasattr(dist_mod, "percentile_from_squared"):  # select on d2, root only the two order statistics
+    if cluster_mod.screened_route(feats):  # CPU, float32: image by image (cfcam_gpu/screened.py)
+        from cfcam_gpu import screened as scr
+
+        def distances(s):
+            s["screens"] = [scr.screen(x, q) for x in feats]
+
+        def percentile(s):
+            s["eps"] = [scr.screened_percentile(sc, q) for sc in s["screens"]]
+
+        def dbscan(s):
+            adj = [scr.screened_adjacency(sc, e) for sc, e in zip(s["screens"], s["eps"])]
+            s["labels"] = torch.cat([cluster_mod.dbscan_from_adjacency(a[None], min_samples) for a in adj])
+    else:  # the batched float64 route (accelerators, float64 features)
         def distances(s):
             s["d2"] = dist_mod.squared_distances(feats)
 
         def percentile(s):
             s["eps"] = dist_mod.percentile_from_squared(s["d2"], q, feats.dtype)
-    else:  # the first version: the full distance matrix, then its percentile
-        def distances(s):
-            s["d2"] = dist_mod.squared_distances(feats)
-            s["dist"] = s["d2"].sqrt().to(feats.dtype)
 
-        def percentile(s):
-            s["eps"] = dist_mod.percentile_of_distances(s["dist"], q)
-
-    def dbscan(s):
-        threshold = (s["eps"] * s["eps"]).double()
-        adj = s["d2"] <= threshold[:, None, None]
-        s["labels"] = cluster_mod.dbscan_from_adjacency(adj, min_samples)
+        def dbscan(s):
+            threshold = (s["eps"] * s["eps"]).double()
+            adj = s["d2"] <= threshold[:, None, None]
+            s["labels"] = cluster_mod.dbscan_from_adjacency(adj, min_samples)
 
     def weights(s):
         s["weights"] = cam_mod.cluster_weights(grads, s["labels"])
@@ -85,14 +98,14 @@ def stage_functions(acts: Tensor, grads: Tensor) -> list[tuple[str, Callable[[di
     return list(zip(STAGES, (distances, percentile, dbscan, weights, cam)))
 
 
-def stage_variant() -> str:
-    """Which library functions the stages call (the library changes under the benchmark)."""
-    from cfcam_gpu import distance as dist_mod
+def stage_variant(acts: Tensor) -> str:
+    """Which library functions the stages call for these features."""
+    from cfcam_gpu import cluster as cluster_mod
 
-    if hasattr(dist_mod, "percentile_from_squared"):
-        return "squared_distances | percentile_from_squared | threshold+dbscan_from_adjacency | " \
-               "cluster_weights | weighted_cam"
-    return "squared_distances+sqrt | percentile_of_distances | threshold+dbscan_from_adjacency | " \
+    if cluster_mod.screened_route(acts.flatten(2)):
+        return "screened.screen | screened_percentile | screened_adjacency+dbscan_from_adjacency | " \
+               "cluster_weights | weighted_cam (CPU float32 route, image by image)"
+    return "squared_distances | percentile_from_squared | threshold+dbscan_from_adjacency | " \
            "cluster_weights | weighted_cam"
 
 
@@ -105,7 +118,7 @@ def stage_breakdown(acts: Tensor, grads: Tensor, device: torch.device, repeats: 
     B = acts.shape[0]
     out: dict[str, object] = {"batch": B, "shape": list(acts.shape), "stages": {}}
     try:
-        out["variant"] = stage_variant()
+        out["variant"] = stage_variant(acts)
     except Exception as err:  # noqa: BLE001
         out["variant"] = _error(err)
     try:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ._checks import check_ndim, check_tensor
 from .distance import percentile_from_squared, squared_distances
+from .screened import screened_neighbours
 
 BACKENDS = ("torch", "sklearn", "cuml")
 EPS_PERCENTILE = 25.0
@@ -61,13 +62,20 @@ def _min_label_components(adj: Tensor, active: Tensor, sync_free: bool | None) -
         sync_free = adj.device.type != "cpu"
     dt = _label_dtype(C)
     parent = torch.arange(C, device=adj.device).expand(B, C).contiguous()
+    # One pass gives each row's first neighbour, the masked minimum of round 0 (parent = identity), and
+    # whether it has any (``max`` returns the first maximal index on every device).
+    hit, first = adj.view(torch.uint8).max(dim=2)
+    has_neighbour = hit.bool()
     jumps = max(1, math.ceil(math.log2(max(C, 2))))
     for round_ in range(max_cc_rounds(C)):
-        if not sync_free and round_ > 0:
-            single = _single_tree(adj, active, parent)
-            if single is not None:
-                return parent, single
-        nearest = _masked_min(adj, parent.to(dt), C).long()
+        if round_ == 0:
+            nearest = torch.where(has_neighbour, first, C)
+        else:
+            if not sync_free:
+                single = _single_tree(has_neighbour, active, parent)
+                if single is not None:
+                    return parent, single
+            nearest = _masked_min(adj, parent.to(dt), C).long()
         seen = torch.where(active, torch.minimum(nearest, parent), parent)
         if not sync_free and torch.equal(seen, parent):
             return parent, nearest
@@ -79,17 +87,18 @@ def _min_label_components(adj: Tensor, active: Tensor, sync_free: bool | None) -
     return parent, _masked_min(adj, parent.to(dt), C).long()
 
 
-def _single_tree(adj: Tensor, active: Tensor, parent: Tensor) -> Tensor | None:
+def _single_tree(has_neighbour: Tensor, active: Tensor, parent: Tensor) -> Tensor | None:
     """The common case on DBSCAN graphs, checked with one host sync (CPU path only): when every image's
-    active nodes all point to one root they form one component, so no verification pass is needed, and
-    ``nearest`` is that root for every node with an active neighbour (an ``any`` over ``adj``, cheaper
-    than a masked minimum). Returns ``nearest`` (B, C), or None when some image has several trees."""
-    C = adj.shape[1]
+    active nodes all point to one root they form one component, so no verification pass over the
+    adjacency is needed, and ``nearest`` is that root for every node with an active neighbour.
+    has_neighbour, active: (B, C) bool; parent: (B, C) -> ``nearest`` (B, C), or None when some image
+    has several trees."""
+    C = parent.shape[1]
     lowest = torch.where(active, parent, C).amin(dim=1)
     highest = torch.where(active, parent, -1).amax(dim=1)
     if not bool(((lowest == highest) | ~active.any(dim=1)).all()):
         return None
-    return torch.where(adj.any(dim=2), lowest[:, None], C)
+    return torch.where(has_neighbour, lowest[:, None], C)
 
 
 def connected_components(adj: Tensor, sync_free: bool | None = None) -> Tensor:
@@ -171,7 +180,14 @@ def _features(activations: Tensor) -> Tensor:
 CPU_GROUP_BYTES = 32 * 2**20
 
 
+def screened_route(feats: Tensor) -> bool:
+    """Whether the torch backend clusters these features (B, C, N) by ``screened.py`` (CPU, float32)."""
+    return feats.device.type == "cpu" and feats.dtype == torch.float32
+
+
 def _cluster_torch(feats: Tensor) -> ChannelClusters:
+    if screened_route(feats):
+        return _cluster_cpu_float32(feats)
     B, C, _ = feats.shape
     group = B if feats.device.type != "cpu" else max(1, CPU_GROUP_BYTES // (C * C * 8))
     if group >= B:
@@ -179,6 +195,26 @@ def _cluster_torch(feats: Tensor) -> ChannelClusters:
     parts = [_cluster_torch_batch(feats[i:i + group]) for i in range(0, B, group)]
     return ChannelClusters(torch.cat([p.labels for p in parts]), torch.cat([p.eps for p in parts]),
                            parts[0].min_samples)
+
+
+def _cluster_cpu_float32(feats: Tensor) -> ChannelClusters:
+    """CPU, float32 features: image by image, eps and neighbours screened in float32 and refined exactly
+    (``screened.py``), falling back to the float64 route for an image whose preconditions fail."""
+    C = feats.shape[1]
+    min_samples = seed_min_samples(C)
+    labels, eps = [], []
+    buffer = feats.new_empty(C, C)  # d~, reused image after image
+    for x in feats:
+        screened = screened_neighbours(x, EPS_PERCENTILE, buffer)
+        if screened is None:
+            part = _cluster_torch_batch(x[None])
+            labels.append(part.labels[0])
+            eps.append(part.eps[0])
+            continue
+        e, adj = screened
+        labels.append(dbscan_from_adjacency(adj[None], min_samples)[0])
+        eps.append(e)
+    return ChannelClusters(torch.stack(labels), torch.stack(eps), min_samples)
 
 
 def _cluster_torch_batch(feats: Tensor) -> ChannelClusters:

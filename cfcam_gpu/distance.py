@@ -67,7 +67,7 @@ def exact_sqrt(x: Tensor) -> Tensor:
     """Correctly rounded square root. torch's CPU float64 sqrt is vectorised and can be one ulp off;
     numpy's is IEEE (and CUDA's sqrt is correctly rounded). For a handful of values, not matrices."""
     if x.device.type == "cpu":
-        return torch.from_numpy(np.sqrt(x.detach().numpy()))
+        return torch.from_numpy(np.asarray(np.sqrt(x.detach().numpy())))
     return x.sqrt()
 
 

@@ -1,0 +1,203 @@
+"""The CPU route for float32 features: eps and the eps-neighbour relation from float32 distances,
+screened with a proven error bound and refined exactly where that bound could change an answer.
+
+On the CPU every pass over a (C, C) matrix is memory-bound, and a float64 Gram matrix costs twice the
+float32 one in arithmetic and in traffic. Here, per image:
+
+1. ``d~[i, j] = n_i + n_j - 2 <x_i, x_j>`` as one float32 matrix product of the augmented rows
+   ``[x_i, n_i, 1] . [-2 x_j, 1, n_j]`` (n: float64 squared norms rounded to float32). The exact squared
+   distance E[i, j] satisfies ``|d~ - E| <= delta[i, j] = (N + 8) 2**-22 (n_i + n_j)`` (+ an underflow
+   term): a float32 dot product of length N + 2, in any summation order, FMA or not, errs by at most
+   ``gamma_(N+2)`` times the sum of its terms' magnitudes (Higham, Accuracy and Stability of Numerical
+   Algorithms, 2nd ed., eq. 3.5), here ``<= 2 (n_i + n_j)``, and rounding the norms adds
+   ``2**-24 (n_i + n_j)``: ``(N + 2.5) 2**-23 (n_i + n_j)`` in all; ``delta`` is twice that.
+   ``Delta = max delta`` over the image bounds every entry.
+2. The true values are ``V[i, j] = sum_k (x_ik - x_jk)**2`` in float64: exactly symmetric, exactly 0
+   between identical channels, within ``N 2**-53 E`` of E (inside delta's spare half).
+3. Order statistics. A strided sample of d~ brackets the two ranks of the percentile in [lo_v, hi_v];
+   one pass counts the entries below lo_v, one extracts the bracket (a few % of C*C) with its indices.
+   Let s_lo <= s_hi be the order statistics of d~ and delta_s the largest delta of the entries with d~
+   in [s_lo - Delta, s_hi + Delta]. Then V's order statistics lie in [L, H] = [s_lo - delta_s,
+   s_hi + delta_s]: at least rank + 1 entries have ``d~ + delta <= s + delta_s``, so V's rank-th is
+   <= s + delta_s (and symmetrically from below). Entries with ``d~ + delta < L`` are below both, entries
+   with ``d~ - delta > H`` above; V is computed for the rest (hundreds) and the two ranks read there.
+   When lo_v <= L - Delta and H + Delta <= hi_v, the entries outside the bracket are decided too.
+4. Neighbours: ``adj = d~ <= eps**2`` except for the entries within delta of eps**2, which take
+   ``V <= eps**2``; an entry further away lies on the same side in V. When eps**2 +- Delta lies inside
+   the bracket, those entries are all among the extracted ones.
+So eps and the neighbour relation are exactly those of V, for every image.
+
+Where a precondition fails (the strided-sample bracket misses the order statistics, non-finite or huge
+values, float32 matrix products allowed to run in reduced precision) the image returns ``None`` and the
+caller uses the float64 route; ``tests/test_screened.py`` forces each of these.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .distance import _lerp, _linear_rank, exact_sqrt
+
+SAMPLE = 16384  # entries in the strided sample that brackets the order statistics
+SAMPLE_SIGMAS = 5.0  # bracket half-width, in binomial standard deviations of the sample rank
+MAX_NORM = 2.0**100  # squared norms above this could overflow float32 products: take the float64 route
+
+
+def float32_matmul_is_ieee() -> bool:
+    """False when PyTorch may run float32 matrix products in TF32/bf16 (``set_float32_matmul_precision``
+    below "highest", or the fp32_precision backend settings): the error bound would not hold."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    settings = [getattr(torch.backends, "fp32_precision", "none")]
+    mkldnn_matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    settings.append(getattr(mkldnn_matmul, "fp32_precision", "none"))
+    return all(s in ("none", "ieee") for s in settings)
+
+
+def screening_bounds(norms: Tensor, i: Tensor, j: Tensor, N: int) -> Tensor:
+    """delta[i, j] >= 2 |d~[i, j] - E[i, j]| (module notes). norms: (C,) float64; i, j: (M,) -> (M,)."""
+    return (norms[i] + norms[j]).mul_((N + 8) * 2.0**-22).add_((N + 2) * 2.0**-140)
+
+
+def screened_squared_distances(x: Tensor, norms: Tensor, out: Tensor | None = None) -> Tensor:
+    """d~ = n_i + n_j - 2 <x_i, x_j> in float32, one matrix product with no pass to form it.
+
+    x: (C, N) float32; norms: (C,) float64 -> (C, C) float32, written to ``out`` when given (a buffer
+    reused across images saves the page faults of a fresh C*C allocation: about half of the product's
+    time at C = 2048).
+    """
+    n32, ones = norms.float()[:, None], x.new_ones(x.shape[0], 1)
+    return torch.mm(torch.cat([x, n32, ones], dim=1), torch.cat([x * -2, ones, n32], dim=1).T, out=out)
+
+
+def exact_squared_distances(x64: Tensor, flat_idx: Tensor) -> Tensor:
+    """V at flat indices i * C + j. x64: (C, N) float64; flat_idx: (M,) int64 -> (M,) float64."""
+    C = x64.shape[0]
+    return (x64[flat_idx // C] - x64[flat_idx % C]).square_().sum(dim=1)
+
+
+def _bracket(flat: Tensor, width: int, ranks: tuple[int, int]) -> tuple[float, float]:
+    """Values that bracket the order statistics at the 0-based ranks of ``flat`` (a row-major matrix
+    with rows of ``width``) with high probability, read from a sorted strided sample with a margin of
+    ``SAMPLE_SIGMAS`` binomial deviations."""
+    M = flat.numel()
+    step = max(1, M // SAMPLE)
+    while math.gcd(step, width) != 1:  # a stride sharing a factor with the row width revisits few columns
+        step += 1
+    sample = flat[::step].sort().values
+    S = sample.numel()
+    p_lo, p_hi = ranks[0] / M, ranks[1] / M
+    margin = int(SAMPLE_SIGMAS * math.sqrt(S * max(p_lo * (1 - p_lo), 1.0 / S))) + 4
+    i_lo, i_hi = int(p_lo * S) - margin, int(p_hi * S) + margin + 1
+    lo_v = float(sample[i_lo]) if i_lo >= 0 else -math.inf
+    hi_v = float(sample[i_hi]) if i_hi < S else math.inf
+    return lo_v, hi_v
+
+
+def _count(mask: Tensor) -> int:
+    """Number of True in a bool tensor (``count_nonzero``: on the CPU a bool ``sum`` is ~10x slower)."""
+    return int(torch.count_nonzero(mask))
+
+
+def _next_order_statistic(vals: Tensor, a: Tensor, rank: int) -> Tensor:
+    """The (rank + 1)-th smallest (0-based) of vals (M,), given a = the rank-th: two cheap passes."""
+    if _count(vals <= a) > rank + 1:
+        return a
+    return vals[vals > a].min()
+
+
+class Screened(NamedTuple):
+    """One image's float32 screen and the part of it near the percentile (module notes, 3).
+
+    x64: (C, N) float64 features; flat: (C*C,) float32 d~; lo_v, hi_v: the bracket; below: entries of
+    flat under lo_v; idx: (M,) flat indices of the bracket's entries, vals: (M,) their d~ (float64),
+    delta: (M,) their bounds; Delta: the image's largest bound.
+    """
+
+    x64: Tensor
+    flat: Tensor
+    lo_v: float
+    hi_v: float
+    below: int
+    idx: Tensor
+    vals: Tensor
+    delta: Tensor
+    Delta: float
+
+
+def screen(x: Tensor, q: float, out: Tensor | None = None) -> Screened | None:
+    """Distances stage: d~ for one image and the bracket of its q-th percentile's order statistics.
+
+    x: (C, N) float32 -> Screened, or None when a precondition fails (use the float64 route).
+    out: an optional (C, C) float32 buffer for d~ (the result refers to it).
+    """
+    C, N = x.shape
+    x64 = x.double()
+    norms = x64.square().sum(dim=1)
+    if not float32_matmul_is_ieee() or not bool(norms.max() <= MAX_NORM):  # also catches NaN
+        return None
+    flat = screened_squared_distances(x, norms, out).view(-1)
+    lo, hi, _ = _linear_rank(C * C, q)
+    lo_v, hi_v = _bracket(flat, C, (lo, hi))
+    below_mask = flat < lo_v
+    idx = ((flat <= hi_v) != below_mask).nonzero().squeeze(1)  # lo_v <= d~ <= hi_v
+    top = norms.argmax()
+    return Screened(x64, flat, lo_v, hi_v, _count(below_mask), idx, flat[idx].double(),
+                    screening_bounds(norms, idx // C, idx % C, N),
+                    float(screening_bounds(norms, top, top, N)))
+
+
+def screened_percentile(sc: Screened, q: float) -> Tensor | None:
+    """Percentile stage: the q-th percentile (numpy's linear rule) of the C*C entries of sqrt(V) rounded
+    to float32, exactly (module notes, 3). -> () float32, or None (use the float64 route)."""
+    lo, hi, g = _linear_rank(sc.flat.numel(), q)
+    below, vals, delta = sc.below, sc.vals, sc.delta
+    if not (below <= lo and hi < below + vals.numel()):
+        return None
+    s_lo = vals.kthvalue(lo - below + 1).values
+    s_hi = s_lo if hi == lo else _next_order_statistic(vals, s_lo, lo - below)
+    delta_s = delta[(vals >= s_lo - sc.Delta) & (vals <= s_hi + sc.Delta)].max()
+    L, H = s_lo - delta_s, s_hi + delta_s
+    if not (sc.lo_v <= float(L) - sc.Delta and float(H) + sc.Delta <= sc.hi_v):
+        return None
+    window = (vals + delta >= L) & (vals - delta <= H)
+    below += _count(vals + delta < L)
+    exact = exact_squared_distances(sc.x64, sc.idx[window])
+    if not (below <= lo and hi < below + exact.numel()):
+        return None
+    a = exact.kthvalue(lo - below + 1).values
+    b = a if hi == lo else exact.kthvalue(hi - below + 1).values
+    if not (L <= a and b <= H):  # proven (module notes, 3); a cheap guard all the same
+        return None
+    a, b = exact_sqrt(a).float(), exact_sqrt(b).float()
+    return a if g == 0.0 else _lerp(a, b, g)
+
+
+def screened_adjacency(sc: Screened, eps: Tensor) -> Tensor | None:
+    """Neighbours stage: adj (C, C) bool = V <= float64(eps * eps in float32), scikit-learn's comparison
+    for float32 data, exactly (module notes, 4); symmetric, true diagonal. None: use the float64 route."""
+    threshold = float(eps * eps)
+    if not (sc.lo_v <= threshold - sc.Delta and threshold + sc.Delta <= sc.hi_v):
+        return None
+    C = sc.x64.shape[0]
+    adj = (sc.flat <= threshold).view(C, C)
+    band_idx = sc.idx[(sc.vals - threshold).abs_() <= sc.delta]
+    adj.view(-1)[band_idx] = exact_squared_distances(sc.x64, band_idx) <= threshold
+    adj.diagonal().fill_(True)
+    return adj
+
+
+def screened_neighbours(x: Tensor, q: float, out: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+    """eps and the eps-neighbour relation of one image's channels, exact for V (see the module notes).
+
+    x: (C, N) float32 -> (eps () float32, adj (C, C) bool); see ``screened_percentile`` and
+    ``screened_adjacency``; ``out`` as in ``screen``. None when a precondition fails: use the float64
+    route.
+    """
+    sc = screen(x, q, out)
+    eps = None if sc is None else screened_percentile(sc, q)
+    adj = None if eps is None else screened_adjacency(sc, eps)
+    return None if adj is None else (eps, adj)

@@ -1,0 +1,156 @@
+"""The CPU float32 route (``screened.py``): exact against brute-force float64 distances, the proven error
+bound, every fallback, and the same clusters as the float64 route and scikit-learn on real activations."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import DBSCAN
+
+from cfcam_gpu import cluster, screened
+from cfcam_gpu.cluster import channel_clusters, dbscan_from_adjacency, seed_min_samples
+from cfcam_gpu.screened import (exact_squared_distances, screened_neighbours, screened_squared_distances,
+                                screening_bounds)
+
+
+def brute_force(x: torch.Tensor, q: float = 25.0) -> tuple[np.float32, np.ndarray]:
+    """eps and neighbours from V = sum_k (x_ik - x_jk)**2 in float64 for every pair (numpy only)."""
+    x64 = x.double().numpy()
+    V = np.stack([((x64 - row) ** 2).sum(axis=1) for row in x64])
+    eps = np.percentile(np.sqrt(V).astype(np.float32), q)
+    return eps, V <= np.float64(np.float32(eps) * np.float32(eps))
+
+
+def check_exact(x: torch.Tensor) -> bool:
+    """Assert the screened answer equals brute force; False when the route declined (fallback)."""
+    got = screened_neighbours(x, 25.0)
+    if got is None:
+        return False
+    eps, adj = got
+    ref_eps, ref_adj = brute_force(x)
+    assert eps.dtype == torch.float32 and eps.item() == ref_eps
+    assert np.array_equal(adj.numpy(), ref_adj)
+    return True
+
+
+def features_of(acts: torch.Tensor) -> torch.Tensor:
+    return acts.flatten(2).float()
+
+
+@pytest.mark.parametrize("layer", ["layer3.-1", "layer4.-1"])
+def test_exact_on_resnet50_activations(resnet50_features, layer):
+    for x in features_of(resnet50_features[layer][0]):
+        assert check_exact(x), "the screened route should not need its fallback on real activations"
+
+
+def test_exact_on_lite0_activations(lite0_features):
+    taken = [check_exact(x) for layer in ("conv_head", "blocks.-1") for x in features_of(lite0_features[layer][0])]
+    assert all(taken)
+
+
+def test_eps_zero_falls_back_and_stays_exact(lite0_features):
+    """Lite0 bn2 on chelsea: over a quarter of the distances are 0 (eps = 0). Whatever the route, the
+    clusters equal the float64 route's, and neighbours are the exact duplicates."""
+    acts = lite0_features["bn2"][0][:1]
+    x = features_of(acts)[0]
+    got = screened_neighbours(x, 25.0)
+    if got is not None:
+        check_exact(x)
+    fast = channel_clusters(acts)
+    f64 = cluster._cluster_torch_batch(features_of(acts))
+    assert fast.eps.item() == 0 and torch.equal(fast.labels, f64.labels)
+
+
+@pytest.mark.parametrize("N", [1, 4, 49, 196, 784])
+@pytest.mark.parametrize("scale", [1e-18, 1.0, 3e12])
+def test_error_bound_holds(rng, N, scale):
+    """|d~ - V| <= delta for every entry, on data with a wide spread of norms and near-duplicates."""
+    C = 192
+    base = rng.standard_normal((C, N)) * np.exp(rng.uniform(-4, 4, size=(C, 1)))
+    base[::7] = base[1::7][: len(base[::7])] * (1 + 1e-6)  # near-duplicate channels: cancellation
+    x = torch.from_numpy((base * scale).astype(np.float32))
+    norms = x.double().square().sum(dim=1)
+    approx = screened_squared_distances(x, norms).double().view(-1)
+    idx = torch.arange(C * C)
+    exact = exact_squared_distances(x.double(), idx)
+    delta = screening_bounds(norms, idx // C, idx % C, N)
+    assert bool(((approx - exact).abs() <= delta / 2).all())  # the proven bound; delta keeps 2x spare
+
+
+@pytest.mark.parametrize("kind", ["integers", "duplicates", "dead", "constant", "two_blobs"])
+def test_exact_or_declines_on_tie_heavy_data(rng, kind):
+    C, N = 300, 16
+    if kind == "integers":
+        x = rng.integers(0, 3, size=(C, N))
+    elif kind == "duplicates":
+        x = rng.standard_normal((40, N))[rng.integers(0, 40, size=C)]
+    elif kind == "dead":
+        x = rng.standard_normal((C, N)) * (rng.random((C, 1)) < 0.6)
+    elif kind == "constant":
+        x = np.ones((C, N))
+    else:
+        x = np.concatenate([rng.standard_normal((C // 2, N)), 50 + rng.standard_normal((C - C // 2, N))])
+    x = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    check_exact(x)  # exact when taken
+    ours = channel_clusters(x[None, :, :, None])  # whichever route: equal to the float64 route
+    f64 = cluster._cluster_torch_batch(x[None])
+    assert torch.equal(ours.eps, f64.eps) and torch.equal(ours.labels, f64.labels)
+
+
+def test_adjacency_is_symmetric_with_true_diagonal(resnet50_features):
+    x = features_of(resnet50_features["layer4.-1"][0])[0]
+    _, adj = screened_neighbours(x, 25.0)
+    assert torch.equal(adj, adj.T) and bool(adj.diagonal().all())
+
+
+def test_declines_when_the_sample_bracket_misses(resnet50_features, monkeypatch):
+    """A bracket below the order statistics (what an unlucky sample would give): the route declines,
+    channel_clusters falls back to the float64 route and returns the same answer."""
+    acts = resnet50_features["layer3.-1"][0][:2]
+    expected = channel_clusters(acts)
+    monkeypatch.setattr(screened, "_bracket", lambda flat, width, ranks: (-1.0, 0.0))
+    assert screened_neighbours(features_of(acts)[0], 25.0) is None
+    got = channel_clusters(acts)
+    assert torch.equal(got.labels, expected.labels) and torch.equal(got.eps, expected.eps)
+
+
+def test_declines_under_reduced_precision_matmul(resnet50_features):
+    x = features_of(resnet50_features["layer3.-1"][0])[0]
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert not screened.float32_matmul_is_ieee()
+        assert screened_neighbours(x, 25.0) is None
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert screened.float32_matmul_is_ieee() and screened_neighbours(x, 25.0) is not None
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e36])
+def test_declines_on_non_finite_or_huge_values(rng, value):
+    x = torch.from_numpy(rng.standard_normal((64, 9)).astype(np.float32))
+    x[3, 2] = value
+    assert screened_neighbours(x, 25.0) is None
+
+
+@pytest.mark.parametrize("layer", ["layer3.-1", "layer4.-1"])
+def test_labels_equal_float64_route_and_sklearn(resnet50_features, layer):
+    """End to end on real activations: the CPU float32 route gives the float64 route's eps and labels,
+    and scikit-learn's labels (brute force on the float32 features)."""
+    acts = resnet50_features[layer][0]
+    ours = channel_clusters(acts)
+    f64 = cluster._cluster_torch_batch(features_of(acts))
+    assert torch.equal(ours.eps, f64.eps) and torch.equal(ours.labels, f64.labels)
+    feats = features_of(acts).numpy()
+    for b in range(2):
+        ref = DBSCAN(eps=float(ours.eps[b]), min_samples=ours.min_samples, algorithm="brute").fit(feats[b])
+        assert np.array_equal(ours.labels[b].numpy(), ref.labels_)
+
+
+def test_dbscan_on_screened_adjacency_matches_dense(resnet50_features):
+    x = features_of(resnet50_features["layer3.-1"][0])[1]
+    eps, adj = screened_neighbours(x, 25.0)
+    _, ref_adj = brute_force(x)
+    C = x.shape[0]
+    assert torch.equal(dbscan_from_adjacency(adj[None], seed_min_samples(C)),
+                       dbscan_from_adjacency(torch.from_numpy(ref_adj)[None], seed_min_samples(C)))
