@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_ndim, check_tensor
-from .distance import percentile_from_squared, squared_distances
+from .distance import mirror_upper, percentile_from_squared, squared_distances
 from .screened import screened_neighbours
 
 BACKENDS = ("torch", "sklearn", "cuml")
@@ -224,12 +224,9 @@ def _cluster_torch_batch(feats: Tensor) -> ChannelClusters:
     eps = percentile_from_squared(d2, EPS_PERCENTILE, feats.dtype)
     # scikit-learn compares float64 squared distances with eps**2 computed in the features' dtype.
     threshold = (eps * eps).double()
-    adj = d2 <= threshold[:, None, None]
+    # The upper triangle is the distance matrix, as for the percentile: exactly symmetric neighbours.
+    adj = mirror_upper(d2 <= threshold[:, None, None])
     del d2
-    if feats.dtype == torch.float64:
-        # Float64 products round, so the Gram matrix can round (i, j) and (j, i) apart. Float32 features
-        # have exact float64 products and come out symmetric, which saves this transposed pass.
-        adj = adj & adj.transpose(1, 2)
     min_samples = seed_min_samples(C)
     return ChannelClusters(dbscan_from_adjacency(adj, min_samples), eps, min_samples)
 

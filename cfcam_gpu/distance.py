@@ -45,7 +45,7 @@ def squared_distances(x: Tensor) -> Tensor:
     x: (B, C, N) -> (B, C, C) float64, >= 0, exactly 0 on the diagonal and between identical rows (the
     Gram formula alone can leave ~1e-13 between identical non-zero rows, which would break the eps = 0
     rule "neighbours are the exact duplicates"; such rows are found by exact integer hashes of their
-    bits). Symmetric up to the rounding of the Gram matrix; ``pairwise_distances`` is exactly symmetric.
+    bits). Symmetric up to the rounding of the Gram matrix (see ``mirror_upper``).
     """
     check_ndim(x, 3, "x", "(B, C, N)")
     check_floating(x, "x")
@@ -71,14 +71,25 @@ def exact_sqrt(x: Tensor) -> Tensor:
     return x.sqrt()
 
 
+def mirror_upper(m: Tensor) -> Tensor:
+    """(B, C, C) -> the upper triangle (diagonal included) mirrored onto the lower one: exactly symmetric.
+
+    The Gram matrix rounds (i, j) and (j, i) apart by an ulp (float64 sums in different orders, also for
+    float32 features); the batched route reads the upper triangle as the distance matrix, for the
+    percentile and for the neighbour relation alike.
+    """
+    C = m.shape[-1]
+    upper = torch.ones(C, C, dtype=torch.bool, device=m.device).triu_()
+    return torch.where(upper, m, m.transpose(-1, -2))
+
+
 def pairwise_distances(x: Tensor) -> Tensor:
     """Euclidean distances between the C rows of each item.
 
-    x: (B, C, N) -> (B, C, C) in x's dtype (computed in float64 and rounded once), exactly symmetric,
-    zero diagonal, exactly 0 between identical rows.
+    x: (B, C, N) -> (B, C, C) in x's dtype (computed in float64 and rounded once), exactly symmetric
+    (``mirror_upper``), zero diagonal, exactly 0 between identical rows.
     """
-    d2 = squared_distances(x)
-    return torch.minimum(d2, d2.transpose(1, 2)).sqrt_().to(x.dtype)
+    return mirror_upper(squared_distances(x)).sqrt_().to(x.dtype)
 
 
 def _linear_rank(n: int, q: float) -> tuple[int, int, float]:

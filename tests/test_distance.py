@@ -210,3 +210,15 @@ def test_cpu_sampled_selection_is_exact(kind):
         for rank in (0, M // 4 - 1, M // 2, M - 2):
             a, b = _pair_by_sampling(v, rank)
             assert torch.equal(a, ref[:, rank]) and torch.equal(b, ref[:, rank + 1]), (M, rank)
+
+
+def test_mirror_upper_is_symmetric_and_keeps_the_upper_triangle(device):
+    from cfcam_gpu.distance import mirror_upper
+
+    m = torch.randn(2, 9, 9, device=device)  # not symmetric
+    out = mirror_upper(m)
+    iu = torch.triu_indices(9, 9, device=device)
+    assert torch.equal(out, out.transpose(1, 2))
+    assert torch.equal(out[:, iu[0], iu[1]], m[:, iu[0], iu[1]])
+    adj = mirror_upper(m > 0)
+    assert adj.dtype == torch.bool and torch.equal(adj, adj.transpose(1, 2))
