@@ -11,7 +11,8 @@ elsewhere (accelerators, float64 features: the batched float64 route):
 
   distances       cfcam_gpu.distance.squared_distances (float64 Gram)
   percentile      cfcam_gpu.distance.percentile_from_squared(d2, 25, dtype)
-  dbscan          threshold (eps**2 in the features' dtype vs float64 d2) + cluster.dbscan_from_adjacency
+  dbscan          threshold (eps**2 in the features' dtype vs float64 d2), mirror_upper,
+                  cluster.dbscan_from_adjacency
 
 then, on both:
 
@@ -86,7 +87,7 @@ def stage_functions(acts: Tensor, grads: Tensor) -> list[tuple[str, Callable[[di
 
         def dbscan(s):
             threshold = (s["eps"] * s["eps"]).double()
-            adj = s["d2"] <= threshold[:, None, None]
+            adj = dist_mod.mirror_upper(s["d2"] <= threshold[:, None, None])
             s["labels"] = cluster_mod.dbscan_from_adjacency(adj, min_samples)
 
     def weights(s):

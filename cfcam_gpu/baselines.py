@@ -307,7 +307,7 @@ class ScoreCAM(_ForwardMixin, _CAMEngine):
         H, W = images.shape[-2:]
         dead = dead_channels(acts)
         zero_input = torch.zeros_like(images[:1])
-        zero_logits = self._no_grad_forward(self.model, zero_input)
+        zero_logits = self._no_grad_forward(self._forward, zero_input)
         scores = self._target_score(zero_logits.expand(B, -1), target_idx)[:, None].repeat(1, C)
         flat = scores.view(-1)
         for b, c in _pair_chunks(B, C, self.score_batch_size, images.device, keep=~dead):
@@ -316,7 +316,7 @@ class ScoreCAM(_ForwardMixin, _CAMEngine):
             lo = up.amin(dim=(2, 3), keepdim=True)
             hi = up.amax(dim=(2, 3), keepdim=True)
             masked = images[b] * ((up - lo) / (hi - lo + 1e-8)).to(images.dtype)
-            out = self._no_grad_forward(self.model, masked)
+            out = self._no_grad_forward(self._forward, masked)
             flat[b * C + c] = self._target_score(out, target_idx[b])
         return scores
 

@@ -13,8 +13,10 @@ call is compiled, the call itself runs eagerly and dynamo compiles the user-code
 own (ResNet-18 at ``layer4[-1]``: stem to layer3, each layer4 block and the head compiled, 4 frames; a
 target inside a plain ``nn.Sequential`` of torch.nn layers leaves that Sequential eager). A second call
 with the same input shapes compiles nothing; a new batch size compiles once more (dynamic shapes), then
-no more. Dynamo does not guard on module hooks by default, and the hook is only ever called eagerly, so a
-new hook per call causes no recompilation and is always honoured.
+no more. Dynamo does not guard on module hooks by default: code compiled while the target layer had no
+capture hook (Score-CAM's masked forwards through the same compiled model) would be reused with the hook
+silently skipped, so the engine's compiled calls turn hook guards on (``_forward``); a new hook per call
+then still causes no recompilation.
 """
 from __future__ import annotations
 
@@ -164,9 +166,19 @@ class _CAMEngine:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         # the wrapper shares the model's modules; compilation itself happens on the first call
-        self._forward = model if compile_kwargs is None else torch.compile(model, **compile_kwargs)
+        self._compiled = None if compile_kwargs is None else torch.compile(model, **compile_kwargs)
         self._pipeline: _PipelineCapture | None = None
         self._pipeline_handle = None
+
+    def _forward(self, images: Tensor) -> Tensor:
+        """The model pass: the model itself, or its compiled wrapper. Compiled code is cached per code
+        object; by default dynamo does not guard on hooks, so code compiled while the target layer had
+        no capture hook (Score-CAM's masked forwards, a caller's own compiled runs) would be reused
+        with the hook silently skipped. Guarding on hooks here keeps the two apart (a recompile)."""
+        if self._compiled is None:
+            return self.model(images)
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            return self._compiled(images)
 
     # -- context manager: a persistent hook for explain() -------------------------------------------
     def __enter__(self):

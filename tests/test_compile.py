@@ -167,3 +167,27 @@ def test_default_inductor_backend(net):
     assert_same(res, ref)
     assert_same(cam(_images(2, 16, 6)), CFCAM(net, "conv2")(_images(2, 16, 6)))
     assert_clean(net)
+
+
+def test_scorecam_masked_forwards_use_the_compiled_model(net):
+    """Score-CAM's extra forwards run through the compiled model too (same scores as uncompiled)."""
+    from cfcam_gpu.baselines import ScoreCAM
+
+    counter = CompileCounterWithBackend("aot_eager")
+    x = _images(2, 16, 0)
+    ref = ScoreCAM(net, "conv2", score_batch_size=8)(x)
+    before = counter.frame_count
+    res = ScoreCAM(net, "conv2", score_batch_size=8, compile={"backend": counter})(x)
+    assert_same(res, ref)
+    assert counter.frame_count > before
+    calls = []
+    handle = net.head.register_forward_hook(lambda *a: calls.append(1))
+    try:  # the compiled forwards still call the model's own modules (hooks see them)
+        ScoreCAM(net, "conv2", score_batch_size=8, compile={"backend": counter})(x)
+    finally:
+        handle.remove()
+    assert len(calls) >= 1 + 2 * 12 // 8
+    assert_clean(net)
+    # Code compiled while the target had no capture hook (the masked forwards) must not be reused by a
+    # later call that needs the hook (dynamo skips hook guards by default: "the layer did not run").
+    assert_same(CFCAM(net, "conv2", compile={"backend": counter})(x), CFCAM(net, "conv2")(x))
