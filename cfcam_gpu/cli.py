@@ -439,6 +439,9 @@ examples:
 exit status: 0 all explained, 1 some images failed (see stderr and the manifest), 2 bad usage."""
 
 
+AMP_CHOICES = {"off": False, "bf16": "bfloat16", "fp16": "float16"}
+
+
 def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="*", metavar="PATH",
                         help="image files, folders (searched recursively) or .txt lists of paths")
@@ -452,6 +455,15 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target", default="top1", metavar="top1|INT",
                        help="class to explain: 'top1' (each image's predicted class, the default) or a "
                             "class index for every image")
+    group = parser.add_argument_group("speed")
+    group.add_argument("--amp", choices=tuple(AMP_CHOICES), default="off",
+                       help="autocast the model pass to bf16 or fp16 (clustering and filtering stay float32 "
+                            "or better; default off)")
+    group.add_argument("--channels-last", action="store_true",
+                       help="run the model in the channels-last memory format")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model pass (the first batch of each shape compiles; on the "
+                            "CPU this needs a C++ compiler)")
     add_data_arguments(parser)
     group = parser.add_argument_group("output")
     group.add_argument("--out", default="out", metavar="DIR", help="output folder (default: out)")
@@ -583,7 +595,7 @@ def _run_explain(args: argparse.Namespace, ctx: distributed.Context) -> int:
         out = Path(args.out)
         config = {"model": args.model, "weights": os.path.abspath(args.weights) if args.weights else None,
                   "num_classes": args.num_classes, "layer": args.layer, "method": args.method,
-                  "target": "top1" if target is None else target}
+                  "target": "top1" if target is None else target, "amp": args.amp}
         # Check the model before touching DIR, so a typo in --model leaves DIR as it was.
         model, info, layer = load_model(args, device)
         config["layer"] = layer
@@ -622,7 +634,8 @@ def _run_explain(args: argparse.Namespace, ctx: distributed.Context) -> int:
         f"image(s) to explain" + (f", {n_skipped} already done" if n_skipped else "") + f" -> {out}")
 
     engine_class = CFCAM if args.method == "cfcam" else GradCAM
-    engine = engine_class(model, layer)
+    engine = engine_class(model, layer, amp=AMP_CHOICES[args.amp], channels_last=args.channels_last,
+                          compile=args.compile)
     if arrays is not None:
         dataset = ArrayDataset([items[i].key for i in pending], [arrays[i] for i in pending],
                                info.input_size, info.mean, info.std)

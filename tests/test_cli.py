@@ -384,3 +384,34 @@ def test_subcommands_are_registered_from_a_table(monkeypatch, capsys):
     monkeypatch.setitem(cli.SUBCOMMANDS, "evaluate", cli.Subcommand("evaluate things", add_arguments, run))
     assert main(["evaluate", "--k", "7"]) == 5
     assert capsys.readouterr().out == "k=7\n"
+
+
+def test_speed_options_reach_the_engine(three_images, tmp_path, monkeypatch, capsys):
+    """--amp bf16 --channels-last --compile: the run succeeds, the engine got the options (torch.compile
+    is swapped for its eager backend here, to keep the test fast), and --resume refuses another --amp."""
+    import cfcam_gpu.engine as engine_mod
+
+    real_compile, compiled = torch.compile, []
+
+    def eager_compile(model, **kwargs):
+        compiled.append(kwargs)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(engine_mod.torch, "compile", eager_compile)
+    seen = []
+    real_init = engine_mod.CFCAM.__init__
+
+    def spy_init(self, *args, **kwargs):
+        seen.append(kwargs)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_mod.CFCAM, "__init__", spy_init)
+    out = tmp_path / "out"
+    image = str(three_images / "chelsea.png")
+    assert main(["explain", image, "--out", str(out), "--amp", "bf16", "--channels-last", "--compile", *FAST]) == 0
+    assert seen == [{"amp": "bfloat16", "channels_last": True, "compile": True}] and compiled == [{}]
+    (row,) = manifest(out)
+    cam = np.load(out / row["files"]["cam"])
+    assert cam.shape == (7, 7) and np.isfinite(cam).all() and cam.max() == pytest.approx(1.0)
+    assert main(["explain", image, "--out", str(out), "--resume", *FAST]) == 2
+    assert "amp" in capsys.readouterr().err
