@@ -70,7 +70,8 @@ def pairs(x: torch.Tensor) -> dict[str, dict]:
             core = a.sum(axis=1) >= cluster.seed_min_samples(C)
             return connected_components(sp.csr_matrix(a[np.ix_(core, core)]), directed=False)
 
-        out["dbscan"] = {"dbscan_from_adjacency": lambda: cluster.dbscan_from_adjacency(adj, cluster.seed_min_samples(C)),
+        min_samples = cluster.seed_min_samples(C)
+        out["dbscan"] = {"dbscan_from_adjacency": lambda: cluster.dbscan_from_adjacency(adj, min_samples),
                          "scipy components only": scipy_core_components}
     except ImportError:
         pass

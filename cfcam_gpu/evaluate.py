@@ -403,7 +403,8 @@ def markdown(summary: dict, result: dict, context: dict) -> str:
         for name in methods:
             rob = summary[name]["robustness"]
             if rob is None:
-                lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(["n/a (gradient-free)"] + ["—"] * (2 * len(sigmas) - 1)) + " |")
+                cells = ["n/a (gradient-free)"] + ["—"] * (2 * len(sigmas) - 1)
+                lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
                 continue
             lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(_pm(rob[s]["ssim"], 3) for s in sigmas) + " | "
                          + " | ".join(_pm(rob[s]["mse"], 4) for s in sigmas) + " |")
@@ -413,7 +414,8 @@ def markdown(summary: dict, result: dict, context: dict) -> str:
         for name, c in result["clusters"].items():
             def fmt(v):
                 return f"{np.mean(v):.1f} [{min(v)}, {max(v)}]"
-            lines.append(f"| {LABELS.get(name, name)} | {fmt(c['n_clusters'])} | {fmt(c['noise'])} | {fmt(c['dead'])} |")
+            lines.append(f"| {LABELS.get(name, name)} | {fmt(c['n_clusters'])} | {fmt(c['noise'])} | "
+                         f"{fmt(c['dead'])} |")
     lines += ["", f"Seconds per image: CAM computation only, device {context['device']}, "
                   f"{context['threads']} CPU thread(s); total run {context['seconds']:.0f} s. "
                   f"Options: `{context['options']}`.", ""]
@@ -587,7 +589,8 @@ def _write(out, args, methods, sigmas, result, names, displays, info, layer, dev
                "source": "bundled scikit-image / scikit-learn photos" if args.demo else "PATHs",
                "steps": args.steps, "device": str(device) + processes, "threads": torch.get_num_threads(),
                "seconds": time.perf_counter() - t_start,
-               "options": f"--methods {','.join(methods)} --steps {args.steps} --sigmas {','.join(f'{s:g}' for s in sigmas)} "
+               "options": f"--methods {','.join(methods)} --steps {args.steps} "
+                          f"--sigmas {','.join(f'{s:g}' for s in sigmas)} "
                           f"--batch-size {args.batch_size} --forward-batch-size {forward_batch_size} --seed {args.seed}"
                           + (f" --max-images {args.max_images}" if args.max_images else "")}
     (out / "metrics.md").write_text(markdown(summary, result, context))
