@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ._checks import validate_features
 from .cam import CAMResult, cfcam_from_features, cluster_weights, gradcam_from_features, weighted_cam
 from .cluster import dbscan_from_adjacency
-from .distance import exact_sqrt, squared_distances
+from .distance import exact_sqrt, mirror_upper, squared_distances
 from .engine import CFCAM, GradCAM, _CAMEngine
 
 __all__ = [
@@ -163,12 +163,11 @@ def cfcam_exclude_dead_from_features(activations: Tensor, gradients: Tensor,
     feats = feats if feats.dtype == torch.float64 else feats.float()
     B, C, _ = feats.shape
     alive = ~dead_channels(activations)
-    d2 = squared_distances(feats)
+    d2 = mirror_upper(squared_distances(feats))  # the upper triangle is the matrix, as in cluster.py
     eps = _masked_percentile_from_squared(d2, alive, 25.0, feats.dtype)
     threshold = (eps * eps).double()
     adj = (d2 <= threshold[:, None, None]) & alive[:, :, None] & alive[:, None, :]
     del d2
-    adj = adj & adj.transpose(1, 2)  # symmetric where the Gram matrix rounds (i, j) and (j, i) apart
     adj.diagonal(dim1=1, dim2=2).fill_(True)
     min_samples = (0.05 * alive.sum(dim=1).to(torch.float64)).floor().clamp_min(2).long()  # (B,)
     labels = dbscan_from_adjacency(adj, min_samples[:, None])  # broadcasts in the core-point test
