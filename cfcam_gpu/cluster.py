@@ -173,8 +173,9 @@ def _features(activations: Tensor) -> Tensor:
     return feats if feats.dtype == torch.float64 else feats.float()
 
 
-# On the CPU the (B, C, C) passes are memory-bound: images are clustered in groups whose float64
-# distance matrices fit in about this many bytes, so they stay cache- and page-friendly (BENCHMARKS.md:
+# The float64 route on the CPU (float64 features, or an image the screened route declined): the
+# (B, C, C) passes are memory-bound, so images are clustered in groups whose float64 distance matrices
+# fit in about this many bytes (measured with float32 features before the screened route existed:
 # 0.58x -> 0.64x the floor at ResNet50 layer4, B = 16, python -m bench.run). Accelerators take the
 # whole batch.
 CPU_GROUP_BYTES = 32 * 2**20
