@@ -1,6 +1,6 @@
 """The CPU route's choices, each measured side by side against the alternative it replaced.
 
-    python -m bench.cpu_passes --threads 2 [--model resnet50 --layer layer4 --batch 4 --repeats 9]
+    python -m bench.cpu_passes --threads 2 [--model resnet50 --layers layer3,layer4 --batch 4 --repeats 9]
 
 Captures real target-layer activations (the bundled photos, as ``bench.run``), takes one image's
 features x (C, N), and times, interleaved round-robin, each pair below; prints the median ms and the
@@ -14,6 +14,11 @@ ratio. Pairs:
   dbscan0   round 0 of the components: masked minimum | one ``max`` over the uint8 adjacency
   dbscan    ``cluster.dbscan_from_adjacency`` (whole DBSCAN) | scipy ``connected_components`` of the
             core graph alone (dense -> CSR), when scipy is importable
+
+and, on the whole batch (ms per image), ``cluster``: the float64 route as the CPU ran it before
+(``cluster._cluster_float64``, images in groups) | the screened route (``cluster._cluster_cpu_float32``),
+checking that both give the same eps and labels. ``--layers layer1,layer2,layer3,layer4`` repeats the
+whole table per layer.
 """
 from __future__ import annotations
 
@@ -78,12 +83,20 @@ def pairs(x: torch.Tensor) -> dict[str, dict]:
     return out
 
 
+def cluster_pair(feats: torch.Tensor) -> dict:
+    """feats: (B, C, N) float32 -> the two CPU routes for the whole clustering step."""
+    from cfcam_gpu import cluster
+
+    return {"float64 route (grouped)": lambda: cluster._cluster_float64(feats),
+            "screened route": lambda: cluster._cluster_cpu_float32(feats)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet50")
-    ap.add_argument("--layer", default="layer4")
+    ap.add_argument("--layers", default="layer4", help="comma-separated; ResNet 'layerN' = its last block")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--image", type=int, default=0, help="which image of the batch to time")
+    ap.add_argument("--image", type=int, default=0, help="which image of the batch the pair timings use")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args(argv)
@@ -92,18 +105,31 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model, source = common.load_model(args.model)
     model.eval()
+    from cfcam_gpu import cluster
     from cfcam_gpu.layers import resolve_layer
 
-    layer = common.layer_name(args.model, args.layer)
     images, _ = common.make_images(args.batch)
-    acts, _ = capture_features(model, resolve_layer(model, layer), images)
-    x = acts[args.image].flatten(1).float().contiguous()
     print(f"# {common.now_iso()}  {common.machine_info(torch.device('cpu')).get('cpu_model', '')}  torch "
-          f"{torch.__version__}  threads {torch.get_num_threads()}  {args.model} {layer}  x {tuple(x.shape)}")
-    for name, fns in pairs(x).items():
-        ms = _median_ms(fns, args.repeats)
-        first = next(iter(ms.values()))
-        print(f"{name:8s} " + "   ".join(f"{k}: {v:.2f} ms ({first / v:.2f}x)" for k, v in ms.items()))
+          f"{torch.__version__}  threads {torch.get_num_threads()}  {args.model}  batch {args.batch}")
+    for short in args.layers.split(","):
+        layer = common.layer_name(args.model, short)
+        acts, _ = capture_features(model, resolve_layer(model, layer), images)
+        feats = acts.flatten(2).float().contiguous()
+        x = feats[args.image]
+        print(f"## {layer}  x {tuple(x.shape)}")
+        for name, fns in pairs(x).items():
+            _print_row(name, _median_ms(fns, args.repeats))
+        routes = cluster_pair(feats)
+        results = [f() for f in routes.values()]
+        same = all(torch.equal(getattr(results[0], k), getattr(results[1], k)) for k in ("labels", "eps"))
+        ms = _median_ms(routes, args.repeats)
+        _print_row("cluster", {k: v / args.batch for k, v in ms.items()},
+                   f"  (ms per image, batch {args.batch}; same eps and labels: {same})")
+
+
+def _print_row(name: str, ms: dict[str, float], note: str = "") -> None:
+    first = next(iter(ms.values()))
+    print(f"{name:8s} " + "   ".join(f"{k}: {v:.2f} ms ({first / v:.2f}x)" for k, v in ms.items()) + note)
 
 
 if __name__ == "__main__":

@@ -187,8 +187,11 @@ def screened_route(feats: Tensor) -> bool:
 
 
 def _cluster_torch(feats: Tensor) -> ChannelClusters:
-    if screened_route(feats):
-        return _cluster_cpu_float32(feats)
+    return _cluster_cpu_float32(feats) if screened_route(feats) else _cluster_float64(feats)
+
+
+def _cluster_float64(feats: Tensor) -> ChannelClusters:
+    """The batched float64 route: the whole batch on accelerators, groups of images on the CPU."""
     B, C, _ = feats.shape
     group = B if feats.device.type != "cpu" else max(1, CPU_GROUP_BYTES // (C * C * 8))
     if group >= B:

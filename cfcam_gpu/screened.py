@@ -14,14 +14,16 @@ float32 one in arithmetic and in traffic. Here, per image:
    ``Delta = max delta`` over the image bounds every entry.
 2. The true values are ``V[i, j] = sum_k (x_ik - x_jk)**2`` in float64: exactly symmetric, exactly 0
    between identical channels, within ``N 2**-53 E`` of E (inside delta's spare half).
-3. Order statistics. A strided sample of d~ brackets the two ranks of the percentile in [lo_v, hi_v];
-   one pass counts the entries below lo_v, one extracts the bracket (a few % of C*C) with its indices.
-   Let s_lo <= s_hi be the order statistics of d~ and delta_s the largest delta of the entries with d~
-   in [s_lo - Delta, s_hi + Delta]. Then V's order statistics lie in [L, H] = [s_lo - delta_s,
-   s_hi + delta_s]: at least rank + 1 entries have ``d~ + delta <= s + delta_s``, so V's rank-th is
-   <= s + delta_s (and symmetrically from below). Entries with ``d~ + delta < L`` are below both, entries
-   with ``d~ - delta > H`` above; V is computed for the rest (hundreds) and the two ranks read there.
-   When lo_v <= L - Delta and H + Delta <= hi_v, the entries outside the bracket are decided too.
+3. Order statistics. A strided sample of d~ brackets the two ranks of the percentile in [lo_v, hi_v]
+   (widened by 3 Delta); one pass counts the entries below lo_v, one extracts the bracket (a few % of
+   C*C) with its indices. Let s_lo <= s_hi be the order statistics of d~ and D the least margin such
+   that every entry with d~ <= s_hi has d~ + delta <= s_hi + D and every entry with d~ >= s_lo has
+   d~ - delta >= s_lo - D (D <= Delta; entries outside the bracket cannot set it). Then at least
+   rank + 1 entries have V <= d~ + delta <= s + D, so V's rank-th is <= s + D, and symmetrically >=
+   s - D: V's order statistics lie in [L, H] = [s_lo - D, s_hi + D]. Entries with ``d~ + delta < L``
+   are below both, entries with ``d~ - delta > H`` above; V is computed for the rest (hundreds to a few
+   thousand) and the two ranks read there. When lo_v <= L - Delta and H + Delta <= hi_v, the entries
+   outside the bracket are decided too.
 4. Neighbours: ``adj = d~ <= eps**2`` except for the entries within delta of eps**2, which take
    ``V <= eps**2``; an entry further away lies on the same side in V. When eps**2 +- Delta lies inside
    the bracket, those entries are all among the extracted ones.
@@ -139,14 +141,17 @@ def screen(x: Tensor, q: float, out: Tensor | None = None) -> Screened | None:
     if not float32_matmul_is_ieee() or not bool(norms.max() <= MAX_NORM):  # also catches NaN
         return None
     flat = screened_squared_distances(x, norms, out).view(-1)
+    top = norms.argmax()
+    Delta = float(screening_bounds(norms, top, top, N))
     lo, hi, _ = _linear_rank(C * C, q)
     lo_v, hi_v = _bracket(flat, C, (lo, hi))
+    # 3 Delta more on each side: the windows of screened_percentile and screened_adjacency then fit
+    # whenever the sample bracketed the ranks (module notes, 3 and 4).
+    lo_v, hi_v = lo_v - 3 * Delta, hi_v + 3 * Delta
     below_mask = flat < lo_v
     idx = ((flat <= hi_v) != below_mask).nonzero().squeeze(1)  # lo_v <= d~ <= hi_v
-    top = norms.argmax()
     return Screened(x64, flat, lo_v, hi_v, _count(below_mask), idx, flat[idx].double(),
-                    screening_bounds(norms, idx // C, idx % C, N),
-                    float(screening_bounds(norms, top, top, N)))
+                    screening_bounds(norms, idx // C, idx % C, N), Delta)
 
 
 def screened_percentile(sc: Screened, q: float) -> Tensor | None:
@@ -158,8 +163,9 @@ def screened_percentile(sc: Screened, q: float) -> Tensor | None:
         return None
     s_lo = vals.kthvalue(lo - below + 1).values
     s_hi = s_lo if hi == lo else _next_order_statistic(vals, s_lo, lo - below)
-    delta_s = delta[(vals >= s_lo - sc.Delta) & (vals <= s_hi + sc.Delta)].max()
-    L, H = s_lo - delta_s, s_hi + delta_s
+    # D: the least margin with d~ + delta <= s_hi + D below s_hi and d~ - delta >= s_lo - D above s_lo.
+    D = (delta - torch.maximum(s_lo - vals, vals - s_hi).clamp_min(0)).max().clamp_min(0)
+    L, H = s_lo - D, s_hi + D
     if not (sc.lo_v <= float(L) - sc.Delta and float(H) + sc.Delta <= sc.hi_v):
         return None
     window = (vals + delta >= L) & (vals - delta <= H)
