@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _sync
 from ._checks import validate_features
 from .cluster import channel_clusters
 from .filters import guided_filter
@@ -80,7 +81,7 @@ def cluster_weights(gradients: Tensor, labels: Tensor) -> Tensor:
     B, C, h, w = gradients.shape
     # K clusters at most: C keeps every shape static on accelerators (no host sync); on the CPU a sync is
     # free and filtering only the clusters that exist saves filtering C - K empty maps.
-    K = C if labels.device.type != "cpu" else max(1, int(labels.max()) + 1)
+    K = max(1, int(labels.max()) + 1) if _sync.host_reads_ok(labels) else C
     grads = gradients.float().flatten(2)  # (B, C, N)
     slot = torch.where(labels >= 0, labels, K)  # noise -> the spare slot K
     sums = grads.new_zeros(B, K + 1, h * w).scatter_add_(1, slot[:, :, None].expand(-1, -1, h * w), grads)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _sync
 from ._checks import check_ndim, check_tensor
 from .distance import mirror_upper, percentile_from_squared, squared_distances
 from .screened import screened_neighbours
@@ -59,7 +60,7 @@ def _min_label_components(adj: Tensor, active: Tensor, sync_free: bool | None) -
     """
     B, C, _ = adj.shape
     if sync_free is None:
-        sync_free = adj.device.type != "cpu"
+        sync_free = not _sync.host_reads_ok(adj)
     dt = _label_dtype(C)
     parent = torch.arange(C, device=adj.device).expand(B, C).contiguous()
     # One pass gives each row's first neighbour, the masked minimum of round 0 (parent = identity), and
@@ -183,7 +184,7 @@ CPU_GROUP_BYTES = 32 * 2**20
 
 def screened_route(feats: Tensor) -> bool:
     """Whether the torch backend clusters these features (B, C, N) by ``screened.py`` (CPU, float32)."""
-    return feats.device.type == "cpu" and feats.dtype == torch.float32
+    return _sync.host_reads_ok(feats) and feats.dtype == torch.float32
 
 
 def _cluster_torch(feats: Tensor) -> ChannelClusters:
@@ -193,7 +194,7 @@ def _cluster_torch(feats: Tensor) -> ChannelClusters:
 def _cluster_float64(feats: Tensor) -> ChannelClusters:
     """The batched float64 route: the whole batch on accelerators, groups of images on the CPU."""
     B, C, _ = feats.shape
-    group = B if feats.device.type != "cpu" else max(1, CPU_GROUP_BYTES // (C * C * 8))
+    group = max(1, CPU_GROUP_BYTES // (C * C * 8)) if _sync.host_reads_ok(feats) else B
     if group >= B:
         return _cluster_torch_batch(feats)
     parts = [_cluster_torch_batch(feats[i:i + group]) for i in range(0, B, group)]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _sync
 from ._checks import check_floating, check_ndim, check_tensor
 
 
@@ -58,7 +59,7 @@ def squared_distances(x: Tensor) -> Tensor:
     # the CPU (where a host sync is free) skip the (B, C, C) pass when there are none.
     sorted_h = h.sort(dim=1).values
     live_dups = (sorted_h[:, 1:] == sorted_h[:, :-1]) & (sorted_h[:, 1:] != 0)
-    if x.device.type != "cpu" or bool(live_dups.any()):
+    if not _sync.host_reads_ok(x) or bool(live_dups.any()):
         d2.masked_fill_(h[:, :, None] == h[:, None, :], 0.0)
     return d2
 
@@ -190,7 +191,7 @@ def _symmetric_order_stats(m: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]
     if lo < C:
         return zero, upper.kthvalue(r_hi + 1, dim=1).values
     r_lo = (lo - C) // 2
-    if m.device.type == "cpu" and upper.shape[1] >= 2**16:
+    if _sync.host_reads_ok(m) and upper.shape[1] >= 2**16:
         a, b = _pair_by_sampling(upper, r_lo)
         return a, (a if r_hi == r_lo else b)
     a = upper.kthvalue(r_lo + 1, dim=1).values

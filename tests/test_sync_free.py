@@ -1,0 +1,74 @@
+"""The accelerator path, run on CPU tensors: no value is read back to the host, and the answer equals the
+CPU path's. CI has no GPU; this is the CPU half of ``test_cuda_no_host_sync_between_backward_and_cams``.
+
+``_sync.host_reads_ok`` is turned off (every CPU-only shortcut is skipped: static shapes, K = C clusters,
+the proven number of DBSCAN rounds, kthvalue selections) and every way of reading a tensor on the host
+that torch offers in Python raises: ``item``, ``tolist``, ``numpy``, ``bool``/``int``/``float``/index
+conversions, ``nonzero``, ``torch.equal``. (Boolean-mask indexing is not caught here; the CUDA test with
+``set_sync_debug_mode("error")`` catches everything.)
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from cfcam_gpu import _sync, distance
+from cfcam_gpu.cam import cfcam_from_features
+
+READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+
+class HostRead(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def no_host_reads(monkeypatch):
+    def refuse(name):
+        def fn(*args, **kwargs):
+            raise HostRead(f"host read: {name}")
+        return fn
+
+    with monkeypatch.context() as m:
+        m.setattr(_sync, "host_reads_ok", lambda t: False)
+        m.setattr(distance, "exact_sqrt", torch.sqrt)  # the accelerator's sqrt (CUDA's is correctly rounded)
+        for name in READS:
+            m.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
+        m.setattr(torch, "nonzero", refuse("torch.nonzero"))
+        m.setattr(torch, "equal", refuse("torch.equal"))
+        yield
+
+
+def test_the_detector_catches_reads(monkeypatch):
+    x = torch.ones(3)
+    with no_host_reads(monkeypatch):
+        for read in (lambda: x.sum().item(), lambda: bool(x.any()), lambda: int(x[0]), lambda: x.tolist(),
+                     lambda: torch.equal(x, x), lambda: x.nonzero()):
+            with pytest.raises(HostRead):
+                read()
+    assert bool(x.all())  # restored
+
+
+@pytest.mark.parametrize("layer", ["layer3.-1", "layer4.-1"])
+def test_accelerator_path_on_cpu_equals_cpu_path(resnet50_features, monkeypatch, layer):
+    acts, grads = resnet50_features[layer][0][:3], resnet50_features[layer][1][:3]
+    expected = cfcam_from_features(acts, grads)  # the CPU path (screened route, shortcuts)
+    with no_host_reads(monkeypatch):
+        got = cfcam_from_features(acts, grads, check_values=False)
+    assert torch.equal(got.labels, expected.labels)
+    assert torch.equal(got.n_clusters, expected.n_clusters)
+    torch.testing.assert_close(got.eps, expected.eps, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.weights, expected.weights, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.cams, expected.cams, rtol=0, atol=1e-5)
+
+
+def test_accelerator_path_on_cpu_with_dead_and_duplicate_channels(lite0_features, monkeypatch):
+    """Lite0 bn2 on chelsea: eps = 0, dead channels, exact duplicates (the hash pass runs on accelerators)."""
+    acts, grads = lite0_features["bn2"][0][:2], lite0_features["bn2"][1][:2]
+    expected = cfcam_from_features(acts, grads)
+    with no_host_reads(monkeypatch):
+        got = cfcam_from_features(acts, grads, check_values=False)
+    assert torch.equal(got.labels, expected.labels) and torch.equal(got.eps, expected.eps)
+    torch.testing.assert_close(got.cams, expected.cams, rtol=0, atol=1e-5)
