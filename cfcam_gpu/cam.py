@@ -76,7 +76,8 @@ def cluster_weights(gradients: Tensor, labels: Tensor) -> Tensor:
     Cluster k's mean gradient m_k (h, w) is guided-filtered with itself as guide, radius
     int(sqrt(h w) / 4) and eps 0.1 var(m_k); a channel's weight is the spatial mean of its cluster's
     filtered map, 0 for noise. On accelerators clusters are bounded by K = C, so every shape is static
-    (no host sync); memory then grows as B * C * h * w, so use the engine's ``chunk_size`` for large B.
+    (no host sync); the cluster sums then take B * C * h * w floats, as much as the gradients (the
+    engine's ``chunk_size`` bounds both).
     """
     B, C, h, w = gradients.shape
     # K clusters at most: C keeps every shape static on accelerators (no host sync); on the CPU a sync is

@@ -174,12 +174,15 @@ def _features(activations: Tensor) -> Tensor:
     return feats if feats.dtype == torch.float64 else feats.float()
 
 
-# The float64 route on the CPU (float64 features, or an image the screened route declined): the
-# (B, C, C) passes are memory-bound, so images are clustered in groups whose float64 distance matrices
-# fit in about this many bytes (measured with float32 features before the screened route existed:
-# 0.58x -> 0.64x the floor at ResNet50 layer4, B = 16, python -m bench.run). Accelerators take the
-# whole batch.
+# The float64 route clusters images in groups whose float64 (C, C) distance matrices fit in about this
+# many bytes. CPU (float64 features, or an image the screened route declined): the passes are
+# memory-bound, and small groups stay cache- and page-friendly (measured with float32 features before the
+# screened route existed: 0.58x -> 0.64x the floor at ResNet50 layer4, B = 16, python -m bench.run).
+# Accelerators: the group bounds the post-processing's memory whatever the batch (the (B, C, C) float64
+# matrix alone is 34 GB at B = 256, C = 4096; a group of 1 GiB is 64 images at C = 2048, 16 at 4096);
+# the group size follows from the shapes, so it costs no host sync.
 CPU_GROUP_BYTES = 32 * 2**20
+ACCELERATOR_GROUP_BYTES = 2**30
 
 
 def screened_route(feats: Tensor) -> bool:
@@ -192,9 +195,10 @@ def _cluster_torch(feats: Tensor) -> ChannelClusters:
 
 
 def _cluster_float64(feats: Tensor) -> ChannelClusters:
-    """The batched float64 route: the whole batch on accelerators, groups of images on the CPU."""
+    """The batched float64 route, in groups of images (``CPU_GROUP_BYTES``, ``ACCELERATOR_GROUP_BYTES``)."""
     B, C, _ = feats.shape
-    group = max(1, CPU_GROUP_BYTES // (C * C * 8)) if _sync.host_reads_ok(feats) else B
+    budget = CPU_GROUP_BYTES if _sync.host_reads_ok(feats) else ACCELERATOR_GROUP_BYTES
+    group = max(1, budget // (C * C * 8))
     if group >= B:
         return _cluster_torch_batch(feats)
     parts = [_cluster_torch_batch(feats[i:i + group]) for i in range(0, B, group)]

@@ -72,3 +72,20 @@ def test_accelerator_path_on_cpu_with_dead_and_duplicate_channels(lite0_features
         got = cfcam_from_features(acts, grads, check_values=False)
     assert torch.equal(got.labels, expected.labels) and torch.equal(got.eps, expected.eps)
     torch.testing.assert_close(got.cams, expected.cams, rtol=0, atol=1e-5)
+
+
+def test_accelerator_groups_bound_memory_and_change_nothing(resnet50_features, monkeypatch):
+    """Groups of images (ACCELERATOR_GROUP_BYTES) give the same answer as the whole batch at once."""
+    from cfcam_gpu import cluster
+
+    acts = resnet50_features["layer3.-1"][0][:5]
+    C = acts.shape[1]
+    with no_host_reads(monkeypatch):
+        whole = cluster.channel_clusters(acts)
+        calls = []
+        real = cluster._cluster_torch_batch
+        monkeypatch.setattr(cluster, "_cluster_torch_batch", lambda f: calls.append(f.shape[0]) or real(f))
+        monkeypatch.setattr(cluster, "ACCELERATOR_GROUP_BYTES", 2 * C * C * 8)  # two images per group
+        grouped = cluster.channel_clusters(acts)
+    assert calls == [2, 2, 1]
+    assert torch.equal(grouped.labels, whole.labels) and torch.equal(grouped.eps, whole.eps)
