@@ -218,8 +218,10 @@ class _CAMEngine:
                                                  enabled=self.amp_dtype is not None):
                 logits = self._forward(images)
             if capture.output is None:
+                hint = ("; with compile, code dynamo compiled elsewhere without this hook may have been "
+                        "reused: try torch._dynamo.reset()") if self._compiled is not None else ""
                 raise ValueError("target_layer: the layer did not run during the forward pass; "
-                                 "pick a layer on the path from the input to the logits")
+                                 "pick a layer on the path from the input to the logits" + hint)
             if not isinstance(logits, Tensor) or logits.ndim != 2:
                 raise ValueError("model: expected the model to return logits (B, K), got "
                                  f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
