@@ -118,3 +118,16 @@ def test_stages_match_library(C, hw):
     res = cfcam_from_features(acts, grads)
     assert torch.equal(state["labels"], res.labels)
     torch.testing.assert_close(state["cams"], res.cams, rtol=0, atol=1e-6)
+
+
+def test_cpu_passes_script_runs():
+    """bench/cpu_passes.py's pairs and its two CPU routes run, and the routes agree (else it misleads)."""
+    from bench.cpu_passes import cluster_pair, pairs
+
+    acts, _ = features(256, 7)
+    feats = acts.flatten(2).float()
+    for fns in pairs(feats[0]).values():
+        for fn in fns.values():
+            fn()
+    a, b = (f() for f in cluster_pair(feats).values())
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.eps, b.eps)
