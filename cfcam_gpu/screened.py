@@ -99,7 +99,8 @@ def _bracket(flat: Tensor, width: int, ranks: tuple[int, int]) -> tuple[float, f
 
 
 def _count(mask: Tensor) -> int:
-    """Number of True in a bool tensor (``count_nonzero``: on the CPU a bool ``sum`` is ~10x slower)."""
+    """Number of True in a bool tensor (``count_nonzero``: 2-4x faster than a bool ``sum`` over a C*C mask
+    at C = 2048, ``python -m bench.cpu_passes``)."""
     return int(torch.count_nonzero(mask))
 
 
