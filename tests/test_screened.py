@@ -154,3 +154,35 @@ def test_dbscan_on_screened_adjacency_matches_dense(resnet50_features):
     C = x.shape[0]
     assert torch.equal(dbscan_from_adjacency(adj[None], seed_min_samples(C)),
                        dbscan_from_adjacency(torch.from_numpy(ref_adj)[None], seed_min_samples(C)))
+
+
+def _random_case(seed: int) -> torch.Tensor:
+    """A seeded mix of what breaks distance code: duplicates, dead rows, integer grids, near-ties, wide
+    dynamic ranges, few or many features."""
+    g = np.random.default_rng(seed)
+    C = int(g.integers(20, 260))
+    N = int(g.choice([1, 2, 3, 9, 16, 49, 196]))
+    kind = seed % 5
+    if kind == 0:  # integer grid: many exact ties
+        x = g.integers(-2, 3, size=(C, N)).astype(np.float64)
+    elif kind == 1:  # a few prototypes, duplicated and slightly perturbed
+        protos = g.standard_normal((max(2, C // 10), N))
+        x = protos[g.integers(0, len(protos), size=C)] * (1 + 1e-7 * g.standard_normal((C, 1)))
+    elif kind == 2:  # wide dynamic range per channel
+        x = g.standard_normal((C, N)) * np.exp(g.uniform(-20, 20, size=(C, 1)))
+    elif kind == 3:  # ReLU-like: many exact zeros and dead channels
+        x = np.maximum(g.standard_normal((C, N)), 0) * (g.random((C, 1)) < 0.7)
+    else:  # clusters at very different scales
+        x = np.concatenate([g.standard_normal((C // 2, N)) * 1e-3, 1e3 + g.standard_normal((C - C // 2, N))])
+    return torch.from_numpy(x.astype(np.float32))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_cases_exact_or_declined(seed):
+    """Whatever the data: the screened answer equals brute force, or the route declines; and
+    channel_clusters equals the float64 route either way."""
+    x = _random_case(seed)
+    check_exact(x)
+    ours = channel_clusters(x[None, :, :, None])
+    f64 = cluster._cluster_torch_batch(x[None])
+    assert torch.equal(ours.eps, f64.eps) and torch.equal(ours.labels, f64.labels)
