@@ -144,33 +144,47 @@ def _next_value(values: Tensor, a: Tensor, rank: int) -> Tensor:
     return torch.where(more_equal, a, above)
 
 
+SAMPLE = 16384  # entries in the strided sample that brackets order statistics (CPU)
+SAMPLE_SIGMAS = 5.0  # bracket half-width, in binomial standard deviations of the sample rank
+
+
+def sampled_bracket(row: Tensor, ranks: tuple[int, int], width: int = 1) -> tuple[float, float]:
+    """CPU: values that bracket the order statistics at the 0-based ``ranks`` (lo <= hi) of ``row`` (M,)
+    with high probability, read from a sorted strided sample ``SAMPLE_SIGMAS`` binomial deviations
+    beyond the ranks (-inf / inf where that runs off the sample). ``width``: the row length when ``row``
+    is a flattened matrix; the stride shares no factor with it (else it would revisit few columns)."""
+    M = row.numel()
+    step = max(1, M // SAMPLE)
+    while math.gcd(step, width) != 1:
+        step += 1
+    sample = row[::step].sort().values
+    S = sample.numel()
+    p_lo, p_hi = ranks[0] / M, ranks[1] / M
+    margin = int(SAMPLE_SIGMAS * math.sqrt(S * max(p_lo * (1 - p_lo), 1.0 / S))) + 4
+    i_lo, i_hi = int(p_lo * S) - margin, int(p_hi * S) + margin + 1
+    lo_v = float(sample[i_lo]) if i_lo >= 0 else -math.inf
+    hi_v = float(sample[i_hi]) if i_hi < S else math.inf
+    return lo_v, hi_v
+
+
 def _pair_by_sampling(values: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """CPU: the rank-th and (rank+1)-th smallest (0-based) of each row, selected from a narrow window.
 
-    values: (B, M) -> (B,), (B,). A strided sample of the row, sorted, brackets the two ranks with a
-    5-sigma margin; one counting pass and one selection pass then leave a few thousand candidates.
-    If the bracket misses (only on adversarially ordered data) the row falls back to ``kthvalue``: the
-    answer is always exact. Cheaper than ``kthvalue`` plus ``_next_value`` on the CPU (see the
-    percentile stage of ``python -m bench.run``).
+    values: (B, M) -> (B,), (B,). ``sampled_bracket`` brackets the two ranks; one counting pass and one
+    selection pass then leave a few thousand candidates. If the bracket misses (only on adversarially
+    ordered data) the row falls back to ``kthvalue``: the answer is always exact. Cheaper than
+    ``kthvalue`` plus ``_next_value`` on the CPU (see the percentile stage of ``python -m bench.run``).
     """
     B, M = values.shape
     nxt = min(rank + 1, M - 1)
-    step = max(1, M // 16384)
-    sample = values[:, ::step].sort(dim=1).values
-    S = sample.shape[1]
-    p = rank / M
-    margin = int(5 * math.sqrt(S * p * (1 - p))) + 4
-    i_lo, i_hi = int(p * S) - margin, int(nxt / M * S) + margin + 1
-    inf = torch.tensor(float("inf"), dtype=values.dtype)
-    lo_v = sample[:, i_lo] if i_lo >= 0 else -inf.expand(B)
-    hi_v = sample[:, i_hi] if i_hi < S else inf.expand(B)
-    below = (values < lo_v[:, None]).sum(dim=1).tolist()
     firsts, seconds = [], []
-    for b in range(B):
-        row = values[b]
-        window = row[(row >= lo_v[b]) & (row <= hi_v[b])]
-        if below[b] <= rank and nxt < below[b] + window.numel():
-            row, offset = window, below[b]
+    for row in values:
+        lo_v, hi_v = sampled_bracket(row, (rank, nxt))
+        below_mask = row < lo_v
+        below = int(torch.count_nonzero(below_mask))
+        window = row[(row <= hi_v) != below_mask]  # lo_v <= value <= hi_v
+        if below <= rank and nxt < below + window.numel():
+            row, offset = window, below
         else:
             offset = 0
         firsts.append(row.kthvalue(rank - offset + 1).values)

@@ -35,16 +35,13 @@ caller uses the float64 route; ``tests/test_screened.py`` forces each of these.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .distance import _lerp, _linear_rank, exact_sqrt
+from .distance import _lerp, _linear_rank, _next_value, exact_sqrt, sampled_bracket
 
-SAMPLE = 16384  # entries in the strided sample that brackets the order statistics
-SAMPLE_SIGMAS = 5.0  # bracket half-width, in binomial standard deviations of the sample rank
 MAX_NORM = 2.0**100  # squared norms above this could overflow float32 products: take the float64 route
 
 
@@ -80,35 +77,10 @@ def exact_squared_distances(x64: Tensor, flat_idx: Tensor) -> Tensor:
     return (x64[flat_idx // C] - x64[flat_idx % C]).square_().sum(dim=1)
 
 
-def _bracket(flat: Tensor, width: int, ranks: tuple[int, int]) -> tuple[float, float]:
-    """Values that bracket the order statistics at the 0-based ranks of ``flat`` (a row-major matrix
-    with rows of ``width``) with high probability, read from a sorted strided sample with a margin of
-    ``SAMPLE_SIGMAS`` binomial deviations."""
-    M = flat.numel()
-    step = max(1, M // SAMPLE)
-    while math.gcd(step, width) != 1:  # a stride sharing a factor with the row width revisits few columns
-        step += 1
-    sample = flat[::step].sort().values
-    S = sample.numel()
-    p_lo, p_hi = ranks[0] / M, ranks[1] / M
-    margin = int(SAMPLE_SIGMAS * math.sqrt(S * max(p_lo * (1 - p_lo), 1.0 / S))) + 4
-    i_lo, i_hi = int(p_lo * S) - margin, int(p_hi * S) + margin + 1
-    lo_v = float(sample[i_lo]) if i_lo >= 0 else -math.inf
-    hi_v = float(sample[i_hi]) if i_hi < S else math.inf
-    return lo_v, hi_v
-
-
 def _count(mask: Tensor) -> int:
     """Number of True in a bool tensor (``count_nonzero``: 2-4x faster than a bool ``sum`` over a C*C mask
     at C = 2048, ``python -m bench.cpu_passes``)."""
     return int(torch.count_nonzero(mask))
-
-
-def _next_order_statistic(vals: Tensor, a: Tensor, rank: int) -> Tensor:
-    """The (rank + 1)-th smallest (0-based) of vals (M,), given a = the rank-th: two cheap passes."""
-    if _count(vals <= a) > rank + 1:
-        return a
-    return vals[vals > a].min()
 
 
 class Screened(NamedTuple):
@@ -145,7 +117,7 @@ def screen(x: Tensor, q: float, out: Tensor | None = None) -> Screened | None:
     top = norms.argmax()
     Delta = float(screening_bounds(norms, top, top, N))
     lo, hi, _ = _linear_rank(C * C, q)
-    lo_v, hi_v = _bracket(flat, C, (lo, hi))
+    lo_v, hi_v = sampled_bracket(flat, (lo, hi), width=C)
     # 3 Delta more on each side: the windows of screened_percentile and screened_adjacency then fit
     # whenever the sample bracketed the ranks (module notes, 3 and 4).
     lo_v, hi_v = lo_v - 3 * Delta, hi_v + 3 * Delta
@@ -163,7 +135,7 @@ def screened_percentile(sc: Screened, q: float) -> Tensor | None:
     if not (below <= lo and hi < below + vals.numel()):
         return None
     s_lo = vals.kthvalue(lo - below + 1).values
-    s_hi = s_lo if hi == lo else _next_order_statistic(vals, s_lo, lo - below)
+    s_hi = s_lo if hi == lo else _next_value(vals[None], s_lo[None], lo - below)[0]
     # D: the least margin with d~ + delta <= s_hi + D below s_hi and d~ - delta >= s_lo - D above s_lo.
     D = (delta - torch.maximum(s_lo - vals, vals - s_hi).clamp_min(0)).max().clamp_min(0)
     L, H = s_lo - D, s_hi + D

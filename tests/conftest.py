@@ -143,6 +143,22 @@ def capture_features(model: torch.nn.Module, layer: torch.nn.Module, images: tor
     return store["a"].detach(), grads.detach(), t.detach(), logits.detach()
 
 
+def _seeded(factory, seed: int = 0):
+    """factory() under torch.manual_seed(seed), the global RNG state restored afterwards."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return factory()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+@pytest.fixture(scope="session")
+def seeded():
+    """``_seeded(factory, seed=0)`` as a fixture: a model built with seeded weights, RNG state untouched."""
+    return _seeded
+
+
 @pytest.fixture(scope="session")
 def capture():
     """``capture_features`` as a fixture (test modules do not import conftest)."""

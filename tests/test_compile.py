@@ -33,15 +33,6 @@ class Net(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-def _seeded(factory, seed=0):
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return factory()
-    finally:
-        torch.random.set_rng_state(state)
-
-
 def _images(b, size, seed):
     return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
@@ -55,8 +46,8 @@ def _fresh_dynamo():
 
 
 @pytest.fixture
-def net():
-    model = _seeded(Net).eval()
+def net(seeded):
+    model = seeded(Net).eval()
     with torch.no_grad():  # BatchNorm statistics that make eval and train mode differ
         model.bn1.running_mean.uniform_(-0.2, 0.2)
         model.bn1.running_var.uniform_(0.5, 2.0)
@@ -79,9 +70,9 @@ def assert_same(res, ref, atol=1e-5):
 
 
 @pytest.mark.parametrize("which", ["net", "resnet18"])
-def test_equals_uncompiled_and_compiles_once(which, net):
+def test_equals_uncompiled_and_compiles_once(seeded, which, net):
     model, layer, size = (net, "conv2", 16) if which == "net" else (
-        _seeded(lambda: torchvision.models.resnet18(weights=None)).eval(), "layer4.-1", 64)
+        seeded(lambda: torchvision.models.resnet18(weights=None)).eval(), "layer4.-1", 64)
     model.train()
     next(model.children()).eval()  # a mixed state, restored as it was
     modes = [m.training for m in model.modules()]

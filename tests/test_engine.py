@@ -86,18 +86,9 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _seeded(factory, seed=0):
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return factory()
-    finally:
-        torch.random.set_rng_state(state)
-
-
 @pytest.fixture
-def tiny(device):
-    model = _seeded(TinyNet).to(device).eval()
+def tiny(seeded, device):
+    model = seeded(TinyNet).to(device).eval()
     # non-trivial BatchNorm statistics so eval and train mode differ
     with torch.no_grad():
         for m in model.modules():
@@ -114,8 +105,8 @@ def tiny_images(device):
 
 
 @pytest.fixture(scope="module")
-def resnet18_cpu():
-    return _seeded(lambda: torchvision.models.resnet18(weights=None)).eval()
+def resnet18_cpu(seeded):
+    return seeded(lambda: torchvision.models.resnet18(weights=None)).eval()
 
 
 @pytest.fixture
@@ -274,8 +265,8 @@ def test_bad_targets_raise_and_leave_model_clean(tiny, tiny_images, targets, exc
 # ----------------------------------------------------------------------------------------------------
 # Layers whose output is not a (B, C, h, w) tensor; layers that do not run; bad images.
 
-def test_token_layer_mentions_reshape_transform(device):
-    model = _seeded(TokenNet).to(device).eval()
+def test_token_layer_mentions_reshape_transform(seeded, device):
+    model = seeded(TokenNet).to(device).eval()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4)).to(device)
     model.train()
     for engine in (CFCAM(model, "block"), GradCAM(model, model.block)):
@@ -284,8 +275,8 @@ def test_token_layer_mentions_reshape_transform(device):
         assert_clean(model, training=True)
 
 
-def test_token_layer_with_reshape_transform(device, capture):
-    model = _seeded(TokenNet).to(device).eval()
+def test_token_layer_with_reshape_transform(seeded, device, capture):
+    model = seeded(TokenNet).to(device).eval()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4)).to(device)
 
     def to_maps(t):
@@ -312,15 +303,15 @@ def test_layer_that_does_not_run(tiny, tiny_images):
     assert_clean(tiny, training=True)
 
 
-def test_tuple_output_layer(device):
-    model = _seeded(TupleNet).to(device).train()
+def test_tuple_output_layer(seeded, device):
+    model = seeded(TupleNet).to(device).train()
     with pytest.raises(ValueError, match="target_layer.*tuple"):
         CFCAM(model, "pair")(torch.rand(2, 3, 8, 8, device=device))
     assert_clean(model, training=True)
 
 
-def test_model_not_returning_logits(device):
-    model = _seeded(SpatialLogits).to(device).train()
+def test_model_not_returning_logits(seeded, device):
+    model = seeded(SpatialLogits).to(device).train()
     with pytest.raises(ValueError, match="logits"):
         CFCAM(model, "conv")(torch.rand(2, 3, 8, 8, device=device))
     assert_clean(model, training=True)
@@ -449,11 +440,11 @@ def test_resnet50_layer4_and_bn3(resnet50_random, image_batch, device, capture):
 # ----------------------------------------------------------------------------------------------------
 # Grad-CAM vs pytorch-grad-cam.
 
-def test_gradcam_vs_pytorch_grad_cam():
+def test_gradcam_vs_pytorch_grad_cam(seeded):
     from pytorch_grad_cam import GradCAM as PGCGradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    model = _seeded(lambda: torchvision.models.resnet18(weights=None), seed=1).eval()
+    model = seeded(lambda: torchvision.models.resnet18(weights=None), seed=1).eval()
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(6))
     targets = [1, 500, 999]
     ours = GradCAM(model, "layer4.-1")(x, targets)

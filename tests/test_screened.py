@@ -33,6 +33,13 @@ def check_exact(x: torch.Tensor) -> bool:
     return True
 
 
+def assert_sklearn_labels(x: torch.Tensor, eps: torch.Tensor, labels: torch.Tensor, min_samples: int):
+    """scikit-learn's DBSCAN on the float32 features gives our labels (it refuses eps = 0: skipped)."""
+    if float(eps) > 0:
+        ref = DBSCAN(eps=float(eps), min_samples=min_samples, algorithm="brute").fit(x.numpy()).labels_
+        assert np.array_equal(labels.numpy(), ref)
+
+
 def features_of(acts: torch.Tensor) -> torch.Tensor:
     return acts.flatten(2).float()
 
@@ -95,6 +102,7 @@ def test_exact_or_declines_on_tie_heavy_data(rng, kind):
     ours = channel_clusters(x[None, :, :, None])  # whichever route: equal to the float64 route
     f64 = cluster._cluster_torch_batch(x[None])
     assert torch.equal(ours.eps, f64.eps) and torch.equal(ours.labels, f64.labels)
+    assert_sklearn_labels(x, ours.eps[0], ours.labels[0], ours.min_samples)
 
 
 def test_adjacency_is_symmetric_with_true_diagonal(resnet50_features):
@@ -108,7 +116,7 @@ def test_declines_when_the_sample_bracket_misses(resnet50_features, monkeypatch)
     channel_clusters falls back to the float64 route and returns the same answer."""
     acts = resnet50_features["layer3.-1"][0][:2]
     expected = channel_clusters(acts)
-    monkeypatch.setattr(screened, "_bracket", lambda flat, width, ranks: (-1.0, 0.0))
+    monkeypatch.setattr(screened, "sampled_bracket", lambda flat, ranks, width: (-1.0, 0.0))
     assert screened_neighbours(features_of(acts)[0], 25.0) is None
     got = channel_clusters(acts)
     assert torch.equal(got.labels, expected.labels) and torch.equal(got.eps, expected.eps)
@@ -180,9 +188,10 @@ def _random_case(seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("seed", range(40))
 def test_random_cases_exact_or_declined(seed):
     """Whatever the data: the screened answer equals brute force, or the route declines; and
-    channel_clusters equals the float64 route either way."""
+    channel_clusters equals the float64 route and scikit-learn either way."""
     x = _random_case(seed)
     check_exact(x)
     ours = channel_clusters(x[None, :, :, None])
     f64 = cluster._cluster_torch_batch(x[None])
     assert torch.equal(ours.eps, f64.eps) and torch.equal(ours.labels, f64.labels)
+    assert_sklearn_labels(x, ours.eps[0], ours.labels[0], ours.min_samples)
