@@ -1,14 +1,23 @@
-"""cfcam_gpu: batched, tensor-native CF-CAM (ClusteredFilteredGradCAM) and Grad-CAM."""
+"""cfcam_gpu: batched, tensor-native CF-CAM (ClusteredFilteredGradCAM) and Grad-CAM.
+
+The core (this package's top level and ``methods``) needs only torch and numpy; the command line, model
+loading, data, drawing, reports and torchrun live in ``cfcam_gpu.app``, which the core never imports.
+Shapes everywhere: B images, C channels, H x W input, h x w feature map, K clusters, L classes.
+"""
 from .cam import CAMResult, cfcam_from_features, cluster_weights, gradcam_from_features, weighted_cam
-from .cluster import channel_clusters, cluster_channels, dbscan
-from .distance import pairwise_distances, percentile
+from .cluster import channel_clusters, cluster_channels
+from .dbscan import dbscan
+from .distance import pairwise_distances
 from .engine import CFCAM, GradCAM
-from .layers import resolve_layer
 from .filters import box_filter, guided_filter
+from .layers import resolve_layer
+from .methods import AblationCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
+from .percentile import percentile
 
 __all__ = [
-    "CAMResult", "CFCAM", "GradCAM", "box_filter", "cfcam_from_features", "channel_clusters",
-    "cluster_channels", "cluster_weights", "dbscan", "gradcam_from_features", "guided_filter",
-    "pairwise_distances", "percentile", "resolve_layer", "weighted_cam",
+    "AblationCAM", "CAMResult", "CFCAM", "GradCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM", "ScoreCAM",
+    "XGradCAM", "box_filter", "cfcam_from_features", "channel_clusters", "cluster_channels",
+    "cluster_weights", "dbscan", "gradcam_from_features", "guided_filter", "pairwise_distances",
+    "percentile", "resolve_layer", "weighted_cam",
 ]
 __version__ = "0.1.0"

@@ -6,6 +6,20 @@ import torch
 from torch import Tensor
 
 
+def decide_sync_free(sync_free: bool | None, like: Tensor) -> bool:
+    """The accelerator/CPU choice, made once at the top of a public function and passed down.
+
+    None: sync-free (static shapes, no host reads between the backward pass and the CAMs) on every
+    device but the CPU, where a host read costs nothing and data-dependent shortcuts pay. True runs the
+    accelerator path on any device (the tests run it on CPU tensors); False allows host reads.
+    """
+    if sync_free is None:
+        return like.device.type != "cpu"
+    if not isinstance(sync_free, bool):
+        raise TypeError(f"sync_free: expected None, True or False, got {sync_free!r}")
+    return sync_free
+
+
 def check_tensor(x, name: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -61,3 +75,15 @@ def validate_features(activations: Tensor, gradients: Tensor, check_values: bool
     if check_values:
         check_finite(activations, "activations")
         check_finite(gradients, "gradients")
+
+
+def channel_stats(mean, std, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel normalisation constants as (1, C, 1, 1) tensors of ``like``'s dtype and device, with C
+    = like.shape[1] values each and std > 0 (like: (B, C, H, W), possibly empty)."""
+    m = torch.as_tensor(mean, dtype=like.dtype, device=like.device).reshape(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=like.dtype, device=like.device).reshape(1, -1, 1, 1)
+    C = like.shape[1]
+    if m.shape[1] != C or s.shape[1] != C or not bool((s > 0).all()):
+        raise ValueError(f"mean/std: expected {C} values each, std > 0, got mean={tuple(m.flatten().tolist())} "
+                         f"std={tuple(s.flatten().tolist())}")
+    return m, s

@@ -1,4 +1,7 @@
-"""Pure CAM functions on target-layer features: activations and gradients in, maps out."""
+"""Pure CAM functions on target-layer features: activations and gradients in, maps out.
+
+Shapes: B images, C channels, h x w feature map, K clusters.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _sync
-from ._checks import validate_features
-from .cluster import channel_clusters
+from ._checks import decide_sync_free, validate_features
+from .cluster import FILTER_EPS_FRACTION, channel_clusters, seed_filter_radius
 from .filters import guided_filter
 
 
@@ -19,7 +21,7 @@ class CAMResult:
 
     cams: (B, h, w) float32 in [0, 1]; weights: (B, C) channel weights. CF-CAM also fills
     labels: (B, C) int64 DBSCAN channel clusters (-1 = noise), n_clusters: (B,), eps: (B,) DBSCAN radius,
-    min_samples. The engine adds targets: (B,) and logits: (B, K).
+    min_samples. The engine adds targets: (B,) and logits: (B, L).
     """
 
     cams: Tensor
@@ -64,47 +66,46 @@ def weighted_cam(activations: Tensor, weights: Tensor) -> Tensor:
     return cam / torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
-def guided_filter_radius(h: int, w: int) -> int:
-    """The seed's radius: a quarter of the map's spatial scale, int(sqrt(h w) / 4)."""
-    return int((h * w) ** 0.5 / 4)
-
-
-def cluster_weights(gradients: Tensor, labels: Tensor) -> Tensor:
+def cluster_weights(gradients: Tensor, labels: Tensor, *, sync_free: bool | None = None) -> Tensor:
     """CF-CAM channel weights from clustered, guided-filtered mean gradients.
 
     gradients: (B, C, h, w); labels: (B, C) int64 (-1 = noise) -> weights (B, C) float32.
     Cluster k's mean gradient m_k (h, w) is guided-filtered with itself as guide, radius
     int(sqrt(h w) / 4) and eps 0.1 var(m_k); a channel's weight is the spatial mean of its cluster's
-    filtered map, 0 for noise. On accelerators clusters are bounded by K = C, so every shape is static
-    (no host sync); the cluster sums then take B * C * h * w floats, as much as the gradients (the
-    engine's ``chunk_size`` bounds both).
+    filtered map, 0 for noise. ``sync_free`` (None: on non-CPU devices) bounds the clusters by K = C, so
+    every shape is static (no host sync); the cluster sums then take B * C * h * w floats, as much as the
+    gradients (the engine's ``chunk_size`` bounds both). Otherwise K is read from the labels: filtering
+    only the clusters that exist saves filtering C - K empty maps.
     """
     B, C, h, w = gradients.shape
-    # K clusters at most: C keeps every shape static on accelerators (no host sync); on the CPU a sync is
-    # free and filtering only the clusters that exist saves filtering C - K empty maps.
-    K = max(1, int(labels.max()) + 1) if _sync.host_reads_ok(labels) else C
+    K = C if decide_sync_free(sync_free, labels) else max(1, int(labels.max()) + 1)
     grads = gradients.float().flatten(2)  # (B, C, N)
     slot = torch.where(labels >= 0, labels, K)  # noise -> the spare slot K
     sums = grads.new_zeros(B, K + 1, h * w).scatter_add_(1, slot[:, :, None].expand(-1, -1, h * w), grads)
     counts = grads.new_zeros(B, K + 1).scatter_add_(1, slot, torch.ones_like(grads[:, :, 0]))
     means = (sums[:, :K] / counts[:, :K, None].clamp_min(1)).reshape(B * K, 1, h, w)  # (B*K, 1, h, w)
-    eps = 0.1 * means.flatten(1).var(dim=1, unbiased=False)
-    filtered = guided_filter(means, means, guided_filter_radius(h, w), eps)
+    eps = FILTER_EPS_FRACTION * means.flatten(1).var(dim=1, unbiased=False)
+    filtered = guided_filter(means, means, seed_filter_radius(h, w), eps)
     cluster_w = filtered.mean(dim=(1, 2, 3)).reshape(B, K)  # (B, K)
     return torch.where(labels >= 0, cluster_w.gather(1, slot.clamp_max(K - 1)), 0.0)
 
 
 def cfcam_from_features(activations: Tensor, gradients: Tensor, backend: str = "torch",
-                        check_values: bool = True) -> CAMResult:
+                        check_values: bool = True, *, sync_free: bool | None = None,
+                        exclude_dead: bool = False) -> CAMResult:
     """CF-CAM for a batch from target-layer activations and gradients.
 
     activations, gradients: (B, C, h, w) -> CAMResult with cams (B, h, w) in [0, 1], labels (B, C),
     weights (B, C), n_clusters (B,), eps (B,). ``backend`` picks the DBSCAN implementation ("torch",
     "sklearn", "cuml"). ``check_values`` raises on NaN/inf naming the image (one host sync).
+    ``sync_free``: None decides by the device (no host read between the features and the CAMs on
+    accelerators); True runs that path on any device. ``exclude_dead``: all-zero channels are left out
+    of the clustering (weight 0), the same as running each image's alive channels alone.
     """
     validate_features(activations, gradients, check_values)
-    clusters = channel_clusters(activations, backend)
-    weights = cluster_weights(gradients, clusters.labels)
+    sync_free = decide_sync_free(sync_free, activations)
+    clusters = channel_clusters(activations, backend, sync_free=sync_free, exclude_dead=exclude_dead)
+    weights = cluster_weights(gradients, clusters.labels, sync_free=sync_free)
     n_clusters = (clusters.labels.amax(dim=1) + 1)
     return CAMResult(cams=weighted_cam(activations, weights), weights=weights, labels=clusters.labels,
                      n_clusters=n_clusters, eps=clusters.eps, min_samples=clusters.min_samples)

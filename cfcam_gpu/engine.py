@@ -28,79 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_floating, check_ndim
-from .layers import resolve_layer
 from .cam import CAMResult, cfcam_from_features, gradcam_from_features
+from .hooks import LeafCapture, PipelineCapture, capture_hook, eval_mode, forward_hook
+from .layers import resolve_layer
+from .targets import resolve_targets
 
 TOKENS_HINT = ("for transformer tokens (B, N, D) pass reshape_transform=lambda t: "
                "t[:, 1:].reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2) (drop the class token, "
                "then (B, D, h, w))")
-
-
-def resolve_targets(targets, logits: Tensor) -> Tensor:
-    """targets: None (top-1), an int (every image) or B class indices -> (B,) int64 on the logits' device."""
-    B, K = logits.shape
-    if targets is None:
-        return logits.argmax(dim=1)
-    if isinstance(targets, bool):
-        raise TypeError(f"targets: expected None, an int or {B} class indices, got a bool")
-    if isinstance(targets, numbers.Integral):  # a Python or NumPy integer
-        targets = int(targets)
-        if not 0 <= targets < K:
-            raise ValueError(f"targets: expected a class index in [0, {K}), got {targets}")
-        return torch.full((B,), targets, dtype=torch.long, device=logits.device)
-    t = torch.as_tensor(targets, device=logits.device) if not isinstance(targets, Tensor) else targets
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"targets: expected integer class indices, got dtype {t.dtype}")
-    if t.ndim != 1 or t.shape[0] != B:
-        raise ValueError(f"targets: expected {B} class indices (one per image), got shape {tuple(t.shape)}")
-    t = t.to(device=logits.device, dtype=torch.long)
-    bad = (t < 0) | (t >= K)
-    if bool(bad.any()):  # one host sync, only when the caller passes explicit targets
-        i = int(torch.nonzero(bad)[0])
-        raise ValueError(f"targets: expected class indices in [0, {K}), got {int(t[i])} for image index {i}")
-    return t
-
-
-class _Capture:
-    """Forward hook that keeps the layer's output as a graph leaf and turns grad mode back on there.
-
-    The model runs under ``no_grad``; at the target layer the output is detached into a leaf that requires
-    grad, so autograd records only the layers above it: no graph, no saved tensors and no backward below
-    the layer, whatever the parameters' requires_grad. Never traced by ``torch.compile`` (a graph break).
-    """
-
-    def __init__(self):
-        self.output: Tensor | None = None
-
-    @torch.compiler.disable
-    def __call__(self, module, inputs, output):
-        if not isinstance(output, Tensor):
-            raise ValueError(f"target_layer: expected the layer to output a tensor (B, C, h, w), got "
-                             f"{type(output).__name__}; pick a layer that returns one tensor")
-        torch.set_grad_enabled(True)
-        leaf = output.detach().requires_grad_(True)
-        self.output = leaf
-        return leaf.clone()  # later in-place ops (ReLU(inplace=True), +=) must not touch the leaf
-
-
-class _PipelineCapture:
-    """Forward hook for ``explain``: keeps the layer output of the caller's own forward pass.
-
-    It hands the rest of the model a clone, so in-place ops after the layer cannot change the values or
-    the autograd version of the kept tensor. Never traced by ``torch.compile``: in a model the caller
-    compiled, the graph breaks here, so the kept tensor is an input of the graph above the layer and
-    ``autograd.grad`` can reach it (inside one graph it could not).
-    """
-
-    def __init__(self):
-        self.output: Tensor | None = None
-
-    @torch.compiler.disable
-    def __call__(self, module, inputs, output):
-        if isinstance(output, Tensor):
-            self.output = output
-            return output.clone()
-        return None
 
 
 AMP_DTYPES = {True: torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -167,7 +102,7 @@ class _CAMEngine:
             model.to(memory_format=torch.channels_last)
         # the wrapper shares the model's modules; compilation itself happens on the first call
         self._compiled = None if compile_kwargs is None else torch.compile(model, **compile_kwargs)
-        self._pipeline: _PipelineCapture | None = None
+        self._pipeline: PipelineCapture | None = None
         self._pipeline_handle = None
 
     def _forward(self, images: Tensor) -> Tensor:
@@ -177,13 +112,15 @@ class _CAMEngine:
         with the hook silently skipped. Guarding on hooks here keeps the two apart (a recompile)."""
         if self._compiled is None:
             return self.model(images)
+        import torch._dynamo  # already imported by torch.compile
+
         with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
             return self._compiled(images)
 
     # -- context manager: a persistent hook for explain() -------------------------------------------
     def __enter__(self):
-        self._pipeline = _PipelineCapture()
-        self._pipeline_handle = self.target_layer.register_forward_hook(self._pipeline)
+        self._pipeline = PipelineCapture()
+        self._pipeline_handle = self.target_layer.register_forward_hook(capture_hook(self._pipeline))
         return self
 
     def __exit__(self, *exc):
@@ -195,6 +132,11 @@ class _CAMEngine:
         if self._pipeline_handle is not None:
             self._pipeline_handle.remove()
         self._pipeline_handle, self._pipeline = None, None
+
+    def _autocast(self, images: Tensor):
+        """The engine's ``amp`` for a model pass (autocast off when ``amp`` is off)."""
+        return torch.autocast(images.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                              enabled=self.amp_dtype is not None)
 
     def _from_features(self, activations: Tensor, gradients: Tensor) -> CAMResult:
         raise NotImplementedError
@@ -209,13 +151,9 @@ class _CAMEngine:
 
     def _features(self, images: Tensor, targets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """images (B, 3, H, W) -> activations, gradients (B, C, h, w), targets (B,), logits (B, K)."""
-        capture = _Capture()
-        modes = [(m, m.training) for m in self.model.modules()]
-        handle = self.target_layer.register_forward_hook(capture)
-        try:
-            self.model.eval()
-            with torch.no_grad(), torch.autocast(images.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                                                 enabled=self.amp_dtype is not None):
+        capture = LeafCapture()
+        with forward_hook(self.target_layer, capture), eval_mode(self.model):
+            with torch.no_grad(), self._autocast(images):
                 logits = self._forward(images)
             if capture.output is None:
                 hint = ("; with compile, code dynamo compiled elsewhere without this hook may have been "
@@ -223,7 +161,7 @@ class _CAMEngine:
                 raise ValueError("target_layer: the layer did not run during the forward pass; "
                                  "pick a layer on the path from the input to the logits" + hint)
             if not isinstance(logits, Tensor) or logits.ndim != 2:
-                raise ValueError("model: expected the model to return logits (B, K), got "
+                raise ValueError("model: expected the model to return logits (B, L), got "
                                  f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
             target_idx = resolve_targets(targets, logits)
             if not logits.requires_grad:
@@ -231,10 +169,6 @@ class _CAMEngine:
                                  "pick a layer on the path from the input to the logits")
             with torch.enable_grad():  # also when the caller runs us under torch.no_grad()
                 (grads,) = torch.autograd.grad(logits.gather(1, target_idx[:, None]).sum(), capture.output)
-        finally:
-            handle.remove()
-            for module, training in modes:  # every submodule's own mode (e.g. a frozen BatchNorm)
-                module.training = training
         acts, grads = self._to_maps(capture.output.detach(), grads)
         return acts, grads, target_idx, logits.detach()
 
@@ -299,17 +233,22 @@ class _CAMEngine:
 class CFCAM(_CAMEngine):
     """CF-CAM: DBSCAN-clustered, guided-filtered Grad-CAM, for a whole batch in one call.
 
-    ``CFCAM(model, target_layer, backend="torch", **options)`` (options: see ``_CAMEngine``);
+    ``CFCAM(model, target_layer, backend="torch", exclude_dead=False, sync_free=None, **options)``
+    (``exclude_dead`` and ``sync_free`` as ``cfcam_from_features``; options: see ``_CAMEngine``);
     ``cam(images, targets)`` -> CAMResult; ``with CFCAM(...) as cam: cam.explain(model(x))``.
     """
 
-    def __init__(self, model: nn.Module, target_layer, backend: str = "torch", **options):
+    def __init__(self, model: nn.Module, target_layer, backend: str = "torch", exclude_dead: bool = False,
+                 sync_free: bool | None = None, **options):
         super().__init__(model, target_layer, **options)
-        self.backend = backend
+        if exclude_dead and backend != "torch":
+            raise ValueError(f"backend: exclude_dead supports only backend='torch', got {backend!r}")
+        self.backend, self.exclude_dead, self.sync_free = backend, exclude_dead, sync_free
 
     def _from_features(self, activations, gradients):
         return cfcam_from_features(activations, gradients, backend=self.backend,
-                                   check_values=self.check_values)
+                                   check_values=self.check_values, sync_free=self.sync_free,
+                                   exclude_dead=self.exclude_dead)
 
 
 class GradCAM(_CAMEngine):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .baselines import ScoreCAM, build_method, dead_channels, from_features_fn
+from .methods import ScoreCAM, build_method, dead_channels, from_features_fn
 
 ALL_METHODS = ("cfcam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "ablationcam")
 EXTRA_METHODS = ("cfcam_exclude_dead", "scorecam_logit")

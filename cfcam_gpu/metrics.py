@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_floating, check_ndim
+from ._checks import channel_stats, check_floating, check_ndim
+from .hooks import eval_mode
+from .targets import class_indices
 
 __all__ = [
     "DeletionInsertion", "DropIncrease", "Robustness", "auc", "average_drop_increase", "deletion_insertion",
-    "gaussian_blur", "mean_ci", "robustness", "ssim", "target_probabilities",
+    "gaussian_blur", "mean_ci", "robustness", "ssim",
 ]
 
 
@@ -66,18 +68,7 @@ def _check_inputs(images: Tensor, cams: Tensor, targets) -> Tensor:
                          f"{tuple(cams.shape) if isinstance(cams, Tensor) else type(cams).__name__}")
     if cams.shape[0] != images.shape[0]:
         raise ValueError(f"cams: expected {images.shape[0]} maps (one per image), got {cams.shape[0]}")
-    return _targets(targets, images.shape[0], images.device)
-
-
-def _targets(targets, B: int, device) -> Tensor:
-    if isinstance(targets, bool):
-        raise TypeError("targets: expected an int or B class indices, got a bool")
-    if isinstance(targets, int):
-        return torch.full((B,), targets, dtype=torch.long, device=device)
-    t = torch.as_tensor(targets, device=device)
-    if t.is_floating_point() or t.ndim != 1 or t.shape[0] != B:
-        raise ValueError(f"targets: expected {B} integer class indices, got {tuple(t.shape)} {t.dtype}")
-    return t.long()
+    return class_indices(targets, images.shape[0], images.device)
 
 
 def _upsample(cams: Tensor, size) -> Tensor:
@@ -99,36 +90,19 @@ def _probabilities(model: nn.Module, make_inputs: Callable[[Tensor], Tensor], n:
     """Softmax probability of targets[i] for input i of n, built ``batch_size`` at a time by
     make_inputs(indices) -> (S, 3, H, W). Eval mode, no_grad, every submodule's mode restored."""
     out = torch.empty(n, device=device)
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            for i in range(0, n, batch_size):
-                idx = torch.arange(i, min(i + batch_size, n), device=device)
-                logits = model(make_inputs(idx)).float()
-                out[idx] = logits.softmax(dim=1).gather(1, targets[idx][:, None])[:, 0]
-    finally:
-        for module, training in modes:  # every submodule's own mode (e.g. a frozen BatchNorm)
-            module.training = training
+    with eval_mode(model), torch.no_grad():
+        for i in range(0, n, batch_size):
+            idx = torch.arange(i, min(i + batch_size, n), device=device)
+            logits = model(make_inputs(idx)).float()
+            out[idx] = logits.softmax(dim=1).gather(1, targets[idx][:, None])[:, 0]
     return out
-
-
-def target_probabilities(model: nn.Module, images: Tensor, targets, batch_size: int = 64) -> Tensor:
-    """Softmax probability of each image's target class: (B,)."""
-    t = _targets(targets, images.shape[0], images.device)
-    return _probabilities(model, lambda idx: images[idx], images.shape[0], t, _check_batch_size(batch_size),
-                          images.device)
 
 
 def _channel_stats(mean, std, like: Tensor) -> tuple[Tensor, Tensor]:
     if mean is None or std is None:
         raise ValueError("mean/std: mode='threshold' zeroes pixels in pixel space and needs the model's "
                          "normalisation: pass mean=(r, g, b) and std=(r, g, b)")
-    m = torch.as_tensor(mean, dtype=like.dtype, device=like.device).reshape(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=like.dtype, device=like.device).reshape(1, -1, 1, 1)
-    if m.shape[1] != like.shape[1] or s.shape[1] != like.shape[1]:
-        raise ValueError(f"mean/std: expected {like.shape[1]} values each, got {m.shape[1]} and {s.shape[1]}")
-    return m, s
+    return channel_stats(mean, std, like)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .distance import _lerp, _linear_rank, _next_value, exact_sqrt, sampled_bracket
+from .distance import exact_sqrt
+from .percentile import lerp, linear_rank, next_value, sampled_bracket
 
 MAX_NORM = 2.0**100  # squared norms above this could overflow float32 products: take the float64 route
 
@@ -116,7 +117,7 @@ def screen(x: Tensor, q: float, out: Tensor | None = None) -> Screened | None:
     flat = screened_squared_distances(x, norms, out).view(-1)
     top = norms.argmax()
     Delta = float(screening_bounds(norms, top, top, N))
-    lo, hi, _ = _linear_rank(C * C, q)
+    lo, hi, _ = linear_rank(C * C, q)
     lo_v, hi_v = sampled_bracket(flat, (lo, hi), width=C)
     # 3 Delta more on each side: the windows of screened_percentile and screened_adjacency then fit
     # whenever the sample bracketed the ranks (module notes, 3 and 4).
@@ -130,12 +131,12 @@ def screen(x: Tensor, q: float, out: Tensor | None = None) -> Screened | None:
 def screened_percentile(sc: Screened, q: float) -> Tensor | None:
     """Percentile stage: the q-th percentile (numpy's linear rule) of the C*C entries of sqrt(V) rounded
     to float32, exactly (module notes, 3). -> () float32, or None (use the float64 route)."""
-    lo, hi, g = _linear_rank(sc.flat.numel(), q)
+    lo, hi, g = linear_rank(sc.flat.numel(), q)
     below, vals, delta = sc.below, sc.vals, sc.delta
     if not (below <= lo and hi < below + vals.numel()):
         return None
     s_lo = vals.kthvalue(lo - below + 1).values
-    s_hi = s_lo if hi == lo else _next_value(vals[None], s_lo[None], lo - below)[0]
+    s_hi = s_lo if hi == lo else next_value(vals[None], s_lo[None], lo - below)[0]
     # D: the least margin with d~ + delta <= s_hi + D below s_hi and d~ - delta >= s_lo - D above s_lo.
     D = (delta - torch.maximum(s_lo - vals, vals - s_hi).clamp_min(0)).max().clamp_min(0)
     L, H = s_lo - D, s_hi + D
@@ -151,7 +152,7 @@ def screened_percentile(sc: Screened, q: float) -> Tensor | None:
     if not (L <= a and b <= H):  # proven (module notes, 3); a cheap guard all the same
         return None
     a, b = exact_sqrt(a).float(), exact_sqrt(b).float()
-    return a if g == 0.0 else _lerp(a, b, g)
+    return a if g == 0.0 else lerp(a, b, g)
 
 
 def screened_adjacency(sc: Screened, eps: Tensor) -> Tensor | None:

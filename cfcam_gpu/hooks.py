@@ -1,0 +1,89 @@
+"""Hooks on the target layer and the model's train/eval state: each written once, used by every engine.
+
+- ``eval_mode(model)``: eval mode inside, every submodule's own ``training`` flag restored afterwards
+  (also on error; a frozen BatchNorm inside a training model stays frozen).
+- ``LeafCapture``: the engine's forward hook; the layer output becomes an autograd leaf.
+- ``PipelineCapture``: the hook of ``with cam:`` / ``cam.explain(logits)``; keeps the caller's output.
+- ``capture_hook(fn)``: a hook that ``torch.compile`` never traces (a graph break), without importing
+  ``torch._dynamo`` when nothing was compiled.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` inside the block; every submodule's own mode restored on exit (also on error)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def capture_hook(fn: Callable) -> Callable:
+    """``fn`` as a forward hook that ``torch.compile`` never traces.
+
+    Dynamo is imported only by code that compiles: when it was never imported no compiled code can run
+    the hook, so ``fn`` is returned as is and ``import cfcam_gpu`` stays free of ``torch._dynamo``.
+    """
+    if "torch._dynamo" not in sys.modules:
+        return fn
+    return torch.compiler.disable(fn)
+
+
+class LeafCapture:
+    """Forward hook that keeps the layer's output as a graph leaf and turns grad mode back on there.
+
+    The model runs under ``no_grad``; at the target layer the output is detached into a leaf that requires
+    grad, so autograd records only the layers above it: no graph, no saved tensors and no backward below
+    the layer, whatever the parameters' requires_grad.
+    """
+
+    def __init__(self):
+        self.output: Tensor | None = None
+
+    def __call__(self, module, inputs, output):
+        if not isinstance(output, Tensor):
+            raise ValueError(f"target_layer: expected the layer to output a tensor (B, C, h, w), got "
+                             f"{type(output).__name__}; pick a layer that returns one tensor")
+        torch.set_grad_enabled(True)
+        leaf = output.detach().requires_grad_(True)
+        self.output = leaf
+        return leaf.clone()  # later in-place ops (ReLU(inplace=True), +=) must not touch the leaf
+
+
+class PipelineCapture:
+    """Forward hook for ``explain``: keeps the layer output of the caller's own forward pass.
+
+    It hands the rest of the model a clone, so in-place ops after the layer cannot change the values or
+    the autograd version of the kept tensor. In a model the caller compiled, the graph breaks here, so
+    the kept tensor is an input of the graph above the layer and ``autograd.grad`` can reach it.
+    """
+
+    def __init__(self):
+        self.output: Tensor | None = None
+
+    def __call__(self, module, inputs, output):
+        if isinstance(output, Tensor):
+            self.output = output
+            return output.clone()
+        return None
+
+
+@contextlib.contextmanager
+def forward_hook(layer: nn.Module, hook: Callable) -> Iterator[None]:
+    """``hook`` registered on ``layer`` (through ``capture_hook``) inside the block, removed on exit."""
+    handle = layer.register_forward_hook(capture_hook(hook))
+    try:
+        yield
+    finally:
+        handle.remove()

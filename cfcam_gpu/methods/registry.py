@@ -1,0 +1,71 @@
+"""Every CAM method by name: the engines and, for the gradient methods, their pure functions.
+
+Names are those of ``cfcam explain --method`` / ``cfcam evaluate --methods``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from ..cam import CAMResult, cfcam_from_features, gradcam_from_features
+from ..engine import CFCAM, GradCAM, _CAMEngine
+from .gradient import (GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM, gradcampp_from_features,
+                       hirescam_from_features, layercam_from_features, xgradcam_from_features)
+from .perturbation import AblationCAM, ScoreCAM
+
+
+def cfcam_exclude_dead_from_features(activations: Tensor, gradients: Tensor,
+                                     check_values: bool = True, **options) -> CAMResult:
+    """``cfcam_from_features(..., exclude_dead=True)``: all-zero channels left out of the clustering."""
+    return cfcam_from_features(activations, gradients, check_values=check_values, exclude_dead=True,
+                               **options)
+
+
+class CFCAMExcludeDead(CFCAM):
+    """``CFCAM(..., exclude_dead=True)`` under its own name (an evaluation variant; ``CFCAM`` stays the
+    seed's method)."""
+
+    def __init__(self, model: nn.Module, target_layer, **options):
+        super().__init__(model, target_layer, exclude_dead=True, **options)
+
+
+METHODS: dict[str, type] = {
+    "cfcam": CFCAM,
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+    "hirescam": HiResCAM,
+    "scorecam": ScoreCAM,
+    "ablationcam": AblationCAM,
+    "cfcam_exclude_dead": CFCAMExcludeDead,
+}
+
+_FROM_FEATURES: dict[str, Callable] = {
+    "cfcam": cfcam_from_features,
+    "gradcam": gradcam_from_features,
+    "gradcam++": gradcampp_from_features,
+    "xgradcam": xgradcam_from_features,
+    "layercam": layercam_from_features,
+    "hirescam": hirescam_from_features,
+    "cfcam_exclude_dead": cfcam_exclude_dead_from_features,
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in METHODS:
+        raise ValueError(f"method: unknown CAM method {name!r}; expected one of {sorted(METHODS)}")
+
+
+def build_method(name: str, model: nn.Module, target_layer, **options) -> _CAMEngine:
+    """``METHODS[name](model, target_layer, **options)`` with a helpful error for unknown names."""
+    _check_name(name)
+    return METHODS[name](model, target_layer, **options)
+
+
+def from_features_fn(name: str) -> Callable | None:
+    """The pure (activations, gradients) -> CAMResult function of a gradient method; None for the
+    gradient-free ones (scorecam, ablationcam)."""
+    _check_name(name)
+    return _FROM_FEATURES.get(name)
