@@ -12,7 +12,7 @@ ratio. Pairs:
   eps       float64 route: squared_distances + percentile_from_squared | screened route: screen +
             screened_percentile (buffer reused)
   dbscan0   round 0 of the components: masked minimum | one ``max`` over the uint8 adjacency
-  dbscan    ``cluster.dbscan_from_adjacency`` (whole DBSCAN) | scipy ``connected_components`` of the
+  dbscan    ``dbscan.dbscan_from_adjacency`` (whole DBSCAN) | scipy ``connected_components`` of the
             core graph alone (dense -> CSR), when scipy is importable
 
 and, on the whole batch (ms per image), ``cluster``: the float64 route as the CPU ran it before
@@ -45,6 +45,8 @@ def _median_ms(fns: dict, repeats: int) -> dict[str, float]:
 
 def pairs(x: torch.Tensor) -> dict[str, dict]:
     from cfcam_gpu import cluster, distance, screened
+    from cfcam_gpu.dbscan import _masked_min, dbscan_from_adjacency
+    from cfcam_gpu.percentile import percentile_from_squared
 
     C = x.shape[0]
     q = cluster.EPS_PERCENTILE
@@ -59,10 +61,10 @@ def pairs(x: torch.Tensor) -> dict[str, dict]:
                  "float32 augmented mm": lambda: screened.screened_squared_distances(x, norms),
                  "float32 augmented mm, out=": lambda: screened.screened_squared_distances(x, norms, buf)},
         "count": {"bool sum": lambda: int(mask.sum()), "count_nonzero": lambda: int(torch.count_nonzero(mask))},
-        "eps": {"float64 route": lambda: distance.percentile_from_squared(distance.squared_distances(x[None]),
-                                                                          q, torch.float32),
+        "eps": {"float64 route": lambda: percentile_from_squared(distance.squared_distances(x[None]),
+                                                                            q, torch.float32, False),
                 "screened route": lambda: screened.screened_percentile(screened.screen(x, q, buf), q)},
-        "dbscan0": {"masked minimum": lambda: cluster._masked_min(adj, parent, C),
+        "dbscan0": {"masked minimum": lambda: _masked_min(adj, parent, C),
                     "max over uint8": lambda: adj.view(torch.uint8).max(dim=2)},
     }
     try:
@@ -76,7 +78,7 @@ def pairs(x: torch.Tensor) -> dict[str, dict]:
             return connected_components(sp.csr_matrix(a[np.ix_(core, core)]), directed=False)
 
         min_samples = cluster.seed_min_samples(C)
-        out["dbscan"] = {"dbscan_from_adjacency": lambda: cluster.dbscan_from_adjacency(adj, min_samples),
+        out["dbscan"] = {"dbscan_from_adjacency": lambda: dbscan_from_adjacency(adj, min_samples, False),
                          "scipy components only": scipy_core_components}
     except ImportError:
         pass
@@ -87,7 +89,7 @@ def cluster_pair(feats: torch.Tensor) -> dict:
     """feats: (B, C, N) float32 -> the two CPU routes for the whole clustering step."""
     from cfcam_gpu import cluster
 
-    return {"float64 route (grouped)": lambda: cluster._cluster_float64(feats),
+    return {"float64 route (grouped)": lambda: cluster._cluster_float64(feats, cluster.CPU_GROUP_BYTES, False),
             "screened route": lambda: cluster._cluster_cpu_float32(feats)}
 
 

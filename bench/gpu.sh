@@ -7,7 +7,7 @@
 # Installs nothing from the network, finishes in under 8 minutes (every step has its own `timeout`),
 # and leaves at most 6 files in OUTDIR (the device tool brings back 8):
 #   env.txt                        nvidia-smi, python/torch/package versions, what was skipped and why
-#   pytest.log                     python -m pytest tests -q -k cuda (TESTS=all: every test; tests needing
+#   pytest.log                     python -m pytest tests -q -m cuda (TESTS=all: every test; tests needing
 #                                  cv2.ximgproc must skip there)
 #   bench.log                      the three bench tables, stderr included, and each step's exit status
 #   bench_resnet50_layer4.json     batch 1,16,64,256; reference (2 images) at batch 16 only
@@ -86,7 +86,7 @@ note "## env done at $(elapsed)s"
 # ---------------------------------------------------------------------------------------------- tests
 # Only the tests that touch CUDA (the device-parametrised ones and the no-host-sync check): CI runs the
 # rest on CPUs, and GPU time is scarce. TESTS=all runs the whole suite.
-SELECT=(-k cuda)
+SELECT=(-m cuda)
 [ "${TESTS:-cuda}" = all ] && SELECT=()
 echo "## python -m pytest tests -q ${SELECT[*]} (timeout ${TEST_TIMEOUT}s)" >"$OUT/pytest.log"
 timeout "$TEST_TIMEOUT" "$PY" -m pytest tests -q -p no:cacheprovider -rs "${SELECT[@]}" >>"$OUT/pytest.log" 2>&1

@@ -5,14 +5,14 @@ the CPU with float32 features (the screened route, image by image, ``cfcam_gpu/s
 
   distances       screened.screen: float32 d~ by one matrix product, the percentile's bracket extracted
   percentile      screened.screened_percentile: exact order statistics from the bracket's window
-  dbscan          screened.screened_adjacency + cluster.dbscan_from_adjacency
+  dbscan          screened.screened_adjacency + dbscan.dbscan_from_adjacency
 
 elsewhere (accelerators, float64 features: the batched float64 route):
 
   distances       cfcam_gpu.distance.squared_distances (float64 Gram)
-  percentile      cfcam_gpu.distance.percentile_from_squared(d2, 25, dtype)
+  percentile      cfcam_gpu.percentile.percentile_from_squared(d2, 25, dtype)
   dbscan          threshold (eps**2 in the features' dtype vs float64 d2), mirror_upper,
-                  cluster.dbscan_from_adjacency
+                  dbscan.dbscan_from_adjacency
 
 then, on both:
 
@@ -23,6 +23,7 @@ and ``cfcam_from_features`` end to end (with its finiteness checks) as the post-
 Each stage is guarded: if the library's API moves, that stage reports the error and the rest still run.
 """
 from __future__ import annotations
+
 
 import traceback
 from typing import Callable
@@ -58,7 +59,10 @@ def stage_functions(acts: Tensor, grads: Tensor) -> list[tuple[str, Callable[[di
     outputs there, so each stage can be re-run alone on the previous stage's real output."""
     from cfcam_gpu import cam as cam_mod
     from cfcam_gpu import cluster as cluster_mod
+    from cfcam_gpu.dbscan import dbscan_from_adjacency
     from cfcam_gpu import distance as dist_mod
+    from cfcam_gpu._checks import decide_sync_free
+    from cfcam_gpu.percentile import percentile_from_squared
 
     feats = acts.flatten(2)
     feats = feats if feats.dtype == torch.float64 else feats.float()
@@ -66,7 +70,8 @@ def stage_functions(acts: Tensor, grads: Tensor) -> list[tuple[str, Callable[[di
     min_samples = cluster_mod.seed_min_samples(C)
     q = cluster_mod.EPS_PERCENTILE
 
-    if cluster_mod.screened_route(feats):  # CPU, float32: image by image (cfcam_gpu/screened.py)
+    sync_free = decide_sync_free(None, feats)
+    if cluster_mod.screened_route(feats, sync_free):  # CPU, float32: image by image (cfcam_gpu/screened.py)
         from cfcam_gpu import screened as scr
 
         def distances(s):
@@ -77,18 +82,18 @@ def stage_functions(acts: Tensor, grads: Tensor) -> list[tuple[str, Callable[[di
 
         def dbscan(s):
             adj = [scr.screened_adjacency(sc, e) for sc, e in zip(s["screens"], s["eps"])]
-            s["labels"] = torch.cat([cluster_mod.dbscan_from_adjacency(a[None], min_samples) for a in adj])
+            s["labels"] = torch.cat([dbscan_from_adjacency(a[None], min_samples, False) for a in adj])
     else:  # the batched float64 route (accelerators, float64 features)
         def distances(s):
-            s["d2"] = dist_mod.squared_distances(feats)
+            s["d2"] = dist_mod.squared_distances(feats, sync_free)
 
         def percentile(s):
-            s["eps"] = dist_mod.percentile_from_squared(s["d2"], q, feats.dtype)
+            s["eps"] = percentile_from_squared(s["d2"], q, feats.dtype, sync_free)
 
         def dbscan(s):
             threshold = (s["eps"] * s["eps"]).double()
             adj = dist_mod.mirror_upper(s["d2"] <= threshold[:, None, None])
-            s["labels"] = cluster_mod.dbscan_from_adjacency(adj, min_samples)
+            s["labels"] = dbscan_from_adjacency(adj, min_samples, sync_free)
 
     def weights(s):
         s["weights"] = cam_mod.cluster_weights(grads, s["labels"])
@@ -103,7 +108,7 @@ def stage_variant(acts: Tensor) -> str:
     """Which library functions the stages call for these features."""
     from cfcam_gpu import cluster as cluster_mod
 
-    if cluster_mod.screened_route(acts.flatten(2)):
+    if cluster_mod.screened_route(acts.flatten(2), acts.device.type != "cpu"):
         return "screened.screen | screened_percentile | screened_adjacency+dbscan_from_adjacency | " \
                "cluster_weights | weighted_cam (CPU float32 route, image by image)"
     return "squared_distances | percentile_from_squared | threshold+dbscan_from_adjacency | " \

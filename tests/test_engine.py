@@ -500,6 +500,7 @@ def test_explain_on_callers_forward(tiny, tiny_images):
         CFCAM(tiny, "features").explain(logits.detach())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_no_host_sync_between_backward_and_cams():
     """Issue 3: on CUDA, with targets=None and check_values=False, nothing after the forward pass

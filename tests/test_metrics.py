@@ -14,7 +14,7 @@ from torch import nn
 from cfcam_gpu import CAMResult, gradcam_from_features
 from cfcam_gpu import metrics as M
 
-from test_cam import make_features
+from helpers import make_features
 
 S = 32  # image size
 R = 8  # the region: rows 0:8, columns 0:8 (64 of 1024 pixels)

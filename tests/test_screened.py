@@ -8,7 +8,8 @@ import torch
 from sklearn.cluster import DBSCAN
 
 from cfcam_gpu import cluster, screened
-from cfcam_gpu.cluster import channel_clusters, dbscan_from_adjacency, seed_min_samples
+from cfcam_gpu.cluster import channel_clusters, seed_min_samples
+from cfcam_gpu.dbscan import dbscan_from_adjacency
 from cfcam_gpu.screened import (exact_squared_distances, screened_neighbours, screened_squared_distances,
                                 screening_bounds)
 
@@ -64,7 +65,7 @@ def test_eps_zero_falls_back_and_stays_exact(lite0_features):
     if got is not None:
         check_exact(x)
     fast = channel_clusters(acts)
-    f64 = cluster._cluster_torch_batch(features_of(acts))
+    f64 = cluster._cluster_float64_batch(features_of(acts), False)
     assert fast.eps.item() == 0 and torch.equal(fast.labels, f64.labels)
 
 
@@ -100,7 +101,7 @@ def test_exact_or_declines_on_tie_heavy_data(rng, kind):
     x = torch.from_numpy(np.asarray(x, dtype=np.float32))
     check_exact(x)  # exact when taken
     ours = channel_clusters(x[None, :, :, None])  # whichever route: equal to the float64 route
-    f64 = cluster._cluster_torch_batch(x[None])
+    f64 = cluster._cluster_float64_batch(x[None], False)
     assert torch.equal(ours.eps, f64.eps) and torch.equal(ours.labels, f64.labels)
     assert_sklearn_labels(x, ours.eps[0], ours.labels[0], ours.min_samples)
 
@@ -147,7 +148,7 @@ def test_labels_equal_float64_route_and_sklearn(resnet50_features, layer):
     and scikit-learn's labels (brute force on the float32 features)."""
     acts = resnet50_features[layer][0]
     ours = channel_clusters(acts)
-    f64 = cluster._cluster_torch_batch(features_of(acts))
+    f64 = cluster._cluster_float64_batch(features_of(acts), False)
     assert torch.equal(ours.eps, f64.eps) and torch.equal(ours.labels, f64.labels)
     feats = features_of(acts).numpy()
     for b in range(2):
@@ -160,8 +161,8 @@ def test_dbscan_on_screened_adjacency_matches_dense(resnet50_features):
     eps, adj = screened_neighbours(x, 25.0)
     _, ref_adj = brute_force(x)
     C = x.shape[0]
-    assert torch.equal(dbscan_from_adjacency(adj[None], seed_min_samples(C)),
-                       dbscan_from_adjacency(torch.from_numpy(ref_adj)[None], seed_min_samples(C)))
+    assert torch.equal(dbscan_from_adjacency(adj[None], seed_min_samples(C), False),
+                       dbscan_from_adjacency(torch.from_numpy(ref_adj)[None], seed_min_samples(C), False))
 
 
 def _random_case(seed: int) -> torch.Tensor:
@@ -192,6 +193,6 @@ def test_random_cases_exact_or_declined(seed):
     x = _random_case(seed)
     check_exact(x)
     ours = channel_clusters(x[None, :, :, None])
-    f64 = cluster._cluster_torch_batch(x[None])
+    f64 = cluster._cluster_float64_batch(x[None], False)
     assert torch.equal(ours.eps, f64.eps) and torch.equal(ours.labels, f64.labels)
     assert_sklearn_labels(x, ours.eps[0], ours.labels[0], ours.min_samples)

@@ -1,8 +1,9 @@
 """The accelerator path, run on CPU tensors: no value is read back to the host, and the answer equals the
 CPU path's. CI has no GPU; this is the CPU half of ``test_cuda_no_host_sync_between_backward_and_cams``.
 
-``_sync.host_reads_ok`` is turned off (every CPU-only shortcut is skipped: static shapes, K = C clusters,
-the proven number of DBSCAN rounds, kthvalue selections) and every way of reading a tensor on the host
+``sync_free=True`` is passed (every CPU-only shortcut is skipped: static shapes, K = C clusters, the proven
+number of DBSCAN rounds, kthvalue selections), as an accelerator gets by default, and every way of reading
+a tensor on the host
 that torch offers in Python raises: ``item``, ``tolist``, ``numpy``, ``bool``/``int``/``float``/index
 conversions, ``nonzero``, ``torch.equal``. (Boolean-mask indexing is not caught here; the CUDA test with
 ``set_sync_debug_mode("error")`` catches everything.)
@@ -10,11 +11,12 @@ conversions, ``nonzero``, ``torch.equal``. (Boolean-mask indexing is not caught 
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import pytest
 import torch
 
-from cfcam_gpu import _sync, distance
+percentile_module = importlib.import_module("cfcam_gpu.percentile")  # the module, not the function
 from cfcam_gpu.cam import cfcam_from_features
 
 READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
@@ -32,8 +34,7 @@ def no_host_reads(monkeypatch):
         return fn
 
     with monkeypatch.context() as m:
-        m.setattr(_sync, "host_reads_ok", lambda t: False)
-        m.setattr(distance, "exact_sqrt", torch.sqrt)  # the accelerator's sqrt (CUDA's is correctly rounded)
+        m.setattr(percentile_module, "exact_sqrt", torch.sqrt)  # the accelerator's sqrt (CUDA's is correctly rounded)
         for name in READS:
             m.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
         m.setattr(torch, "nonzero", refuse("torch.nonzero"))
@@ -56,7 +57,7 @@ def test_accelerator_path_on_cpu_equals_cpu_path(resnet50_features, monkeypatch,
     acts, grads = resnet50_features[layer][0][:3], resnet50_features[layer][1][:3]
     expected = cfcam_from_features(acts, grads)  # the CPU path (screened route, shortcuts)
     with no_host_reads(monkeypatch):
-        got = cfcam_from_features(acts, grads, check_values=False)
+        got = cfcam_from_features(acts, grads, check_values=False, sync_free=True)
     assert torch.equal(got.labels, expected.labels)
     assert torch.equal(got.n_clusters, expected.n_clusters)
     torch.testing.assert_close(got.eps, expected.eps, rtol=1e-6, atol=0)
@@ -69,7 +70,7 @@ def test_accelerator_path_on_cpu_with_dead_and_duplicate_channels(lite0_features
     acts, grads = lite0_features["bn2"][0][:2], lite0_features["bn2"][1][:2]
     expected = cfcam_from_features(acts, grads)
     with no_host_reads(monkeypatch):
-        got = cfcam_from_features(acts, grads, check_values=False)
+        got = cfcam_from_features(acts, grads, check_values=False, sync_free=True)
     assert torch.equal(got.labels, expected.labels) and torch.equal(got.eps, expected.eps)
     torch.testing.assert_close(got.cams, expected.cams, rtol=0, atol=1e-5)
 
@@ -81,11 +82,22 @@ def test_accelerator_groups_bound_memory_and_change_nothing(resnet50_features, m
     acts = resnet50_features["layer3.-1"][0][:5]
     C = acts.shape[1]
     with no_host_reads(monkeypatch):
-        whole = cluster.channel_clusters(acts)
+        whole = cluster.channel_clusters(acts, sync_free=True)
         calls = []
-        real = cluster._cluster_torch_batch
-        monkeypatch.setattr(cluster, "_cluster_torch_batch", lambda f: calls.append(f.shape[0]) or real(f))
+        real = cluster._cluster_float64_batch
+        monkeypatch.setattr(cluster, "_cluster_float64_batch",
+                            lambda f, *args: calls.append(f.shape[0]) or real(f, *args))
         monkeypatch.setattr(cluster, "ACCELERATOR_GROUP_BYTES", 2 * C * C * 8)  # two images per group
-        grouped = cluster.channel_clusters(acts)
+        grouped = cluster.channel_clusters(acts, sync_free=True)
     assert calls == [2, 2, 1]
     assert torch.equal(grouped.labels, whole.labels) and torch.equal(grouped.eps, whole.eps)
+
+
+def test_exclude_dead_sync_free_equals_cpu_route(lite0_features, monkeypatch):
+    """exclude_dead: the masked static-shape route equals each image's alive channels clustered alone."""
+    acts, grads = lite0_features["bn2"][0][:3], lite0_features["bn2"][1][:3]
+    expected = cfcam_from_features(acts, grads, exclude_dead=True)
+    with no_host_reads(monkeypatch):
+        got = cfcam_from_features(acts, grads, check_values=False, sync_free=True, exclude_dead=True)
+    assert torch.equal(got.labels, expected.labels) and torch.equal(got.eps, expected.eps)
+    torch.testing.assert_close(got.cams, expected.cams, rtol=0, atol=1e-5)

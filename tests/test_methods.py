@@ -1,4 +1,4 @@
-"""baselines.py: Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Score-CAM, Ablation-CAM vs pytorch-grad-cam on a
+"""methods/: Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Score-CAM, Ablation-CAM vs pytorch-grad-cam on a
 seeded ResNet18; CF-CAM without dead channels vs the per-image reference; engine hygiene."""
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pytorch_grad_cam import (AblationCAM as PgcAblationCAM, GradCAMPlusPlus as 
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 from cfcam_gpu import GradCAM, cfcam_from_features
-from cfcam_gpu import baselines as bl
+from cfcam_gpu import methods as bl
+from cfcam_gpu.methods import perturbation
 from cfcam_gpu.reference import cfcam_reference
 
-from conftest import preprocess
-from test_cam import make_features
+from helpers import make_features, preprocess
 
 SIZE = 96
 
@@ -168,7 +168,7 @@ def test_ablationcam_matches_pytorch_grad_cam(with_dead, x2):
 def test_ablationcam_head_equals_full_forward_fallback(resnet18, x2, monkeypatch):
     layer = resnet18.layer4[0]
     head = bl.AblationCAM(resnet18, layer, ablation_batch_size=300)(x2, 5)
-    monkeypatch.setattr(bl, "head_after", lambda model, layer: None)
+    monkeypatch.setattr(perturbation, "head_after", lambda model, layer: None)
     cam = bl.AblationCAM(resnet18, layer, ablation_batch_size=300)
     full = cam(x2, 5)
     assert not cam.uses_head

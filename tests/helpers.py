@@ -1,0 +1,140 @@
+"""Helpers shared by the test modules (test modules never import each other or conftest)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cfcam_gpu.cam import CAMResult
+
+
+class MissingOracle(ImportError):
+    """An oracle the test needs is not installed (conftest turns this into a skip with the reason)."""
+
+
+def ximgproc():
+    """``cv2.ximgproc`` (opencv-contrib), the guided-filter oracle; MissingOracle where only
+    opencv-python is installed."""
+    try:
+        import cv2
+    except ImportError as err:
+        raise MissingOracle("OpenCV is not installed") from err
+    if not hasattr(cv2, "ximgproc"):
+        raise MissingOracle("cv2.ximgproc is missing (opencv-contrib-python-headless not installed)")
+    return cv2.ximgproc
+
+
+def has_ximgproc() -> bool:
+    try:
+        ximgproc()
+    except MissingOracle:
+        return False
+    return True
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket", "china", "flower")
+
+
+def bundled_photos() -> dict[str, np.ndarray]:
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = {name: np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])
+              for name in ("chelsea", "coffee", "astronaut", "rocket")}
+    sample = load_sample_images()
+    for fname, img in zip(sample.filenames, sample.images):
+        photos["china" if "china" in fname else "flower"] = np.ascontiguousarray(img)
+    return {name: photos[name] for name in PHOTO_NAMES}
+
+
+def preprocess(img: np.ndarray, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, size, size) float32, antialiased bilinear resize, mean/std normalised."""
+    x = torch.from_numpy(np.array(img, dtype=np.float32, copy=True)).permute(2, 0, 1)[None] / 255.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return ((x[0] - m) / s).contiguous()
+
+
+def capture_features(model: torch.nn.Module, layer: torch.nn.Module, images: torch.Tensor, targets=None):
+    """Activations and gradients of ``layer`` for the logit of ``targets`` (None: top-1).
+
+    The hook keeps the layer's own output and hands a clone downstream, so in-place ops after the layer
+    (``out += identity``, ``ReLU(inplace=True)``) do not alter what we differentiate against.
+    Returns (acts (B, C, h, w), grads (B, C, h, w), targets (B,), logits (B, K)), all detached.
+    """
+    store = {}
+
+    def hook(module, inputs, output):
+        store["a"] = output
+        return output.clone()
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            logits = model(images)
+            if targets is None:
+                t = logits.argmax(dim=1)
+            else:
+                t = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=logits.device)
+                t = t.reshape(-1).expand(images.shape[0])
+            score = logits.gather(1, t[:, None]).sum()
+            (grads,) = torch.autograd.grad(score, store["a"])
+    finally:
+        handle.remove()
+    return store["a"].detach(), grads.detach(), t.detach(), logits.detach()
+
+
+def seeded_call(factory, seed: int = 0):
+    """factory() under torch.manual_seed(seed), the global RNG state restored afterwards."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return factory()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def make_features(rng, B, C, h, w, dead_frac=0.15, n_protos=4):
+    """Activations (prototype clusters, outliers, dead channels) and gradients (cluster-correlated, smooth
+    plus noise, mixed signs), float32 (B, C, h, w)."""
+    N = h * w
+    protos = np.abs(rng.normal(size=(B, n_protos, N))) * rng.uniform(1, 5, size=(B, n_protos, 1))
+    assign = rng.integers(0, n_protos, size=(B, C))
+    acts = np.take_along_axis(protos, assign[:, :, None], axis=1) + rng.normal(scale=0.3, size=(B, C, N))
+    out = rng.random(size=(B, C)) < 0.1
+    acts[out] = rng.normal(scale=6, size=(int(out.sum()), N))
+    acts = np.maximum(acts, 0)
+    acts[rng.random(size=(B, C)) < dead_frac] = 0
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(xx / 1.7 + k) * np.cos(yy / 2.3 - k) for k in range(n_protos)]).reshape(n_protos, N)
+    grads = base[assign] * rng.uniform(-1, 1, size=(B, C, 1)) * 1e-3 + rng.normal(scale=3e-4, size=(B, C, N))
+    return (acts.reshape(B, C, h, w).astype(np.float32), grads.reshape(B, C, h, w).astype(np.float32))
+
+
+def assert_matches_reference(res: CAMResult, acts: np.ndarray, grads: np.ndarray, cam_atol=1e-3,
+                             reference=None):
+    if reference is None:
+        from cfcam_gpu.reference import cfcam_reference as reference
+
+    B = acts.shape[0]
+    assert res.cams.shape == (B,) + acts.shape[2:] and res.cams.dtype == torch.float32
+    assert res.weights.shape == acts.shape[:2]
+    assert torch.isfinite(res.cams).all() and torch.isfinite(res.weights).all()
+    for b in range(B):
+        ref = reference(acts[b], grads[b])
+        assert np.array_equal(res.labels[b].cpu().numpy(), ref.labels), b
+        assert int(res.n_clusters[b]) == ref.n_clusters
+        assert bool(res.all_noise[b]) == (ref.n_clusters == 0)
+        assert res.eps[b].item() == ref.eps
+        assert res.min_samples == ref.min_samples
+        w, w_ref = res.weights[b].cpu().numpy(), ref.weights
+        scale = max(float(np.abs(w_ref).max()), 1e-30)
+        assert np.abs(w - w_ref).max() <= 1e-3 * scale, (b, np.abs(w - w_ref).max(), scale)
+        assert np.abs(res.cams[b].cpu().numpy() - ref.cam).max() <= cam_atol, b
+
+
