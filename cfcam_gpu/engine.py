@@ -150,7 +150,7 @@ class _CAMEngine:
         return acts, grads
 
     def _features(self, images: Tensor, targets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """images (B, 3, H, W) -> activations, gradients (B, C, h, w), targets (B,), logits (B, K)."""
+        """images (B, 3, H, W) -> activations, gradients (B, C, h, w), targets (B,), logits (B, L)."""
         capture = LeafCapture()
         with forward_hook(self.target_layer, capture), eval_mode(self.model):
             with torch.no_grad(), self._autocast(images):
@@ -181,7 +181,7 @@ class _CAMEngine:
     def __call__(self, images: Tensor, targets=None) -> CAMResult:
         """images: (B, 3, H, W) on the model's device; targets: None (top-1), an int, or B class indices.
 
-        Returns the CAMResult with cams (B, h, w) at the layer's resolution, targets (B,), logits (B, K).
+        Returns the CAMResult with cams (B, h, w) at the layer's resolution, targets (B,), logits (B, L).
         With ``chunk_size`` the batch is explained chunk by chunk (bounded memory, same results).
         """
         check_ndim(images, 4, "images", "(B, 3, H, W)")
@@ -202,7 +202,7 @@ class _CAMEngine:
     def explain(self, logits: Tensor, targets=None) -> CAMResult:
         """CAMs for a forward pass the caller already ran inside ``with cam:`` (no second forward).
 
-        logits: (B, K) from that forward, computed with grad enabled -> CAMResult. The ``compile`` option
+        logits: (B, L) from that forward, computed with grad enabled -> CAMResult. The ``compile`` option
         does not apply (the forward is the caller's). A model the caller compiled works when its first
         compiled run is inside the ``with`` block: dynamo does not guard on hooks, so code compiled
         before the hook existed never calls it (explain then says no forward pass was captured).
@@ -214,7 +214,7 @@ class _CAMEngine:
         if captured is None:
             raise ValueError("explain: no forward pass of the model was captured at the target layer; "
                              "run `logits = model(x)` inside the `with` block first")
-        check_ndim(logits, 2, "logits", "(B, K)")
+        check_ndim(logits, 2, "logits", "(B, L)")
         if not captured.requires_grad or not logits.requires_grad:
             raise ValueError("explain: the captured forward ran without gradients (under torch.no_grad "
                              "or torch.inference_mode); run it with grad enabled")

@@ -1,4 +1,7 @@
-"""Box and guided filters with OpenCV's symmetric border (``BORDER_REFLECT``: ``cba|abcd|dcb``)."""
+"""Box and guided filters with OpenCV's symmetric border (``BORDER_REFLECT``: ``cba|abcd|dcb``).
+
+Shapes: M maps (e.g. B*K cluster means), P planes per map, h x w.
+"""
 from __future__ import annotations
 
 import torch
@@ -15,7 +18,7 @@ def _symmetric_index(n: int, radius: int, device) -> Tensor:
 
 
 def symmetric_pad(x: Tensor, radius: int) -> Tensor:
-    """(N, K, H, W) -> (N, K, H + 2r, W + 2r) with OpenCV's BORDER_REFLECT; any r >= 0, also r >= H."""
+    """(M, P, h, w) -> (M, P, h + 2r, w + 2r) with OpenCV's BORDER_REFLECT; any r >= 0, also r >= h."""
     H, W = x.shape[-2:]
     rows = _symmetric_index(H, radius, x.device)
     cols = _symmetric_index(W, radius, x.device)
@@ -25,9 +28,9 @@ def symmetric_pad(x: Tensor, radius: int) -> Tensor:
 def box_filter(x: Tensor, radius: int) -> Tensor:
     """Normalised (2r+1) x (2r+1) mean with symmetric border.
 
-    x: (N, K, H, W) floating -> (N, K, H, W).
+    x: (M, P, h, w) floating -> (M, P, h, w).
     """
-    check_ndim(x, 4, "x", "(N, K, H, W)")
+    check_ndim(x, 4, "x", "(M, P, h, w)")
     if radius == 0:
         return x
     k = 2 * radius + 1
@@ -39,26 +42,26 @@ def box_filter(x: Tensor, radius: int) -> Tensor:
 def guided_filter(guide: Tensor, src: Tensor, radius: int, eps) -> Tensor:
     """Guided filter (He et al.) with ``cv2.ximgproc.guidedFilter`` semantics, single-channel guide.
 
-    guide, src: (N, 1, H, W) floating; radius: int >= 0 (any size, also >= H); eps: float or (N,)
-    tensor, used as is (not squared) -> (N, 1, H, W).
+    guide, src: (M, 1, h, w) floating; radius: int >= 0 (any size, also >= h); eps: float or (M,)
+    tensor, used as is (not squared) -> (M, 1, h, w).
     Where the local variance plus eps is exactly 0 (a constant window with eps = 0, where OpenCV returns
     NaN) the slope ``a`` is 0, so a constant map comes back unchanged.
     """
-    check_ndim(guide, 4, "guide", "(N, 1, H, W)")
-    check_ndim(src, 4, "src", "(N, 1, H, W)")
+    check_ndim(guide, 4, "guide", "(M, 1, h, w)")
+    check_ndim(src, 4, "src", "(M, 1, h, w)")
     check_floating(guide, "guide")
     check_floating(src, "src")
     check_same_shape(guide, src, "guide", "src")
     if guide.shape[1] != 1:
-        raise ValueError(f"guide: expected one channel (N, 1, H, W), got shape {tuple(guide.shape)}")
+        raise ValueError(f"guide: expected one channel (M, 1, h, w), got shape {tuple(guide.shape)}")
     if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
         raise ValueError(f"radius: expected an int >= 0, got {radius!r}")
-    N = guide.shape[0]
+    M = guide.shape[0]
     eps = torch.as_tensor(eps, dtype=guide.dtype, device=guide.device)
     if eps.ndim == 0:
-        eps = eps.expand(N)
-    if eps.shape != (N,):
-        raise ValueError(f"eps: expected a float or a ({N},) tensor, got shape {tuple(eps.shape)}")
+        eps = eps.expand(M)
+    if eps.shape != (M,):
+        raise ValueError(f"eps: expected a float or a ({M},) tensor, got shape {tuple(eps.shape)}")
     if radius == 0:  # 1x1 windows: var = cov = 0, so a = 0 and q = src exactly
         return src.clone()
     # The filter is shift-equivariant (a is unchanged, q shifts with src), so work on maps centred on

@@ -65,7 +65,7 @@ def capture_features(model: torch.nn.Module, layer: torch.nn.Module, images: tor
 
     The hook keeps the layer's own output and hands a clone downstream, so in-place ops after the layer
     (``out += identity``, ``ReLU(inplace=True)``) do not alter what we differentiate against.
-    Returns (acts (B, C, h, w), grads (B, C, h, w), targets (B,), logits (B, K)), all detached.
+    Returns (acts (B, C, h, w), grads (B, C, h, w), targets (B,), logits (B, L)), all detached.
     """
     store = {}
 
