@@ -105,7 +105,7 @@ def efficientnet_lite0() -> torch.nn.Module:
     onto timm's ``tf_efficientnet_lite0`` by position here.
     """
     try:
-        from cfcam_gpu.models import load_efficientnet_lite0
+        from cfcam_gpu.app.models import load_efficientnet_lite0
     except Exception:  # not written yet, or a sibling module it needs is missing
         return _load_lite0_fallback()
     return load_efficientnet_lite0("cpu").eval()

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .engine import CFCAM, GradCAM
+from ..engine import CFCAM, GradCAM
 from .data import ImageFolderDataset, Sample, bundled_images, display_images, expand_paths, normalize
 from .viz import contact_sheet, overlay, save_png
 
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Batched CF-CAM (clustered, guided-filtered Grad-CAM) explanations.")
     try:
-        from . import __version__
+        from .. import __version__
     except ImportError:  # a stale editable install that sees the package as a namespace
         __version__ = "?"
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -175,7 +175,7 @@ def resolve_device(spec: str) -> torch.device:
 def load_model(args: argparse.Namespace, device: torch.device):
     """build_model from --model/--weights/--num-classes -> (model, ModelInfo, layer name); CLIError on
     unknown names, missing or mismatched weights, TorchScript files and unknown layers."""
-    from .layers import resolve_layer
+    from ..layers import resolve_layer
     from .models import build_model
 
     if args.num_classes is not None and args.num_classes < 1:

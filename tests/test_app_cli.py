@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cfcam_gpu import cli
-from cfcam_gpu.cli import main, output_names
-from cfcam_gpu.data import bundled_images
+from cfcam_gpu.app import cli
+from cfcam_gpu.app.cli import main, output_names
+from cfcam_gpu.app.data import bundled_images
 
 FAST = ["--model", "resnet18", "--workers", "0", "--quiet"]
 

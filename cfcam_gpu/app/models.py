@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
-from .layers import resolve_layer  # noqa: F401  (re-exported for model users)
+from ..layers import resolve_layer  # noqa: F401  (re-exported for model users)
 
 # The packaged EfficientNet-Lite0 weights come from the TensorFlow release,
 # which feeds the network (pixel - 127) / 128, i.e. mean = std = 0.5 on [0, 1]

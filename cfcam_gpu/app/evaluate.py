@@ -31,8 +31,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import metrics as M
-from .methods import ScoreCAM, build_method, dead_channels, from_features_fn
+from .. import metrics as M
+from ..methods import ScoreCAM, build_method, dead_channels, from_features_fn
 
 ALL_METHODS = ("cfcam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "ablationcam")
 EXTRA_METHODS = ("cfcam_exclude_dead", "scorecam_logit")
@@ -143,7 +143,7 @@ def _check_args(args) -> None:
 # Inputs.
 
 def _load_model(args, device):
-    from .layers import resolve_layer
+    from ..layers import resolve_layer
     from .models import build_model
 
     name = "efficientnet_lite0" if args.demo else args.model
@@ -232,7 +232,7 @@ def evaluate(model, layer, images: torch.Tensor, methods: Sequence[str], mean, s
     places [k * batch_size, (k + 1) * batch_size)) and each image gets the gradient noise it gets when the
     whole list is evaluated in one process, so every per-image value is the one-process value.
     """
-    from .engine import GradCAM
+    from ..engine import GradCAM
 
     log = log or (lambda *a: None)
     N, _, H, W = images.shape

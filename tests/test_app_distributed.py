@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from cfcam_gpu import cli, distributed
-from cfcam_gpu.cli import main
-from cfcam_gpu.data import bundled_images
+from cfcam_gpu.app import cli, distributed
+from cfcam_gpu.app.cli import main
+from cfcam_gpu.app.data import bundled_images
 
 REPO = Path(__file__).resolve().parents[1]
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),

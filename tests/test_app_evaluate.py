@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cfcam_gpu import evaluate
+from cfcam_gpu.app import evaluate
 
 SCALARS = ("average_drop", "increase_in_confidence", "average_drop_threshold",
            "increase_in_confidence_threshold", "deletion_auc", "insertion_auc")

@@ -3,8 +3,8 @@ import torch
 import torchvision
 from torch import nn
 
-from cfcam_gpu.data import IMAGENET_MEAN, IMAGENET_STD, bundled_images, preprocess
-from cfcam_gpu.models import (
+from cfcam_gpu.app.data import IMAGENET_MEAN, IMAGENET_STD, bundled_images, preprocess
+from cfcam_gpu.app.models import (
     LITE0_MEAN,
     LITE0_STD,
     build_model,

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from cfcam_gpu import evaluate
-from cfcam_gpu.data import bundled_images
+from cfcam_gpu.app import evaluate
+from cfcam_gpu.app.data import bundled_images
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = {"a.png": "chelsea", "b.png": "coffee", "c.png": "rocket", "e.png": "astronaut"}
