@@ -18,9 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cfcam_gpu.app import cli
-from cfcam_gpu.app.cli import main, output_names
+from cfcam_gpu.app import cli, explain
+from cfcam_gpu.app.cli import main
 from cfcam_gpu.app.data import bundled_images
+from cfcam_gpu.app.outputs import output_names
 
 FAST = ["--model", "resnet18", "--workers", "0", "--quiet"]
 
@@ -140,7 +141,7 @@ def test_a_failing_image_does_not_sink_its_batch(three_images, tmp_path, monkeyp
     """When the engine raises for a batch (say a NaN in one image), its images are retried one by one."""
     Image.new("RGB", (64, 64), (255, 255, 255)).save(three_images / "blank.png")
 
-    class PickyCFCAM(cli.CFCAM):
+    class PickyCFCAM(explain.CFCAM):
         def __call__(self, images, targets=None):
             flat = images.flatten(2).std(dim=2).amax(dim=1) < 1e-6  # a one-colour image
             if bool(flat.any()):
@@ -148,7 +149,7 @@ def test_a_failing_image_does_not_sink_its_batch(three_images, tmp_path, monkeyp
                                  f"{int(flat.nonzero()[0])}")
             return super().__call__(images, targets)
 
-    monkeypatch.setattr(cli, "CFCAM", PickyCFCAM)
+    monkeypatch.setattr(explain, "CFCAM", PickyCFCAM)
     out = tmp_path / "out"
     assert main(["explain", str(three_images), "--out", str(out), "--batch-size", "4", *FAST]) == 1
     assert "blank.png" in capsys.readouterr().err
@@ -202,12 +203,12 @@ def test_resume_recomputes_only_what_is_missing(three_images, tmp_path, monkeypa
 
     explained = []
 
-    class CountingCFCAM(cli.CFCAM):
+    class CountingCFCAM(explain.CFCAM):
         def __call__(self, images, targets=None):
             explained.append(images.shape[0])
             return super().__call__(images, targets)
 
-    monkeypatch.setattr(cli, "CFCAM", CountingCFCAM)
+    monkeypatch.setattr(explain, "CFCAM", CountingCFCAM)
     assert main(args) == 2  # neither --resume nor --overwrite: refuses
     assert main([*args, "--resume"]) == 0
     assert explained == [1]  # only rocket

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .._checks import channel_stats
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -132,13 +134,13 @@ def preprocess(
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> (images - mean) / std, per channel."""
-    mean_t, std_t = _channel_stats(mean, std, images)
+    mean_t, std_t = channel_stats(mean, std, images)
     return (images - mean_t) / std_t
 
 
 def denormalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Inverse of ``normalize``: (B, 3, H, W) model input -> display images in [0, 1]."""
-    mean_t, std_t = _channel_stats(mean, std, batch)
+    mean_t, std_t = channel_stats(mean, std, batch)
     return (batch * std_t + mean_t).clamp(0, 1)
 
 
@@ -177,14 +179,6 @@ def _check_size(size: int | tuple[int, int]) -> tuple[int, int]:
     return pair
 
 
-def _channel_stats(mean, std, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"mean/std: expected 3 values each, std > 0, got mean={mean!r} std={std!r}")
-    mean_t = torch.tensor(mean, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
-    return mean_t, std_t
-
-
 class Sample(NamedTuple):
     """One item of ``ImageFolderDataset``; ``ok`` False means image/display are None."""
 
@@ -221,7 +215,7 @@ class ImageFolderDataset(Dataset):
     ):
         self.paths = [Path(p) for p in paths]
         self.size = _check_size(size)
-        _channel_stats(mean, std, torch.empty(0))  # validate now, not in a worker
+        channel_stats(mean, std, torch.empty(0, 3, 1, 1))  # validate now, not in a worker
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self) -> int:
@@ -252,6 +246,22 @@ class ImageFolderDataset(Dataset):
             paths=[self.paths[s.index] for s in good],
             failures=[(self.paths[s.index], s.error) for s in samples if not s.ok],
         )
+
+
+class ArrayDataset(ImageFolderDataset):
+    """ImageFolderDataset over in-memory (H, W, 3) uint8 arrays (the bundled photos); ``keys`` label them
+    (``paths``) in batches and failures."""
+
+    def __init__(self, keys: Sequence[str], arrays: Sequence[np.ndarray], size=(224, 224),
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        super().__init__([Path(k) for k in keys], size, mean, std)
+        self.arrays = list(arrays)
+
+    def __getitem__(self, index: int) -> Sample:
+        display = display_images([self.arrays[index]], self.size)  # (1, 3, H, W) in [0, 1], as the files
+        model_input = normalize(display, self.mean, self.std)[0]
+        display_u8 = (display[0] * 255).round().clamp(0, 255).to(torch.uint8)
+        return Sample(model_input, display_u8, index, True, "")
 
 
 def _error_message(error: Exception) -> str:
