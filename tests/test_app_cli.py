@@ -22,6 +22,7 @@ from cfcam_gpu.app import cli, explain
 from cfcam_gpu.app.cli import main
 from cfcam_gpu.app.data import bundled_images
 from cfcam_gpu.app.outputs import output_names
+from helpers import manifest
 
 FAST = ["--model", "resnet18", "--workers", "0", "--quiet"]
 
@@ -43,10 +44,6 @@ def three_images(tmp_path, photos) -> Path:
     for name in ("chelsea", "coffee", "rocket"):
         write_png(folder / f"{name}.png", photos[name])
     return folder
-
-
-def manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ bundled photos. Each torchrun launch costs a few seconds of Python start-up per 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +22,8 @@ from cfcam_gpu.app import distributed, outputs
 from cfcam_gpu.app.options import CLIError
 from cfcam_gpu.app.cli import main
 from cfcam_gpu.app.data import bundled_images
+from helpers import manifest, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
@@ -92,17 +91,11 @@ sys.exit(cli.main())
 
 def torchrun(*args: str, env: dict | None = None, nproc: int = 2, script: Path | None = None
              ) -> subprocess.CompletedProcess:
-    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        environment.pop(name, None)
+    environment = subprocess_env(**(env or {}))
     program = [str(script)] if script else ["-m", "cfcam_gpu"]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", str(nproc), *program, "explain", *args],
                           capture_output=True, text=True, env=environment, timeout=300)
-
-
-def manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
 TIMING_FIELDS = {"seconds", "time", "duration"}  # none today; rows are compared without them
