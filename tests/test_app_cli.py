@@ -413,3 +413,40 @@ def test_speed_options_reach_the_engine(three_images, tmp_path, monkeypatch, cap
     assert cam.shape == (7, 7) and np.isfinite(cam).all() and cam.max() == pytest.approx(1.0)
     assert main(["explain", image, "--out", str(out), "--resume", *FAST]) == 2
     assert "amp" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a new user meets.
+
+def test_help_names_the_real_default_layer(capsys):
+    assert main(["explain", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "'blocks.6' for efficientnet_lite0" in text and "'bn2' for efficientnet_lite0" not in text
+
+
+@pytest.fixture(scope="module")
+def pickled_model(tmp_path_factory) -> Path:
+    """What torch.save(model) writes: the whole pickled module, not a state dict."""
+    import torchvision
+
+    path = tmp_path_factory.mktemp("whole") / "model.pth"
+    torch.save(torchvision.models.resnet18(num_classes=2), path)
+    return path
+
+
+def test_weights_that_are_a_pickled_model_say_so_in_one_line(pickled_model, three_images, tmp_path, capsys):
+    code = main(["explain", str(three_images), "--model", "resnet18", "--num-classes", "2",
+                 "--weights", str(pickled_model), "--out", str(tmp_path / "out"), *FAST[2:]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "pickled model" in err and "state_dict()" in err and "\x1b" not in err
+    assert "weights_only" not in err
+
+
+def test_weights_that_are_random_bytes_are_not_a_state_dict(three_images, tmp_path, capsys):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(bytes(range(256)) * 16)
+    code = main(["explain", str(three_images), "--weights", str(junk), "--out", str(tmp_path / "out"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "not a PyTorch state dict" in err and "weights_only" not in err and "\x1b" not in err

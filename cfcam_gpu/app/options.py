@@ -55,7 +55,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="number of classes of --model (e.g. 2 for a fine-tuned binary ResNet)")
     group.add_argument("--layer", metavar="NAME",
                        help="dotted target layer, e.g. 'layer4', 'layer4.-1', 'features.8' "
-                            "(default: the last spatial feature map, e.g. 'bn2' for efficientnet_lite0)")
+                            "(default: the model's last spatial feature map, e.g. 'layer4' for ResNets; "
+                            "'blocks.6' for efficientnet_lite0)")
     group.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
                        help="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N' (default auto)")
 
