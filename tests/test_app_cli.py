@@ -450,3 +450,25 @@ def test_weights_that_are_random_bytes_are_not_a_state_dict(three_images, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "not a PyTorch state dict" in err and "weights_only" not in err and "\x1b" not in err
+
+
+def test_dangling_symlinks_in_a_folder_are_reported_not_dropped(three_images, tmp_path, capsys):
+    (three_images / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (three_images / "loop.jpg").symlink_to(three_images / "loop.jpg")
+    out = tmp_path / "out"
+    assert main(["explain", str(three_images), "--out", str(out), *FAST]) == 1
+    err = capsys.readouterr().err
+    rows = {Path(r["path"]).name: r for r in manifest(out)}
+    assert rows["gone.jpg"]["status"] == "error" and "broken symbolic link" in rows["gone.jpg"]["error"]
+    assert rows["loop.jpg"]["status"] == "error" and "symbolic link loop" in rows["loop.jpg"]["error"]
+    assert "gone.jpg" in err and "loop.jpg" in err
+    assert sum(r["status"] == "ok" for r in rows.values()) == 3
+
+
+def test_a_file_that_is_not_an_image_says_so(three_images, tmp_path):
+    (three_images / "notes.jpg").write_text("a text file with the wrong extension")
+    out = tmp_path / "out"
+    assert main(["explain", str(three_images), "--out", str(out), *FAST]) == 1
+    row = next(r for r in manifest(out) if r["path"].endswith("notes.jpg"))
+    assert row["status"] == "error" and row["error"].startswith("not a readable image (")
+    assert "decode_avif" not in row["error"] and "gif" not in row["error"].lower()

@@ -8,6 +8,8 @@ normalisation: (B, 3, H, W) float in [0, 1], or uint8 from the Dataset.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -92,8 +94,14 @@ def expand_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
 
 
 def _images_in(folder: Path) -> list[Path]:
+    """IMAGE_EXTENSIONS files under ``folder``; symbolic links that lead nowhere (broken, a loop) are kept,
+    so that the Dataset reports them instead of dropping them silently."""
     return sorted(
-        (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        (
+            p
+            for p in folder.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or (p.is_symlink() and not p.is_dir()))
+        ),
         key=lambda p: p.as_posix(),
     )
 
@@ -222,8 +230,12 @@ class ImageFolderDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Sample:
+        path = self.paths[index]
+        problem = _open_problem(path)
+        if problem:
+            return Sample(None, None, index, False, problem)
         try:
-            image = _decode_rgb(self.paths[index])
+            image = _decode_rgb(path)
         except Exception as error:  # any decoder failure is reported, never raised
             return Sample(None, None, index, False, _error_message(error))
         display = _resize(image[None], self.size)  # (1, 3, H, W) in [0, 1]
@@ -264,10 +276,27 @@ class ArrayDataset(ImageFolderDataset):
         return Sample(model_input, display_u8, index, True, "")
 
 
+def _open_problem(path: Path) -> str:
+    """Why ``path`` cannot be opened ("" when it can): missing, a broken symbolic link, a link loop, ..."""
+    try:
+        with open(path, "rb"):
+            return ""
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "cannot open: symbolic link loop"
+        if path.is_symlink() and not path.exists():
+            return f"cannot open: broken symbolic link (to {os.readlink(path)!r}: {error.strerror})"
+        return f"cannot open: {error.strerror or error}"
+
+
 def _error_message(error: Exception) -> str:
-    """"RuntimeError: Image is incomplete or truncated", without torchvision's C++ source location."""
+    """"not a readable image (Image is incomplete or truncated)": the decoder's own words, without
+    torchvision's C++ source location or its list of formats (which are not the ones collected)."""
     last_line = (str(error).strip().splitlines() or [""])[-1]
-    return f"{type(error).__name__}: " + re.sub(r"^\w+, \S+:\d+, ", "", last_line)
+    detail = re.sub(r"^\w+, \S+:\d+, ", "", last_line).strip()
+    if detail.startswith("Unsupported image file") or "cannot identify image file" in detail:
+        detail = "unknown format: not JPEG, PNG, BMP, WebP or TIFF data"
+    return f"not a readable image ({detail or type(error).__name__})"
 
 
 def _decode_rgb(path: Path) -> torch.Tensor:

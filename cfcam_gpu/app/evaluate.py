@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from . import distributed, outputs
-from .options import (CLIError, add_model_arguments, check_model_arguments, input_paths, load_model,
-                      resolve_device)
+from .options import (PATH_HELP, CLIError, add_model_arguments, check_model_arguments, input_paths,
+                      load_model, resolve_device)
 from .scores import ALL_METHODS, EXTRA_METHODS, SCALARS
 
 DEFAULT_SIGMAS = "0.25,0.5,1,2,4"
@@ -53,8 +53,7 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``evaluate``'s arguments to ``parser`` (a sub-parser of the cfcam CLI)."""
-    parser.add_argument("paths", nargs="*", metavar="PATH",
-                        help="image files, folders (searched recursively) or .txt lists of paths")
+    parser.add_argument("paths", nargs="*", metavar="PATH", help=PATH_HELP)
     parser.add_argument("--demo", action="store_true",
                         help="use efficientnet_lite0 and the photos bundled with scikit-image/scikit-learn")
     parser.add_argument("--methods", default=",".join(ALL_METHODS), metavar="LIST",

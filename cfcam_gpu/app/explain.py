@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from ..engine import CFCAM, GradCAM
 from . import distributed, outputs, results
-from .options import (PROG, CLIError, add_data_arguments, add_model_arguments, check_data_arguments,
-                      check_model_arguments, input_paths, load_model, make_loader, option_message,
+from .options import (PATH_HELP, PROG, CLIError, add_data_arguments, add_model_arguments,
+                      check_data_arguments, check_model_arguments, input_paths, load_model, make_loader, option_message,
                       resolve_device)
 
 HELP = "explain images with CF-CAM / Grad-CAM heatmaps"
@@ -48,8 +48,7 @@ DEMO_PREFIX = "bundled:"  # manifest path of a bundled photo: "bundled:chelsea"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="*", metavar="PATH",
-                        help="image files, folders (searched recursively) or .txt lists of paths")
+    parser.add_argument("paths", nargs="*", metavar="PATH", help=PATH_HELP)
     parser.add_argument("--demo", action="store_true",
                         help="explain the photos bundled with scikit-image/scikit-learn (chelsea, coffee, "
                              "...) instead of PATHs")

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import torch
 
+from .data import IMAGE_EXTENSIONS
+
 PROG = "cfcam"
+PATH_HELP = (f"image files, folders or .txt lists of paths; folders are searched recursively for "
+             f"{' '.join(IMAGE_EXTENSIONS)} files (any case; other files, e.g. .gif, are not collected)")
 
 
 class CLIError(Exception):
@@ -130,7 +134,7 @@ def load_model(args: argparse.Namespace, device: torch.device):
 def input_paths(paths) -> list[Path]:
     """The image files named by PATH... (files, folders searched recursively, .txt lists), sorted per
     argument; CLIError when one is missing or none is found."""
-    from .data import IMAGE_EXTENSIONS, expand_paths
+    from .data import expand_paths
 
     try:
         found = expand_paths(paths)
