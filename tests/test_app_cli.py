@@ -472,3 +472,13 @@ def test_a_file_that_is_not_an_image_says_so(three_images, tmp_path):
     row = next(r for r in manifest(out) if r["path"].endswith("notes.jpg"))
     assert row["status"] == "error" and row["error"].startswith("not a readable image (")
     assert "decode_avif" not in row["error"] and "gif" not in row["error"].lower()
+
+
+def test_manifest_rows_are_in_input_order_within_a_batch(tmp_path, photos):
+    folder = tmp_path / "data"
+    write_png(folder / "a.png", photos["chelsea"])
+    (folder / "b.jpg").write_bytes(b"not a jpeg")  # fails between two good images of one batch
+    write_png(folder / "c.png", photos["coffee"])
+    out = tmp_path / "out"
+    assert main(["explain", str(folder), "--out", str(out), "--batch-size", "3", *FAST]) == 1
+    assert [Path(r["path"]).name for r in manifest(out)] == ["a.png", "b.jpg", "c.png"]

@@ -29,8 +29,8 @@ needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 # Sorted, the inputs are a/cat, b/cat, c/china, d/broken, flower, rocket, space. The two cats (whose names
 # get a hash) fall in different shards (rank 0: inputs 0, 2, 4, 6; rank 1: 1, 3, 5). The broken file is
-# input 3, in rank 1's shard, and with --batch-size 3 it opens the one-process run's second batch (so that
-# run too writes its rows in input order: a batch's unreadable files come first).
+# input 3, in rank 1's shard, and with --batch-size 3 it opens the one-process run's second batch (rows
+# are in input order within a batch too).
 IMAGES = {"a/cat.png": "chelsea", "b/cat.png": "coffee", "c/china.png": "china", "flower.png": "flower",
           "rocket.png": "rocket", "space.png": "astronaut"}
 BROKEN = "d/broken.png"

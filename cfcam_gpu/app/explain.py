@@ -10,6 +10,7 @@ Under ``torchrun`` each rank explains a ``distributed.shard`` of the pending inp
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -195,6 +196,11 @@ class Job:
     @property
     def keys(self) -> list[str]:
         return [item.key for item in self.items]
+
+    @functools.cached_property
+    def place(self) -> dict[str, int]:
+        """Input key -> its place in the input order (manifest rows follow it)."""
+        return {item.key: i for i, item in enumerate(self.items)}
 
 
 def _run(args: argparse.Namespace, ctx: distributed.Context) -> int:
@@ -397,4 +403,5 @@ def _explain_batch(job: Job, engine, batch, pending: list[int]):
         part_rows, part_files = results.explained(result, displays[where], part, job.info, job.out, job.args.method)
         rows += part_rows
         files += part_files
+    rows.sort(key=lambda row: job.place.get(row["path"], len(job.place)))  # input order, failures too
     return rows, files
