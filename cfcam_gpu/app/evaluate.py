@@ -36,6 +36,7 @@ import torch
 from . import distributed, outputs
 from .options import (PATH_HELP, CLIError, add_model_arguments, check_model_arguments, input_paths,
                       load_model, resolve_device)
+from .report import FILES, write_report
 from .scores import ALL_METHODS, EXTRA_METHODS, SCALARS
 
 DEFAULT_SIGMAS = "0.25,0.5,1,2,4"
@@ -74,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="rows of comparison.png (default 6)")
     group.add_argument("--seed", type=int, default=0, help="seed of the gradient noise (default 0)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the evaluation DIR already holds (without it, such a DIR is refused)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -135,6 +138,10 @@ def _run(args, ctx) -> int:
     paths = None if args.demo else input_paths(args.paths)
     out = Path(args.out)
     outputs.check_output_folder(out)
+    held = [name for name in FILES if (out / name).exists()]
+    if held and not args.overwrite:
+        raise CLIError(f"--out: {str(out)!r} already holds an evaluation ({held[0]}); pass --overwrite to "
+                       "replace it, or another --out")
     device = resolve_device(distributed.device_spec(args.device, ctx))
     forward_batch_size = args.forward_batch_size or (8 if device.type == "cpu" else 64)
     processes = f" x {ctx.world_size} processes" if ctx.distributed else ""
@@ -149,6 +156,8 @@ def _run(args, ctx) -> int:
     images, displays, names, positions, total, failures = _load_shard(args, paths, info, ctx)
     if ctx.is_main:
         outputs.make_output_folder(out)
+        for name in FILES if args.overwrite else ():  # no stale file of the previous evaluation survives
+            (out / name).unlink(missing_ok=True)
         for path, error in failures:
             print(f"cfcam evaluate: skipped {path}: {error}", file=sys.stderr)
     log(f"{total} images, model {info.name}, layer {layer}, methods {','.join(methods)}, device {device}"
@@ -160,14 +169,12 @@ def _run(args, ctx) -> int:
     if not ctx.is_main:
         distributed.barrier()  # a rank that exits non-zero makes torchrun stop the others: wait for rank 0
         return code
-    from .report import write_report
-
     # gradient-free methods have robustness None on every rank; the others on the ranks with images
     sigmas_present = {name: next((list(p["per_image"][name]["robustness"]) for p in parts
                                   if p["per_image"][name]["robustness"] is not None), None) for name in methods}
     result, names, grid_displays = _merge(parts, methods, sigmas_present)
     write_report(out, args, methods, sigmas, result, names, grid_displays, info, layer, device,
-                 forward_batch_size, t_start, log, processes=processes)
+                 forward_batch_size, t_start, log, processes=processes, skipped=failures)
     distributed.barrier()
     return code
 

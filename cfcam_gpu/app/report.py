@@ -17,6 +17,9 @@ from .. import metrics as M
 from .outputs import write_atomic, write_text_atomic
 from .scores import LABELS, SCALARS
 
+FILES = ("metrics.json", "metrics.md", "per_image.json", "curves.npz", "deletion_insertion.png", "robustness.png",
+         "comparison.png")
+
 
 def _stat(values) -> dict:
     m, lo, hi = M.mean_ci(values)
@@ -169,9 +172,10 @@ def _finite(values):
 
 
 def write_report(out, args, methods, sigmas, result, names, displays, info, layer, device, forward_batch_size,
-                 t_start, log, processes: str = "") -> None:
+                 t_start, log, processes: str = "", skipped: Sequence[tuple[str, str]] = ()) -> None:
     """metrics.json, metrics.md, per_image.json, curves.npz, the plots and comparison.png. ``displays`` and
-    ``result["cams"]`` need only the first ``--grid-images`` rows."""
+    ``result["cams"]`` need only the first ``--grid-images`` rows; ``skipped``: the (path, error) of the
+    inputs that could not be read."""
     from .viz import save_png
 
     summary = summarize(result, methods)
@@ -185,6 +189,7 @@ def write_report(out, args, methods, sigmas, result, names, displays, info, laye
                                                         for s, d in v.items()}))
                            for k, v in result["per_image"][name].items()} for name in methods},
         "clusters": result["clusters"], "seconds": result["seconds"],
+        "skipped": [{"path": path, "error": error} for path, error in skipped],
     }
     write_text_atomic(out / "per_image.json", json.dumps(per_image, indent=1, default=_json_default) + "\n")
     curves = {f"{name}__{kind}": c for name, d in result["curves"].items() for kind, c in d.items()}
