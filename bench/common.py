@@ -18,7 +18,7 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_LAYERS = {"resnet50": "layer4", "efficientnet_lite0": "bn2"}
-# The TensorFlow EfficientNet-Lite weights expect (pixel - 127) / 128 (cfcam_gpu.models.LITE0_MEAN/STD).
+# The TensorFlow EfficientNet-Lite weights expect (pixel - 127) / 128 (cfcam_gpu.app.models.LITE0_MEAN/STD).
 NORMALISATION = {"resnet50": (IMAGENET_MEAN, IMAGENET_STD), "efficientnet_lite0": ((0.5,) * 3, (0.5,) * 3)}
 
 
@@ -44,12 +44,12 @@ def load_model(name: str, weights: str | None = None) -> tuple[nn.Module, str]:
 
 def _efficientnet_lite0() -> tuple[nn.Module, str]:
     try:  # the project's own loader, when another engineer has written it
-        from cfcam_gpu.models import load_efficientnet_lite0  # type: ignore
+        from cfcam_gpu.app.models import load_efficientnet_lite0  # type: ignore
 
         model = load_efficientnet_lite0()
         if isinstance(model, tuple):
             model = next(m for m in model if isinstance(m, nn.Module))
-        return model, "cfcam_gpu.models.load_efficientnet_lite0()"
+        return model, "cfcam_gpu.app.models.load_efficientnet_lite0()"
     except ImportError:
         pass
     import timm

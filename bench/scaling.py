@@ -41,7 +41,7 @@ def write_images(folder: Path, n: int, size: int, kind: str) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     if kind == "real":
-        from cfcam_gpu.data import bundled_images
+        from cfcam_gpu.app.data import bundled_images
 
         photos = [np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
                   for _, image in bundled_images()]

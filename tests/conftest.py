@@ -56,7 +56,7 @@ def resnet50_random() -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def efficientnet_lite0() -> torch.nn.Module:
     """Pretrained ImageNet EfficientNet-Lite0 (timm layout), eval mode, CPU (the package's own loader)."""
-    from cfcam_gpu.models import load_efficientnet_lite0
+    from cfcam_gpu.app.models import load_efficientnet_lite0
 
     return load_efficientnet_lite0("cpu").eval()
 

@@ -1,11 +1,32 @@
 """Helpers shared by the test modules (test modules never import each other or conftest)."""
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cfcam_gpu.cam import CAMResult
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def manifest(out: Path) -> list[dict]:
+    """The rows of DIR/manifest.jsonl."""
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a child ``python`` / ``torchrun`` of this checkout: one thread, this tree on
+    PYTHONPATH, no torchrun variables inherited."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
 
 
 class MissingOracle(ImportError):

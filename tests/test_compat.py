@@ -10,7 +10,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 from cfcam_gpu.compat import ClusteredFilteredGradCAM, GradCAMCompat  # noqa: E402
-from cfcam_gpu.data import IMAGENET_MEAN, IMAGENET_STD, bundled_images, display_images, normalize  # noqa: E402
+from cfcam_gpu.app.data import IMAGENET_MEAN, IMAGENET_STD, bundled_images, display_images, normalize  # noqa: E402
 
 
 @pytest.fixture(scope="module")

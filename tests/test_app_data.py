@@ -5,7 +5,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
-from cfcam_gpu.data import (
+from cfcam_gpu.app.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageFolderDataset,

@@ -18,9 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cfcam_gpu import cli
-from cfcam_gpu.cli import main, output_names
-from cfcam_gpu.data import bundled_images
+from cfcam_gpu.app import cli, explain
+from cfcam_gpu.app.cli import main
+from cfcam_gpu.app.data import bundled_images
+from cfcam_gpu.app.outputs import output_names
+from helpers import manifest
 
 FAST = ["--model", "resnet18", "--workers", "0", "--quiet"]
 
@@ -42,10 +44,6 @@ def three_images(tmp_path, photos) -> Path:
     for name in ("chelsea", "coffee", "rocket"):
         write_png(folder / f"{name}.png", photos[name])
     return folder
-
-
-def manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,7 +138,7 @@ def test_a_failing_image_does_not_sink_its_batch(three_images, tmp_path, monkeyp
     """When the engine raises for a batch (say a NaN in one image), its images are retried one by one."""
     Image.new("RGB", (64, 64), (255, 255, 255)).save(three_images / "blank.png")
 
-    class PickyCFCAM(cli.CFCAM):
+    class PickyCFCAM(explain.CFCAM):
         def __call__(self, images, targets=None):
             flat = images.flatten(2).std(dim=2).amax(dim=1) < 1e-6  # a one-colour image
             if bool(flat.any()):
@@ -148,7 +146,7 @@ def test_a_failing_image_does_not_sink_its_batch(three_images, tmp_path, monkeyp
                                  f"{int(flat.nonzero()[0])}")
             return super().__call__(images, targets)
 
-    monkeypatch.setattr(cli, "CFCAM", PickyCFCAM)
+    monkeypatch.setattr(explain, "CFCAM", PickyCFCAM)
     out = tmp_path / "out"
     assert main(["explain", str(three_images), "--out", str(out), "--batch-size", "4", *FAST]) == 1
     assert "blank.png" in capsys.readouterr().err
@@ -202,12 +200,12 @@ def test_resume_recomputes_only_what_is_missing(three_images, tmp_path, monkeypa
 
     explained = []
 
-    class CountingCFCAM(cli.CFCAM):
+    class CountingCFCAM(explain.CFCAM):
         def __call__(self, images, targets=None):
             explained.append(images.shape[0])
             return super().__call__(images, targets)
 
-    monkeypatch.setattr(cli, "CFCAM", CountingCFCAM)
+    monkeypatch.setattr(explain, "CFCAM", CountingCFCAM)
     assert main(args) == 2  # neither --resume nor --overwrite: refuses
     assert main([*args, "--resume"]) == 0
     assert explained == [1]  # only rocket
@@ -415,3 +413,72 @@ def test_speed_options_reach_the_engine(three_images, tmp_path, monkeypatch, cap
     assert cam.shape == (7, 7) and np.isfinite(cam).all() and cam.max() == pytest.approx(1.0)
     assert main(["explain", image, "--out", str(out), "--resume", *FAST]) == 2
     assert "amp" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a new user meets.
+
+def test_help_names_the_real_default_layer(capsys):
+    assert main(["explain", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "'blocks.6' for efficientnet_lite0" in text and "'bn2' for efficientnet_lite0" not in text
+
+
+@pytest.fixture(scope="module")
+def pickled_model(tmp_path_factory) -> Path:
+    """What torch.save(model) writes: the whole pickled module, not a state dict."""
+    import torchvision
+
+    path = tmp_path_factory.mktemp("whole") / "model.pth"
+    torch.save(torchvision.models.resnet18(num_classes=2), path)
+    return path
+
+
+def test_weights_that_are_a_pickled_model_say_so_in_one_line(pickled_model, three_images, tmp_path, capsys):
+    code = main(["explain", str(three_images), "--model", "resnet18", "--num-classes", "2",
+                 "--weights", str(pickled_model), "--out", str(tmp_path / "out"), *FAST[2:]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "pickled model" in err and "state_dict()" in err and "\x1b" not in err
+    assert "weights_only" not in err
+
+
+def test_weights_that_are_random_bytes_are_not_a_state_dict(three_images, tmp_path, capsys):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(bytes(range(256)) * 16)
+    code = main(["explain", str(three_images), "--weights", str(junk), "--out", str(tmp_path / "out"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "not a PyTorch state dict" in err and "weights_only" not in err and "\x1b" not in err
+
+
+def test_dangling_symlinks_in_a_folder_are_reported_not_dropped(three_images, tmp_path, capsys):
+    (three_images / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (three_images / "loop.jpg").symlink_to(three_images / "loop.jpg")
+    out = tmp_path / "out"
+    assert main(["explain", str(three_images), "--out", str(out), *FAST]) == 1
+    err = capsys.readouterr().err
+    rows = {Path(r["path"]).name: r for r in manifest(out)}
+    assert rows["gone.jpg"]["status"] == "error" and "broken symbolic link" in rows["gone.jpg"]["error"]
+    assert rows["loop.jpg"]["status"] == "error" and "symbolic link loop" in rows["loop.jpg"]["error"]
+    assert "gone.jpg" in err and "loop.jpg" in err
+    assert sum(r["status"] == "ok" for r in rows.values()) == 3
+
+
+def test_a_file_that_is_not_an_image_says_so(three_images, tmp_path):
+    (three_images / "notes.jpg").write_text("a text file with the wrong extension")
+    out = tmp_path / "out"
+    assert main(["explain", str(three_images), "--out", str(out), *FAST]) == 1
+    row = next(r for r in manifest(out) if r["path"].endswith("notes.jpg"))
+    assert row["status"] == "error" and row["error"].startswith("not a readable image (")
+    assert "decode_avif" not in row["error"] and "gif" not in row["error"].lower()
+
+
+def test_manifest_rows_are_in_input_order_within_a_batch(tmp_path, photos):
+    folder = tmp_path / "data"
+    write_png(folder / "a.png", photos["chelsea"])
+    (folder / "b.jpg").write_bytes(b"not a jpeg")  # fails between two good images of one batch
+    write_png(folder / "c.png", photos["coffee"])
+    out = tmp_path / "out"
+    assert main(["explain", str(folder), "--out", str(out), "--batch-size", "3", *FAST]) == 1
+    assert [Path(r["path"]).name for r in manifest(out)] == ["a.png", "b.jpg", "c.png"]

@@ -9,8 +9,6 @@ without OpenCV: the JET lookup table is computed here the way OpenCV builds it.
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+
+from .outputs import write_atomic
 
 
 def _build_jet_lut() -> np.ndarray:
@@ -101,20 +101,12 @@ def to_uint8_image(image: np.ndarray | torch.Tensor) -> np.ndarray:
 def save_png(image: np.ndarray | torch.Tensor, path: str | Path) -> Path:
     """Write one image (see ``to_uint8_image``) as a PNG, atomically; returns the path.
 
-    The PNG is written to a temporary file in the target folder (created if
-    needed) and renamed over ``path``, so readers never see a partial file.
+    ``outputs.write_atomic``: the PNG is written to a temporary file in the
+    target folder (created if needed) and renamed over ``path``, so readers
+    never see a partial file.
     """
     array = to_uint8_image(image)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            Image.fromarray(array).save(file, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda file: Image.fromarray(array).save(file, format="PNG"))
 
 
 def save_overlays(overlays: torch.Tensor, paths: Sequence[str | Path]) -> list[Path]:

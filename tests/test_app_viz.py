@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cfcam_gpu.data import bundled_images, display_images
-from cfcam_gpu.viz import contact_sheet, jet_lut, overlay, save_overlays, save_png, to_uint8_image
+from cfcam_gpu.app.data import bundled_images, display_images
+from cfcam_gpu.app.viz import contact_sheet, jet_lut, overlay, save_overlays, save_png, to_uint8_image
 
 
 @pytest.fixture(scope="module")

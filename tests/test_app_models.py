@@ -3,8 +3,8 @@ import torch
 import torchvision
 from torch import nn
 
-from cfcam_gpu.data import IMAGENET_MEAN, IMAGENET_STD, bundled_images, preprocess
-from cfcam_gpu.models import (
+from cfcam_gpu.app.data import IMAGENET_MEAN, IMAGENET_STD, bundled_images, preprocess
+from cfcam_gpu.app.models import (
     LITE0_MEAN,
     LITE0_STD,
     build_model,
@@ -145,7 +145,7 @@ def test_weights_errors(tmp_path):
 
     not_a_state_dict = tmp_path / "module.pth"
     torch.save(nn.Linear(2, 2), not_a_state_dict)  # a pickled module, not weights
-    with pytest.raises(ValueError, match="module.pth.*not a loadable state dict"):
+    with pytest.raises(ValueError, match=r"module.pth.*pickled model.*Linear.*not a state dict.*state_dict\(\)"):
         build_model("resnet18", weights=not_a_state_dict)
 
 

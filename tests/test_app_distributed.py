@@ -8,7 +8,6 @@ bundled photos. Each torchrun launch costs a few seconds of Python start-up per 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,18 +18,19 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from cfcam_gpu import cli, distributed
-from cfcam_gpu.cli import main
-from cfcam_gpu.data import bundled_images
+from cfcam_gpu.app import distributed, outputs
+from cfcam_gpu.app.options import CLIError
+from cfcam_gpu.app.cli import main
+from cfcam_gpu.app.data import bundled_images
+from helpers import manifest, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
 # Sorted, the inputs are a/cat, b/cat, c/china, d/broken, flower, rocket, space. The two cats (whose names
 # get a hash) fall in different shards (rank 0: inputs 0, 2, 4, 6; rank 1: 1, 3, 5). The broken file is
-# input 3, in rank 1's shard, and with --batch-size 3 it opens the one-process run's second batch (so that
-# run too writes its rows in input order: a batch's unreadable files come first).
+# input 3, in rank 1's shard, and with --batch-size 3 it opens the one-process run's second batch (rows
+# are in input order within a batch too).
 IMAGES = {"a/cat.png": "chelsea", "b/cat.png": "coffee", "c/china.png": "china", "flower.png": "flower",
           "rocket.png": "rocket", "space.png": "astronaut"}
 BROKEN = "d/broken.png"
@@ -67,17 +67,35 @@ def reference(data) -> Path:
     return out
 
 
-def torchrun(*args: str, env: dict | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
-    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        environment.pop(name, None)
+# Run by torchrun instead of ``-m cfcam_gpu`` to kill one rank mid-run: the rank DIE_RANK exits at once
+# (os._exit: no cleanup, as if killed) when DIE_AFTER or more of its images are committed to its manifest.
+DYING_MAIN = """
+import os, sys
+from cfcam_gpu.app import cli, distributed, outputs
+
+commit = outputs.BatchWriter.commit
+
+
+def commit_then_die(self):
+    rows = commit(self)
+    if (sum(self.counts.values()) >= int(os.environ["DIE_AFTER"])
+            and distributed.context().rank == int(os.environ["DIE_RANK"])):
+        os._exit(1)
+    return rows
+
+
+outputs.BatchWriter.commit = commit_then_die
+sys.exit(cli.main())
+"""
+
+
+def torchrun(*args: str, env: dict | None = None, nproc: int = 2, script: Path | None = None
+             ) -> subprocess.CompletedProcess:
+    environment = subprocess_env(**(env or {}))
+    program = [str(script)] if script else ["-m", "cfcam_gpu"]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", str(nproc), "-m", "cfcam_gpu", "explain", *args],
+                           "--nproc-per-node", str(nproc), *program, "explain", *args],
                           capture_output=True, text=True, env=environment, timeout=300)
-
-
-def manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
 TIMING_FIELDS = {"seconds", "time", "duration"}  # none today; rows are compared without them
@@ -171,9 +189,9 @@ def test_resume_merges_per_rank_manifests_in_input_order(tmp_path):
     (out / "manifest.rank0.jsonl").write_text(row(keys[2]) + row(keys[0]))
     (out / "manifest.rank1.jsonl").write_text(row(keys[3], "error") + row(keys[1])[:30])  # half a line
     (out / f".d.npy.{'0' * 32}.tmp").write_bytes(b"partial")
-    with pytest.raises(cli.CLIError, match="--resume"):
-        cli.prepare_output(out, resume=False, overwrite=False, config={}, order=keys)
-    kept = cli.prepare_output(out, resume=True, overwrite=False, config={}, order=keys)
+    with pytest.raises(CLIError, match="--resume"):
+        outputs.prepare_output(out, resume=False, overwrite=False, config={}, order=keys)
+    kept = outputs.prepare_output(out, resume=True, overwrite=False, config={}, order=keys)
     assert [r["path"] for r in kept] == [keys[0], keys[2]]
     assert [r["path"] for r in manifest(out)] == [keys[0], keys[2]]
     assert not list(out.glob("manifest.rank*")) and not list(out.glob(".*.tmp"))
@@ -204,10 +222,12 @@ def test_a_killed_rank_is_finished_by_resume(data, reference):
     out = data / "killed"
     args = [*good, "--out", str(out), *options(data / "weights.pth", 1)]
     # Rank 1 dies (os._exit) right after committing its first image; torchrun then stops rank 0.
-    proc = torchrun(*args, "--quiet", env={"CFCAM_TEST_DIE_AFTER": "1", "CFCAM_TEST_DIE_RANK": "1"})
+    script = data / "dying_main.py"
+    script.write_text(DYING_MAIN)
+    proc = torchrun(*args, "--quiet", env={"DIE_AFTER": "1", "DIE_RANK": "1"}, script=script)
     assert proc.returncode != 0
     assert (out / "manifest.rank1.jsonl").is_file()
-    done, _, _ = cli.gather_manifests(out)
+    done, _, _ = outputs.gather_manifests(out)
     done = [r for r in done if r["status"] == "ok"]
     assert 1 <= len(done) < len(good), done
     mtimes = {f: (out / f).stat().st_mtime_ns for r in done for f in r["files"].values()}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cfcam_gpu import evaluate
+from cfcam_gpu.app import evaluate
 
 SCALARS = ("average_drop", "increase_in_confidence", "average_drop_threshold",
            "increase_in_confidence_threshold", "deletion_auc", "insertion_auc")
@@ -90,3 +90,28 @@ def test_wires_into_a_parent_cli(tmp_path):
                               "--sigmas", "0.1", "--out", str(tmp_path / "o"), "--quiet", "--grid-images", "1"])
     assert evaluate.run(args) == 0
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["hirescam"]["n_images"] == 1
+
+
+def test_a_used_output_folder_needs_overwrite_and_skipped_images_are_recorded(tmp_path, photos, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photos["chelsea"][:96, :96]).save(folder / "chelsea.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "eval"
+    args = [str(folder), "--model", "resnet18", "--methods", "gradcam", "--steps", "1", "--sigmas", "0.5",
+            "--device", "cpu", "--grid-images", "1", "--quiet", "--out", str(out)]
+    assert evaluate.main(args) == 1
+    per_image = json.loads((out / "per_image.json").read_text())
+    assert per_image["images"] == ["chelsea"]
+    ((path, error),) = [(row["path"], row["error"]) for row in per_image["skipped"]]
+    assert path.endswith("broken.jpg") and error.startswith("not a readable image")
+    capsys.readouterr()
+    before = (out / "metrics.json").stat().st_mtime_ns
+    assert evaluate.main(args) == 2  # DIR already holds an evaluation: refused, left as it was
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "metrics.json").stat().st_mtime_ns == before
+    (out / "robustness.png").unlink()  # a stale file of the first run must not survive --overwrite...
+    (out / "comparison.png").write_bytes(b"stale")
+    assert evaluate.main([*args, "--overwrite"]) == 1
+    assert (out / "metrics.json").stat().st_mtime_ns != before
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG" and (out / "robustness.png").is_file()

@@ -8,6 +8,8 @@ normalisation: (B, 3, H, W) float in [0, 1], or uint8 from the Dataset.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from .._checks import channel_stats
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,8 +94,14 @@ def expand_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
 
 
 def _images_in(folder: Path) -> list[Path]:
+    """IMAGE_EXTENSIONS files under ``folder``; symbolic links that lead nowhere (broken, a loop) are kept,
+    so that the Dataset reports them instead of dropping them silently."""
     return sorted(
-        (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        (
+            p
+            for p in folder.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or (p.is_symlink() and not p.is_dir()))
+        ),
         key=lambda p: p.as_posix(),
     )
 
@@ -132,13 +142,13 @@ def preprocess(
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> (images - mean) / std, per channel."""
-    mean_t, std_t = _channel_stats(mean, std, images)
+    mean_t, std_t = channel_stats(mean, std, images)
     return (images - mean_t) / std_t
 
 
 def denormalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Inverse of ``normalize``: (B, 3, H, W) model input -> display images in [0, 1]."""
-    mean_t, std_t = _channel_stats(mean, std, batch)
+    mean_t, std_t = channel_stats(mean, std, batch)
     return (batch * std_t + mean_t).clamp(0, 1)
 
 
@@ -177,14 +187,6 @@ def _check_size(size: int | tuple[int, int]) -> tuple[int, int]:
     return pair
 
 
-def _channel_stats(mean, std, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"mean/std: expected 3 values each, std > 0, got mean={mean!r} std={std!r}")
-    mean_t = torch.tensor(mean, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
-    return mean_t, std_t
-
-
 class Sample(NamedTuple):
     """One item of ``ImageFolderDataset``; ``ok`` False means image/display are None."""
 
@@ -221,15 +223,19 @@ class ImageFolderDataset(Dataset):
     ):
         self.paths = [Path(p) for p in paths]
         self.size = _check_size(size)
-        _channel_stats(mean, std, torch.empty(0))  # validate now, not in a worker
+        channel_stats(mean, std, torch.empty(0, 3, 1, 1))  # validate now, not in a worker
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Sample:
+        path = self.paths[index]
+        problem = _open_problem(path)
+        if problem:
+            return Sample(None, None, index, False, problem)
         try:
-            image = _decode_rgb(self.paths[index])
+            image = _decode_rgb(path)
         except Exception as error:  # any decoder failure is reported, never raised
             return Sample(None, None, index, False, _error_message(error))
         display = _resize(image[None], self.size)  # (1, 3, H, W) in [0, 1]
@@ -254,10 +260,43 @@ class ImageFolderDataset(Dataset):
         )
 
 
+class ArrayDataset(ImageFolderDataset):
+    """ImageFolderDataset over in-memory (H, W, 3) uint8 arrays (the bundled photos); ``keys`` label them
+    (``paths``) in batches and failures."""
+
+    def __init__(self, keys: Sequence[str], arrays: Sequence[np.ndarray], size=(224, 224),
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        super().__init__([Path(k) for k in keys], size, mean, std)
+        self.arrays = list(arrays)
+
+    def __getitem__(self, index: int) -> Sample:
+        display = display_images([self.arrays[index]], self.size)  # (1, 3, H, W) in [0, 1], as the files
+        model_input = normalize(display, self.mean, self.std)[0]
+        display_u8 = (display[0] * 255).round().clamp(0, 255).to(torch.uint8)
+        return Sample(model_input, display_u8, index, True, "")
+
+
+def _open_problem(path: Path) -> str:
+    """Why ``path`` cannot be opened ("" when it can): missing, a broken symbolic link, a link loop, ..."""
+    try:
+        with open(path, "rb"):
+            return ""
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "cannot open: symbolic link loop"
+        if path.is_symlink() and not path.exists():
+            return f"cannot open: broken symbolic link (to {os.readlink(path)!r}: {error.strerror})"
+        return f"cannot open: {error.strerror or error}"
+
+
 def _error_message(error: Exception) -> str:
-    """"RuntimeError: Image is incomplete or truncated", without torchvision's C++ source location."""
+    """"not a readable image (Image is incomplete or truncated)": the decoder's own words, without
+    torchvision's C++ source location or its list of formats (which are not the ones collected)."""
     last_line = (str(error).strip().splitlines() or [""])[-1]
-    return f"{type(error).__name__}: " + re.sub(r"^\w+, \S+:\d+, ", "", last_line)
+    detail = re.sub(r"^\w+, \S+:\d+, ", "", last_line).strip()
+    if detail.startswith("Unsupported image file") or "cannot identify image file" in detail:
+        detail = "unknown format: not JPEG, PNG, BMP, WebP or TIFF data"
+    return f"not a readable image ({detail or type(error).__name__})"
 
 
 def _decode_rgb(path: Path) -> torch.Tensor:

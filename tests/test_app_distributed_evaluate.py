@@ -4,7 +4,6 @@ written by rank 0 alone. ResNet18 with a seeded state dict on 5 small PNGs (one 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +13,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from cfcam_gpu import evaluate
-from cfcam_gpu.data import bundled_images
+from cfcam_gpu.app import evaluate
+from cfcam_gpu.app.data import bundled_images
+from helpers import subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGES = {"a.png": "chelsea", "b.png": "coffee", "c.png": "rocket", "e.png": "astronaut"}
 
 
@@ -54,9 +53,7 @@ def test_torchrun_evaluate_matches_one_process(tmp_path):
             "--batch-size", "3", "--quiet"]
     assert evaluate.main([*args, "--out", str(tmp_path / "one")]) == 1  # d.png is broken
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "cfcam_gpu", "evaluate", *args, "--out", str(tmp_path / "two")],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -8,7 +8,9 @@ layer a CAM should hook by default, and the class names.
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torchvision
 from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
-from .layers import resolve_layer  # noqa: F401  (re-exported for model users)
+from ..layers import resolve_layer  # noqa: F401  (re-exported for model users)
 
 # The packaged EfficientNet-Lite0 weights come from the TensorFlow release,
 # which feeds the network (pixel - 127) / 128, i.e. mean = std = 0.5 on [0, 1]
@@ -130,10 +132,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     try:  # load_state_dict copies onto the model's device
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure: not a plain state dict
-        raise ValueError(
-            f"weights: {str(path)!r} is not a loadable state dict ({error}); save "
-            "model.state_dict(), or pass a TorchScript file as the model name"
-        ) from error
+        raise ValueError(_not_a_state_dict(path, error)) from None
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -148,6 +147,24 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     _check_keys_and_shapes(state, model.state_dict(), path)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _not_a_state_dict(path: Path, error: Exception) -> str:
+    """One line for a file ``torch.load(weights_only=True)`` refuses, without torch's advice to unpickle
+    it unsafely: a pickled model (``torch.save(model)``), a TorchScript archive, or anything else."""
+    message = str(error)
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if pickled:
+        return (f"weights: {str(path)!r} is a pickled model or object ({pickled.group(1)}, what "
+                "torch.save(model) writes), not a state dict; load it where it was made and save "
+                "torch.save(model.state_dict(), 'weights.pth') instead, then pass that file")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("constants.pkl") for name in archive.namelist()):
+                return (f"weights: {str(path)!r} is a TorchScript archive, not a state dict; CAMs need the "
+                        "eager model: save model.state_dict() and pass --model ARCH --weights FILE")
+    return (f"weights: {str(path)!r} is not a PyTorch state dict (torch.load cannot read it as one); pass "
+            "the file written by torch.save(model.state_dict(), PATH)")
 
 
 def _strip_prefixes(key: str) -> str:

@@ -1,0 +1,171 @@
+"""What ``explain`` and ``evaluate`` share: the error type, the model / device / data options and their
+checks, the input paths, and loading the model.
+
+The checks run cheapest first, so that a usage error is reported before any weights are read: option
+values and input paths (``input_paths``), the output folder (``outputs.check_output_folder``), then
+``load_model`` builds the architecture, checks the target layer, and only then loads ``--weights``.
+Heavy libraries (timm, torchvision's model zoo) are imported by ``load_model``, not by this module.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .data import IMAGE_EXTENSIONS
+
+PROG = "cfcam"
+PATH_HELP = (f"image files, folders or .txt lists of paths; folders are searched recursively for "
+             f"{' '.join(IMAGE_EXTENSIONS)} files (any case; other files, e.g. .gif, are not collected)")
+
+
+class CLIError(Exception):
+    """A usage or configuration error: ``cli.main`` prints ``cfcam: error: MESSAGE`` and returns ``code``."""
+
+    def __init__(self, message: str, code: int = 2, echo: bool = True):
+        super().__init__(message)
+        self.code = code
+        self.echo = echo  # False: not printed (under torchrun, rank 0 prints an error every rank shares)
+
+
+# Library messages start with the parameter name; the CLI names the option instead.
+_OPTION_FOR_PARAMETER = {"name": "--model", "weights": "--weights", "num_classes": "--num-classes",
+                         "target_layer": "--layer", "targets": "--target", "paths": "PATH"}
+
+
+def option_message(error: BaseException) -> str:
+    """'name: unknown model ...' -> '--model: unknown model ...' (the first line only)."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    head, sep, rest = message.partition(": ")
+    if sep and head in _OPTION_FOR_PARAMETER:
+        return f"{_OPTION_FOR_PARAMETER[head]}: {rest}"
+    return message
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model and device.
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="efficientnet_lite0", metavar="NAME",
+                       help="'efficientnet_lite0' (pretrained ImageNet, the default), a torchvision or timm "
+                            "model name ('resnet50', 'timm:convnext_tiny'); only efficientnet_lite0 comes "
+                            "with weights, others are random unless --weights is given")
+    group.add_argument("--weights", metavar="FILE", help="state dict (.pth) to load into --model")
+    group.add_argument("--num-classes", type=int, metavar="N",
+                       help="number of classes of --model (e.g. 2 for a fine-tuned binary ResNet)")
+    group.add_argument("--layer", metavar="NAME",
+                       help="dotted target layer, e.g. 'layer4', 'layer4.-1', 'features.8' "
+                            "(default: the model's last spatial feature map, e.g. 'layer4' for ResNets; "
+                            "'blocks.6' for efficientnet_lite0)")
+    group.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
+                       help="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N' (default auto)")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cpu', 'cuda', 'cuda:N'."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device: {spec!r} asked for, but CUDA is not available here; use --device cpu")
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device: no {spec!r}; {torch.cuda.device_count()} CUDA device(s) visible")
+        return device
+    raise CLIError(f"--device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """The checks that need no model: --num-classes, the --weights file exists."""
+    if args.num_classes is not None and args.num_classes < 1:
+        raise CLIError(f"--num-classes: expected a positive int, got {args.num_classes}")
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise CLIError(f"--weights: no such file: {args.weights!r}")
+
+
+def load_model(args: argparse.Namespace, device: torch.device):
+    """--model/--weights/--num-classes/--layer -> (model, ModelInfo, layer name).
+
+    The architecture is built (random, or the packaged efficientnet_lite0 weights) and the layer checked
+    before ``--weights`` is read. CLIError on unknown names, TorchScript models (CAMs need forward hooks),
+    unknown layers and missing or mismatched weights.
+    """
+    from ..layers import resolve_layer
+    from .models import build_model, load_weights
+
+    check_model_arguments(args)
+    try:
+        model, info = build_model(args.model, num_classes=args.num_classes, device=device)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise CLIError(option_message(error)) from None
+    if isinstance(model, torch.jit.ScriptModule):
+        raise CLIError(
+            f"--model: {args.model!r} is a TorchScript model; CAMs need a forward hook on the target "
+            "layer and TorchScript modules do not support hooks (register_forward_hook is not supported "
+            "on ScriptModules). Save the eager model's state_dict() instead and pass "
+            "--model ARCH --weights FILE")
+    layer = args.layer or info.default_layer
+    if layer is None:
+        raise CLIError(f"--layer: no default target layer found for {args.model!r} (no module outputs a "
+                       "(B, C, h, w) feature map); name one with --layer")
+    try:
+        resolve_layer(model, layer)
+    except (ValueError, TypeError) as error:
+        raise CLIError(option_message(error)) from None
+    if args.weights is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*TorchScript archive", category=UserWarning)
+                load_weights(model, args.weights)
+        except (ValueError, TypeError, FileNotFoundError) as error:
+            raise CLIError(option_message(error)) from None
+    return model, info, layer
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs and data loading.
+
+def input_paths(paths) -> list[Path]:
+    """The image files named by PATH... (files, folders searched recursively, .txt lists), sorted per
+    argument; CLIError when one is missing or none is found."""
+    from .data import expand_paths
+
+    try:
+        found = expand_paths(paths)
+    except (FileNotFoundError, OSError) as error:
+        raise CLIError(option_message(error)) from None
+    if not found:
+        raise CLIError(f"no images found in {' '.join(map(str, paths))} (looked for "
+                       f"{' '.join(IMAGE_EXTENSIONS)} files)")
+    return found
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int = 16) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--batch-size", type=int, default=batch_size, metavar="N",
+                       help=f"images per CAM batch (default {batch_size})")
+    default_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+    group.add_argument("--workers", type=int, default=default_workers, metavar="N",
+                       help=f"DataLoader worker processes decoding images (default {default_workers})")
+
+
+def check_data_arguments(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size: expected a positive int, got {args.batch_size}")
+    if args.workers < 0:
+        raise CLIError(f"--workers: expected an int >= 0, got {args.workers}")
+
+
+def make_loader(dataset, batch_size: int, workers: int, device: torch.device):
+    """DataLoader over an ImageFolderDataset (or ArrayDataset) yielding data.Batch, in order."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=dataset.collate, pin_memory=device.type == "cuda",
+                      persistent_workers=False)

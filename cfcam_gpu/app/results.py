@@ -1,0 +1,71 @@
+"""What an explained image becomes: its manifest row and files (overlay PNG, raw CAM), and its tile on
+the contact sheet."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .outputs import CONTACT_SHEET
+
+
+def explained(result, displays, items, info, out, method):
+    """Manifest rows and (path, array) files for one CAMResult; arrays are on the CPU, ready to write."""
+    from .viz import overlay
+
+    overlays = overlay(displays, result.cams)  # bilinear to the display size, JET, 0.4 heat + 0.6 image
+    # to uint8 on the device (as viz.to_uint8_image rounds), then one copy of (B, H, W, 3) to the host
+    overlays = (overlays * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    probs = result.logits.float().softmax(dim=1)
+    top_p, top_i = probs.max(dim=1)
+    stats = {"top_i": top_i, "top_p": top_p, "target": result.targets,
+             "target_p": probs.gather(1, result.targets[:, None])[:, 0],
+             "blank": result.cams.flatten(1).amax(dim=1) <= 0}
+    if result.labels is not None:
+        stats.update(n_clusters=result.n_clusters, noise=(result.labels < 0).sum(dim=1), eps=result.eps)
+    stats = {key: value.cpu().tolist() for key, value in stats.items()}
+    cams = result.cams.float().cpu().numpy()
+    overlays = overlays.cpu().numpy()
+    rows, files = [], []
+    for i, item in enumerate(items):
+        overlay_name, cam_name = f"{item.name}_{method}.png", f"{item.name}_{method}.npy"
+        files += [(out / overlay_name, overlays[i]), (out / cam_name, np.ascontiguousarray(cams[i]))]
+        predicted, tgt = stats["top_i"][i], stats["target"][i]
+        rows.append({
+            "path": item.key, "status": "ok", "error": None,
+            "predicted": predicted, "predicted_name": info.class_names[predicted],
+            "probability": round(stats["top_p"][i], 6),
+            "target": tgt, "target_name": info.class_names[tgt],
+            "target_probability": round(stats["target_p"][i], 6),
+            "n_clusters": stats["n_clusters"][i] if "n_clusters" in stats else None,
+            "noise_channels": stats["noise"][i] if "noise" in stats else None,
+            "eps": round(stats["eps"][i], 6) if "eps" in stats else None,
+            "blank": stats["blank"][i],  # an all-zero CAM: no positive evidence at this layer
+            "cam_shape": list(cams[i].shape),
+            "files": {"overlay": overlay_name, "cam": cam_name},
+        })
+    return rows, files
+
+
+def write_contact_sheet(out: Path, rows: list[dict]) -> None:
+    from PIL import Image
+
+    from .viz import contact_sheet, save_png
+
+    """The first explained images' overlays in a grid, labelled with the class, its probability, the target
+    when it is not the predicted class, and the output name -> DIR/contact_sheet.png."""
+    tiles, labels = [], []
+    for row in rows:
+        try:
+            with Image.open(out / row["files"]["overlay"]) as image:
+                tiles.append(np.asarray(image.convert("RGB")))
+        except OSError:
+            continue
+        label = f"{row['predicted_name']} {row['probability']:.2f}"
+        if row.get("target") != row.get("predicted"):
+            label += f" -> {row['target_name']}"
+        name = Path(row["files"]["overlay"]).stem.rsplit("_", 1)[0]
+        labels.append(f"{label} | {name}")
+    if tiles and len({tile.shape for tile in tiles}) == 1:
+        save_png(contact_sheet(tiles, labels), out / CONTACT_SHEET)

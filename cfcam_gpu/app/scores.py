@@ -1,0 +1,171 @@
+"""The numbers of ``cfcam evaluate``: every method's CAMs and per-image metrics on the same images, for
+the model's top-1 classes (``score_methods``). Public core API only: the engines of ``cfcam_gpu.methods``,
+``cfcam_gpu.metrics``, and the target layer's features captured with ``cfcam_gpu.hooks``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+
+from .. import metrics as M
+from ..hooks import LeafCapture, eval_mode, forward_hook
+from ..layers import resolve_layer
+from ..methods import ScoreCAM, build_method, dead_channels, from_features_fn
+from ..targets import resolve_targets
+
+ALL_METHODS = ("cfcam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "ablationcam")
+EXTRA_METHODS = ("cfcam_exclude_dead", "scorecam_logit")
+LABELS = {"cfcam": "CF-CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
+          "layercam": "LayerCAM", "hirescam": "HiResCAM", "scorecam": "Score-CAM",
+          "ablationcam": "Ablation-CAM", "cfcam_exclude_dead": "CF-CAM (dead excl.)",
+          "scorecam_logit": "Score-CAM (logit)"}
+SCALARS = ("average_drop", "increase_in_confidence", "average_drop_threshold",
+           "increase_in_confidence_threshold", "deletion_auc", "insertion_auc")
+
+
+def _engine(name: str, model, layer, forward_batch_size: int):
+    if name == "scorecam_logit":
+        return ScoreCAM(model, layer, score="logit", score_batch_size=forward_batch_size)
+    options = {}
+    if name == "scorecam":
+        options["score_batch_size"] = forward_batch_size
+    if name == "ablationcam":
+        options["ablation_batch_size"] = max(forward_batch_size, 256)
+    return build_method(name, model, layer, **options)
+
+
+def _fn(name: str):
+    return None if name == "scorecam_logit" else from_features_fn(name)
+
+
+def features(model, layer, images: torch.Tensor):
+    """The target layer's activations and gradients (B, C, h, w) for the top-1 logits, the top-1 classes
+    (B,) and the logits (B, L): one forward pass (eval mode, no graph below the layer), one backward."""
+    capture = LeafCapture()
+    with forward_hook(resolve_layer(model, layer), capture), eval_mode(model):
+        with torch.no_grad():
+            logits = model(images)
+        if capture.output is None or capture.output.ndim != 4:
+            raise ValueError("target_layer: expected the layer to run and output a (B, C, h, w) feature map")
+        targets = resolve_targets(None, logits)
+        with torch.enable_grad():
+            (grads,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), capture.output)
+    return capture.output.detach(), grads, targets, logits.detach()
+
+
+def global_spans(positions: Sequence[int], batch_size: int, total: int) -> list:
+    """[(i, j, (batch, rows, size))]: images[i:j] are the rows ``rows`` of global batch ``batch`` (of
+    ``size`` images) of a list of ``total``; ``positions``: the images' places in that list, ascending."""
+    spans = []
+    for k, p in enumerate(positions):
+        batch = p // batch_size
+        if spans and spans[-1][2][0] == batch:
+            i, _, (_, rows, size) = spans[-1]
+            rows.append(p - batch * batch_size)
+            spans[-1] = (i, k + 1, (batch, rows, size))
+        else:
+            spans.append((k, k + 1, (batch, [p - batch * batch_size], min(batch_size, total - batch * batch_size))))
+    return spans
+
+
+def _robustness(fn, acts, grads, sigmas, generator, size, rows: list[int], n: int) -> dict:
+    """``metrics.robustness`` for rows ``rows`` of a batch of ``n``, with the noise the whole batch draws.
+
+    A share of a batch (under torchrun) is padded to ``n`` rows (copies of its first row) so that
+    ``metrics.robustness`` draws the noise of the whole batch; the rows' own values are kept."""
+    if rows == list(range(n)):
+        return M.robustness(fn, acts, grads, sigmas, generator, size=size)
+    index = torch.as_tensor(rows, device=grads.device)
+    padded_acts = acts[:1].repeat(n, *([1] * (acts.ndim - 1)))
+    padded_grads = grads[:1].repeat(n, *([1] * (grads.ndim - 1)))
+    padded_acts[index], padded_grads[index] = acts, grads
+    result = M.robustness(fn, padded_acts, padded_grads, sigmas, generator, size=size)
+    return {s: M.Robustness(r.ssim[index], r.mse[index]) for s, r in result.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], mean, std, positions: Sequence[int],
+                  total: int, steps: int = 50, sigmas: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
+                  batch_size: int = 8, forward_batch_size: int = 64, seed: int = 0, log=None) -> dict:
+    """Per-image metrics of every method on ``images`` (N, 3, H, W) for the model's top-1 classes.
+
+    ``images`` are the images at places ``positions`` (ascending) of a list of ``total`` (all of them in
+    one process; one rank's share under torchrun). They are batched as that whole list is (batch k:
+    places [k * batch_size, (k + 1) * batch_size)) and each image gets the gradient noise it gets when the
+    whole list is evaluated in one process, so every per-image value is the one-process value.
+
+    Returns {"targets", "probs", "per_image": {method: {metric: list}}, "curves": {method: {...}},
+    "seconds": {method: {"cam", "metrics"}}, "cams": {method: (N, h, w) CPU tensor}, "clusters": {...}}.
+    """
+    log = log or (lambda *a: None)
+    N, _, H, W = images.shape
+    fb = forward_batch_size
+    spans = global_spans(positions, batch_size, total)
+    feats = [features(model, layer, images[i:j]) for i, j, _ in spans]
+    targets = torch.cat([f[2] for f in feats])
+    probs = torch.cat([f[3].float().softmax(1).gather(1, f[2][:, None])[:, 0] for f in feats])
+    generator = torch.Generator(images.device)
+    out = {"targets": targets.cpu(), "probs": probs.cpu(), "per_image": {}, "curves": {}, "seconds": {},
+           "cams": {}, "clusters": {}}
+    for name in methods:
+        engine = _engine(name, model, layer, forward_batch_size)
+        per, curves = {k: [] for k in SCALARS}, {"deletion": [], "insertion": []}
+        robust = {s: {"ssim": [], "mse": []} for s in sigmas}
+        cams_all, clusters, t_cam, t_metrics = [], {"n_clusters": [], "noise": [], "dead": []}, 0.0, 0.0
+        fn = _fn(name)
+        generator.manual_seed(seed)
+        next_batch = 0  # global batches whose noise is drawn
+        for (i, j, (batch, rows, size)), (acts, grads, tgt, _) in zip(spans, feats):
+            x = images[i:j]
+            t0 = time.perf_counter()
+            res = engine(x, tgt)
+            cams = res.cams
+            _sync(x.device)
+            t1 = time.perf_counter()
+            soft = M.average_drop_increase(model, x, cams, tgt, "soft", batch_size=fb)
+            hard = M.average_drop_increase(model, x, cams, tgt, "threshold", mean=mean, std=std, batch_size=fb)
+            dele = M.deletion_insertion(model, x, cams, tgt, steps, baseline="zero", curves=("deletion",),
+                                        batch_size=fb)
+            ins = M.deletion_insertion(model, x, cams, tgt, steps, baseline="blur", curves=("insertion",),
+                                       batch_size=fb)
+            per["average_drop"] += soft.drop.tolist()
+            per["increase_in_confidence"] += (soft.increase.double() * 100).tolist()
+            per["average_drop_threshold"] += hard.drop.tolist()
+            per["increase_in_confidence_threshold"] += (hard.increase.double() * 100).tolist()
+            per["deletion_auc"] += dele.deletion_auc.tolist()
+            per["insertion_auc"] += ins.insertion_auc.tolist()
+            curves["deletion"].append(dele.deletion_curve.cpu())
+            curves["insertion"].append(ins.insertion_curve.cpu())
+            if fn is not None:
+                for skipped in range(next_batch, batch):  # batches of other ranks alone: the same draws
+                    n = min(batch_size, total - skipped * batch_size)
+                    for _ in sigmas:
+                        torch.randn((n, *grads.shape[1:]), generator=generator, device=grads.device,
+                                    dtype=grads.dtype)
+                next_batch = batch + 1
+                for s, r in _robustness(fn, acts, grads, sigmas, generator, (H, W), rows, size).items():
+                    robust[s]["ssim"] += r.ssim.tolist()
+                    robust[s]["mse"] += r.mse.tolist()
+            if res.n_clusters is not None:
+                clusters["n_clusters"] += res.n_clusters.tolist()
+                clusters["noise"] += (res.labels < 0).sum(1).tolist()
+                clusters["dead"] += dead_channels(acts).sum(1).tolist()
+            _sync(x.device)
+            t_metrics += time.perf_counter() - t1
+            t_cam += t1 - t0
+            cams_all.append(cams.float().cpu())
+        per["robustness"] = {s: v for s, v in robust.items()} if fn is not None else None
+        out["per_image"][name] = per
+        out["curves"][name] = {k: torch.cat(v).numpy() for k, v in curves.items()}
+        out["seconds"][name] = {"cam": t_cam, "metrics": t_metrics}
+        out["cams"][name] = torch.cat(cams_all)
+        if clusters["n_clusters"]:
+            out["clusters"][name] = clusters
+        log(f"{name}: CAMs {t_cam:.1f} s ({t_cam / N:.2f} s/image), metrics {t_metrics:.1f} s")
+    return out
