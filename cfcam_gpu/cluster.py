@@ -14,8 +14,10 @@ labels. Routes of the torch backend, chosen in ``_cluster_torch`` only:
 - CPU: image by image, a Gram matrix screened with a proven error bound and refined exactly
   (``screened.py``): in float32 for float32 features, else (float64 features, or a float32 image the
   float32 screen declined) in float64; an image both screens decline gets V for every pair.
-Float64 features with a largest magnitude outside [2**-400, 2**400] are first scaled by a power of two
-per image (exact; eps scaled back), so V neither overflows nor underflows.
+Features whose largest magnitude lies outside [2**-32, 2**32] (float32) or [2**-400, 2**400] (float64)
+are first scaled by a power of two per image (exact; eps scaled back): V neither overflows nor
+underflows, and eps**2 (in the features' dtype) neither overflows to inf (every channel a neighbour) nor
+underflows to 0 (only duplicates neighbours). Inside those ranges nothing is scaled.
 ``exclude_dead`` leaves all-zero channels out (label -1): on the CPU each image's alive channels go
 through the routes above; the sync-free route masks them with static shapes. Both give the clustering of
 the alive channels alone.
@@ -81,9 +83,11 @@ def _features(activations: Tensor) -> Tensor:
 # ``distance.ACCELERATOR_BLOCK_BYTES`` within a group.
 ACCELERATOR_GROUP_BYTES = 2**30
 
-# Float64 features whose largest magnitude lies outside [2**-SCALE_EXPONENT, 2**SCALE_EXPONENT] are
-# scaled by a power of two first: V then neither overflows (squares of 1e160) nor underflows.
-SCALE_EXPONENT = 400
+# Features whose largest magnitude lies outside [2**-e, 2**e], e = SCALE_EXPONENT[dtype], are scaled by
+# a power of two first (module notes); MIN_SCALE_EXPONENT: the largest scaling up (2**100 and 2**1000 are
+# in range). float32: eps <= 2**33 sqrt(N) then, so eps**2 stays finite in float32.
+SCALE_EXPONENT = {torch.float32: 32, torch.float64: 400}
+MIN_SCALE_EXPONENT = {torch.float32: -100, torch.float64: -1000}
 
 
 def screened_route(feats: Tensor, sync_free: bool) -> bool:
@@ -94,21 +98,22 @@ def screened_route(feats: Tensor, sync_free: bool) -> bool:
 
 def _cluster_torch(feats: Tensor, sync_free: bool, alive: Tensor | None = None) -> ChannelClusters:
     """The route choice (module notes). feats: (B, C, N); alive: (B, C) bool or None (all channels)."""
-    if feats.dtype == torch.float64:
-        feats, scale = _power_of_two_range(feats)
-        part = _cluster_torch_unscaled(feats, sync_free, alive)
-        return ChannelClusters(part.labels, part.eps * scale, part.min_samples)
-    return _cluster_torch_unscaled(feats, sync_free, alive)
+    feats, scale = _power_of_two_range(feats)
+    part = _cluster_torch_unscaled(feats, sync_free, alive)
+    eps = (part.eps.double() * scale).to(part.eps.dtype)  # exact (inf only beyond the dtype's range)
+    return ChannelClusters(part.labels, eps, part.min_samples)
 
 
 def _power_of_two_range(feats: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, C, N) float64 -> (feats * 2**-k, 2**k (B,)) with k != 0 only for the images whose largest
-    magnitude is outside [2**-SCALE_EXPONENT, 2**SCALE_EXPONENT]: exact scaling (V scales by 4**-k, eps
-    by 2**-k), no host sync."""
+    """(B, C, N) float32/64 -> (feats * 2**-k, 2**k (B,) float64), k != 0 only for the images whose
+    largest magnitude is outside the dtype's [2**-SCALE_EXPONENT, 2**SCALE_EXPONENT]: exact scaling (V
+    scales by 4**-k, eps by 2**-k, the labels do not change), no host sync."""
     top = feats.abs().amax(dim=(1, 2))
     e = torch.frexp(top).exponent
-    k = torch.where((e.abs() > SCALE_EXPONENT) & (top > 0), e, 0).clamp_min(-1000)
-    return feats * torch.ldexp(torch.ones_like(top), -k)[:, None, None], torch.ldexp(torch.ones_like(top), k)
+    k = torch.where((e.abs() > SCALE_EXPONENT[feats.dtype]) & (top > 0), e, 0)
+    k = k.clamp_min(MIN_SCALE_EXPONENT[feats.dtype])
+    down = torch.ldexp(torch.ones_like(top), -k)
+    return feats * down[:, None, None], torch.ldexp(torch.ones_like(top, dtype=torch.float64), k)
 
 
 def _cluster_torch_unscaled(feats: Tensor, sync_free: bool, alive: Tensor | None = None) -> ChannelClusters:

@@ -91,16 +91,16 @@ def squared_distances(x: Tensor, sync_free: bool | None = None) -> Tensor:
 
     x: (B, C, N) -> (B, C, C) float64, exactly symmetric, exactly 0 on the diagonal and between
     identical rows. No Gram matrix, so no cancellation between near-duplicate rows. Computed in blocks
-    of rows whose (rows, C, N) differences fill about ``CPU_BLOCK_BYTES`` (``ACCELERATOR_BLOCK_BYTES``
-    with ``sync_free``, None: on non-CPU devices); the blocks follow from the shapes (static, no host
-    sync). Costs C*C*N float64 differences per image: on the CPU about 8x the Gram matrix (the CPU
+    of rows whose (rows, C, N) differences fill about ``CPU_BLOCK_BYTES`` on the CPU,
+    ``ACCELERATOR_BLOCK_BYTES`` elsewhere; the blocks follow from the shapes (static, no host sync), so
+    ``sync_free`` changes nothing here (kept for callers). Costs C*C*N float64 differences per image: on the CPU about 8x the Gram matrix (the CPU
     clustering refines only the entries that need it, ``screened.py``).
     """
     check_ndim(x, 3, "x", "(B, C, N)")
     check_floating(x, "x")
     B, C, N = x.shape
     x64 = x.double()
-    budget = ACCELERATOR_BLOCK_BYTES if decide_sync_free(sync_free, x) else CPU_BLOCK_BYTES
+    budget = CPU_BLOCK_BYTES if x.device.type == "cpu" else ACCELERATOR_BLOCK_BYTES  # a size, not a route
     rows = max(1, budget // max(1, C * N * 8))  # rows of one image per block
     images = max(1, rows // max(C, 1))  # whole images per block where they fit
     out = x64.new_empty(B, C, C)
