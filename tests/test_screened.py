@@ -148,8 +148,8 @@ def test_labels_equal_float64_route_and_sklearn(resnet50_features, layer):
     and scikit-learn's labels (brute force on the float32 features)."""
     acts = resnet50_features[layer][0]
     ours = channel_clusters(acts)
-    f64 = cluster._cluster_float64_batch(features_of(acts), False)
-    assert torch.equal(ours.eps, f64.eps) and torch.equal(ours.labels, f64.labels)
+    f64 = cluster._cluster_float64_batch(features_of(acts[:2]), False)  # exact V for every pair: slow
+    assert torch.equal(ours.eps[:2], f64.eps) and torch.equal(ours.labels[:2], f64.labels)
     feats = features_of(acts).numpy()
     for b in range(2):
         ref = DBSCAN(eps=float(ours.eps[b]), min_samples=ours.min_samples, algorithm="brute").fit(feats[b])
