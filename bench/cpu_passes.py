@@ -6,17 +6,17 @@ Captures real target-layer activations (the bundled photos, as ``bench.run``), t
 features x (C, N), and times, interleaved round-robin, each pair below; prints the median ms and the
 ratio. Pairs:
 
-  gram      float64 bmm + forming d2 (``distance.squared_distances``) | float32 product of augmented rows
+  gram      float64 bmm + forming d2 (``distance.gram_squared_distances``) | float32 product of augmented rows
             (``screened.screened_squared_distances``), fresh output | the same into a reused buffer
   count     a bool ``sum`` | ``count_nonzero`` over a C*C mask
-  eps       float64 route: squared_distances + percentile_from_squared | screened route: screen +
+  eps       float64 Gram: gram_squared_distances + percentile_from_squared | screened route: screen +
             screened_percentile (buffer reused)
   dbscan0   round 0 of the components: masked minimum | one ``max`` over the uint8 adjacency
   dbscan    ``dbscan.dbscan_from_adjacency`` (whole DBSCAN) | scipy ``connected_components`` of the
             core graph alone (dense -> CSR), when scipy is importable
 
-and, on the whole batch (ms per image), ``cluster``: the float64 route as the CPU ran it before
-(``cluster._cluster_float64``, images in groups) | the screened route (``cluster._cluster_cpu_float32``),
+and, on the whole batch (ms per image), ``cluster``: the all-pairs route (``cluster._cluster_float64``:
+exact V for every pair, the accelerators' route) | the screened route (``cluster._cluster_cpu``),
 checking that both give the same eps and labels. ``--layers layer1,layer2,layer3,layer4`` repeats the
 whole table per layer.
 """
@@ -57,11 +57,11 @@ def pairs(x: torch.Tensor) -> dict[str, dict]:
     adj = adj[None]
     parent = torch.arange(C)[None].to(torch.int16)
     out = {
-        "gram": {"float64 bmm + form": lambda: distance.squared_distances(x[None]),
+        "gram": {"float64 bmm + form": lambda: distance.gram_squared_distances(x[None]),
                  "float32 augmented mm": lambda: screened.screened_squared_distances(x, norms),
                  "float32 augmented mm, out=": lambda: screened.screened_squared_distances(x, norms, buf)},
         "count": {"bool sum": lambda: int(mask.sum()), "count_nonzero": lambda: int(torch.count_nonzero(mask))},
-        "eps": {"float64 route": lambda: percentile_from_squared(distance.squared_distances(x[None]),
+        "eps": {"float64 Gram": lambda: percentile_from_squared(distance.gram_squared_distances(x[None]),
                                                                             q, torch.float32, False),
                 "screened route": lambda: screened.screened_percentile(screened.screen(x, q, buf), q)},
         "dbscan0": {"masked minimum": lambda: _masked_min(adj, parent, C),
@@ -89,8 +89,8 @@ def cluster_pair(feats: torch.Tensor) -> dict:
     """feats: (B, C, N) float32 -> the two CPU routes for the whole clustering step."""
     from cfcam_gpu import cluster
 
-    return {"float64 route (grouped)": lambda: cluster._cluster_float64(feats, cluster.CPU_GROUP_BYTES, False),
-            "screened route": lambda: cluster._cluster_cpu_float32(feats)}
+    return {"all-pairs route": lambda: cluster._cluster_float64(feats, False),
+            "screened route": lambda: cluster._cluster_cpu(feats)}
 
 
 def main(argv=None) -> None:

@@ -1,18 +1,18 @@
 """CF-CAM post-processing, stage by stage, on captured target-layer features.
 
 The stages mirror ``cfcam_gpu.cluster._cluster_torch`` and ``cfcam_gpu.cam.cfcam_from_features``. On
-the CPU with float32 features (the screened route, image by image, ``cfcam_gpu/screened.py``):
+the CPU (the screened route, image by image, ``cfcam_gpu/screened.py``; a float64 screen for float64
+features):
 
-  distances       screened.screen: float32 d~ by one matrix product, the percentile's bracket extracted
+  distances       screened.screen: d~ by one matrix product, the percentile's bracket extracted
   percentile      screened.screened_percentile: exact order statistics from the bracket's window
   dbscan          screened.screened_adjacency + dbscan.dbscan_from_adjacency
 
-elsewhere (accelerators, float64 features: the batched float64 route):
+elsewhere (accelerators: the sync-free all-pairs route):
 
-  distances       cfcam_gpu.distance.squared_distances (float64 Gram)
+  distances       cfcam_gpu.distance.squared_distances (exact V for every pair, float64)
   percentile      cfcam_gpu.percentile.percentile_from_squared(d2, 25, dtype)
-  dbscan          threshold (eps**2 in the features' dtype vs float64 d2), mirror_upper,
-                  dbscan.dbscan_from_adjacency
+  dbscan          threshold (eps**2 in the features' dtype vs float64 d2), dbscan.dbscan_from_adjacency
 
 then, on both:
 
@@ -71,7 +71,7 @@ def stage_functions(acts: Tensor, grads: Tensor) -> list[tuple[str, Callable[[di
     q = cluster_mod.EPS_PERCENTILE
 
     sync_free = decide_sync_free(None, feats)
-    if cluster_mod.screened_route(feats, sync_free):  # CPU, float32: image by image (cfcam_gpu/screened.py)
+    if cluster_mod.screened_route(feats, sync_free):  # CPU: image by image (cfcam_gpu/screened.py)
         from cfcam_gpu import screened as scr
 
         def distances(s):
@@ -83,7 +83,7 @@ def stage_functions(acts: Tensor, grads: Tensor) -> list[tuple[str, Callable[[di
         def dbscan(s):
             adj = [scr.screened_adjacency(sc, e) for sc, e in zip(s["screens"], s["eps"])]
             s["labels"] = torch.cat([dbscan_from_adjacency(a[None], min_samples, False) for a in adj])
-    else:  # the batched float64 route (accelerators, float64 features)
+    else:  # the all-pairs route (accelerators)
         def distances(s):
             s["d2"] = dist_mod.squared_distances(feats, sync_free)
 
@@ -92,7 +92,7 @@ def stage_functions(acts: Tensor, grads: Tensor) -> list[tuple[str, Callable[[di
 
         def dbscan(s):
             threshold = (s["eps"] * s["eps"]).double()
-            adj = dist_mod.mirror_upper(s["d2"] <= threshold[:, None, None])
+            adj = s["d2"] <= threshold[:, None, None]
             s["labels"] = dbscan_from_adjacency(adj, min_samples, sync_free)
 
     def weights(s):
@@ -110,8 +110,8 @@ def stage_variant(acts: Tensor) -> str:
 
     if cluster_mod.screened_route(acts.flatten(2), acts.device.type != "cpu"):
         return "screened.screen | screened_percentile | screened_adjacency+dbscan_from_adjacency | " \
-               "cluster_weights | weighted_cam (CPU float32 route, image by image)"
-    return "squared_distances | percentile_from_squared | threshold+dbscan_from_adjacency | " \
+               "cluster_weights | weighted_cam (CPU screened route, image by image)"
+    return "squared_distances (exact, all pairs) | percentile_from_squared | threshold+dbscan_from_adjacency | " \
            "cluster_weights | weighted_cam"
 
 

@@ -4,6 +4,7 @@ Shapes: B images, C channels, h x w feature map, K clusters.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,12 +57,32 @@ class CAMResult:
                              align_corners=False)[:, 0]
 
 
+def work_dtype(x: Tensor) -> torch.dtype:
+    """The dtype weights are computed and returned in: float64 for float64 input, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def unit_scale(x: Tensor, dim) -> Tensor:
+    """Per slice along ``dim`` (kept), the power of two s that brings max |x| into [0.5, 1) (1 for an
+    all-zero slice), in x's dtype (tiny slices are scaled up at most by 2**126 in float32, 2**1022 in
+    float64). Multiplying by s is exact (barring subnormals), so scale-invariant results are unchanged
+    while nothing overflows when squared or multiplied. x: floating -> like x.amax(dim)."""
+    e = torch.frexp(x.abs().amax(dim=dim, keepdim=True)).exponent
+    e = e.clamp_min(-(math.frexp(torch.finfo(x.dtype).max)[1] - 2))  # 2**126 float32, 2**1022 float64
+    return torch.ldexp(torch.ones(e.shape, dtype=x.dtype, device=x.device), -e)
+
+
 def weighted_cam(activations: Tensor, weights: Tensor) -> Tensor:
     """relu(sum_c w_c A_c), divided by its max where that is > 0.
 
-    activations: (B, C, h, w); weights: (B, C) -> (B, h, w) float32 in [0, 1].
+    activations: (B, C, h, w); weights: (B, C) -> (B, h, w) float32 in [0, 1]. Both are first scaled
+    by a power of two per image (``unit_scale``; the normalised CAM does not change), so any finite
+    input in its dtype's range gives a finite CAM.
     """
-    cam = torch.einsum("bc,bchw->bhw", weights.float(), activations.float()).clamp_min_(0)
+    acts = activations if activations.dtype == torch.float64 else activations.float()
+    w = weights if weights.dtype == torch.float64 else weights.float()
+    acts, w = acts * unit_scale(acts, (1, 2, 3)), w * unit_scale(w, 1)
+    cam = torch.einsum("bc,bchw->bhw", w.float(), acts.float()).clamp_min_(0)
     peak = cam.amax(dim=(1, 2), keepdim=True)
     return cam / torch.where(peak > 0, peak, torch.ones_like(peak))
 
@@ -69,7 +90,10 @@ def weighted_cam(activations: Tensor, weights: Tensor) -> Tensor:
 def cluster_weights(gradients: Tensor, labels: Tensor, *, sync_free: bool | None = None) -> Tensor:
     """CF-CAM channel weights from clustered, guided-filtered mean gradients.
 
-    gradients: (B, C, h, w); labels: (B, C) int64 (-1 = noise) -> weights (B, C) float32.
+    gradients: (B, C, h, w); labels: (B, C) int64 (-1 = noise) -> weights (B, C), float64 for float64
+    gradients, else float32. The gradients are scaled by a power of two per image before the cluster
+    means are formed and squared (``unit_scale``) and the weights scaled back exactly, so every finite
+    input gives finite weights (unless a weight itself exceeds the dtype's range).
     Cluster k's mean gradient m_k (h, w) is guided-filtered with itself as guide, radius
     int(sqrt(h w) / 4) and eps 0.1 var(m_k); a channel's weight is the spatial mean of its cluster's
     filtered map, 0 for noise. ``sync_free`` (None: on non-CPU devices) bounds the clusters by K = C, so
@@ -79,7 +103,9 @@ def cluster_weights(gradients: Tensor, labels: Tensor, *, sync_free: bool | None
     """
     B, C, h, w = gradients.shape
     K = C if decide_sync_free(sync_free, labels) else max(1, int(labels.max()) + 1)
-    grads = gradients.float().flatten(2)  # (B, C, N)
+    grads = gradients.to(work_dtype(gradients)).flatten(2)  # (B, C, N)
+    scale = unit_scale(grads, (1, 2))  # (B, 1, 1)
+    grads = grads * scale
     slot = torch.where(labels >= 0, labels, K)  # noise -> the spare slot K
     sums = grads.new_zeros(B, K + 1, h * w).scatter_add_(1, slot[:, :, None].expand(-1, -1, h * w), grads)
     counts = grads.new_zeros(B, K + 1).scatter_add_(1, slot, torch.ones_like(grads[:, :, 0]))
@@ -87,6 +113,7 @@ def cluster_weights(gradients: Tensor, labels: Tensor, *, sync_free: bool | None
     eps = FILTER_EPS_FRACTION * means.flatten(1).var(dim=1, unbiased=False)
     filtered = guided_filter(means, means, seed_filter_radius(h, w), eps)
     cluster_w = filtered.mean(dim=(1, 2, 3)).reshape(B, K)  # (B, K)
+    cluster_w = (cluster_w.double() / scale[:, :, 0].double()).to(grads.dtype)  # exact, then rounded once
     return torch.where(labels >= 0, cluster_w.gather(1, slot.clamp_max(K - 1)), 0.0)
 
 
@@ -114,8 +141,11 @@ def cfcam_from_features(activations: Tensor, gradients: Tensor, backend: str = "
 def gradcam_from_features(activations: Tensor, gradients: Tensor, check_values: bool = True) -> CAMResult:
     """Plain Grad-CAM: weights = spatial mean of the gradients; same normalisation as CF-CAM.
 
-    activations, gradients: (B, C, h, w) -> CAMResult with cams (B, h, w) and weights (B, C).
+    activations, gradients: (B, C, h, w) -> CAMResult with cams (B, h, w) and weights (B, C) (float64
+    for float64 gradients, else float32; the mean is taken scaled by a power of two, so it is finite).
     """
     validate_features(activations, gradients, check_values)
-    weights = gradients.float().mean(dim=(2, 3))
+    grads = gradients.to(work_dtype(gradients))
+    scale = unit_scale(grads, (1, 2, 3))
+    weights = ((grads * scale).mean(dim=(2, 3)).double() / scale[:, :, 0, 0].double()).to(grads.dtype)
     return CAMResult(cams=weighted_cam(activations, weights), weights=weights)

@@ -5,12 +5,19 @@ The seed's constants (``../seed``: eps = 25th percentile of the channel distance
 the channels, at least 2; guided filter radius = a quarter of the map's scale, its eps = 10% of the
 cluster mean's variance) live here and nowhere else.
 
-Routes of the torch backend, chosen in ``_cluster_torch`` only:
-- sync-free (accelerators by default; ``sync_free=True`` anywhere): the batched float64 route in groups
-  of images of static size, no host read;
-- CPU, float32 features: image by image, screened in float32 and refined exactly (``screened.py``); an
-  image whose preconditions fail takes the float64 route;
-- CPU, float64 features: the batched float64 route in cache-sized groups.
+Every route reads eps and the neighbour relation off the same exact squared distances V[i, j] =
+sum_k (x_ik - x_jk)**2 in float64 (``distance.sum_squared_differences``), so they give the same eps and
+labels. Routes of the torch backend, chosen in ``_cluster_torch`` only:
+- sync-free (accelerators by default; ``sync_free=True`` anywhere): V for every pair
+  (``distance.squared_distances``, blocks of static size) in groups of images of static size, no host
+  read;
+- CPU: image by image, a Gram matrix screened with a proven error bound and refined exactly
+  (``screened.py``): in float32 for float32 features, else (float64 features, or a float32 image the
+  float32 screen declined) in float64; an image both screens decline gets V for every pair.
+Features whose largest magnitude lies outside [2**-32, 2**32] (float32) or [2**-400, 2**400] (float64)
+are first scaled by a power of two per image (exact; eps scaled back): V neither overflows nor
+underflows, and eps**2 (in the features' dtype) neither overflows to inf (every channel a neighbour) nor
+underflows to 0 (only duplicates neighbours). Inside those ranges nothing is scaled.
 ``exclude_dead`` leaves all-zero channels out (label -1): on the CPU each image's alive channels go
 through the routes above; the sync-free route masks them with static shapes. Both give the clustering of
 the alive channels alone.
@@ -25,7 +32,7 @@ from torch import Tensor
 
 from ._checks import check_ndim, check_tensor, decide_sync_free
 from .dbscan import dbscan_from_adjacency
-from .distance import mirror_upper, squared_distances
+from .distance import squared_distances
 from .percentile import percentile_from_squared
 from .screened import screened_neighbours
 
@@ -69,38 +76,59 @@ def _features(activations: Tensor) -> Tensor:
     return feats if feats.dtype == torch.float64 else feats.float()
 
 
-# The float64 route clusters images in groups whose float64 (C, C) distance matrices fit in about this
-# many bytes. CPU (float64 features, or an image the screened route declined): the passes are
-# memory-bound, and small groups stay cache- and page-friendly (measured with float32 features before the
-# screened route existed: 0.58x -> 0.64x the floor at ResNet50 layer4, B = 16, python -m bench.run).
-# Accelerators: the group bounds the post-processing's memory whatever the batch (the (B, C, C) float64
-# matrix alone is 34 GB at B = 256, C = 4096; a group of 1 GiB is 64 images at C = 2048, 16 at 4096);
-# the group size follows from the shapes, so it costs no host sync.
-CPU_GROUP_BYTES = 32 * 2**20
+# The sync-free route clusters images in groups whose float64 (C, C) matrices fit in about this many
+# bytes: the group bounds the post-processing's memory whatever the batch (the (B, C, C) float64 matrix
+# alone is 34 GB at B = 256, C = 4096; a group of 1 GiB is 64 images at C = 2048, 16 at 4096); the group
+# size follows from the shapes, so it costs no host sync. V's differences are formed in blocks of
+# ``distance.ACCELERATOR_BLOCK_BYTES`` within a group.
 ACCELERATOR_GROUP_BYTES = 2**30
+
+# Features whose largest magnitude lies outside [2**-e, 2**e], e = SCALE_EXPONENT[dtype], are scaled by
+# a power of two first (module notes); MIN_SCALE_EXPONENT: the largest scaling up (2**100 and 2**1000 are
+# in range). float32: eps <= 2**33 sqrt(N) then, so eps**2 stays finite in float32.
+SCALE_EXPONENT = {torch.float32: 32, torch.float64: 400}
+MIN_SCALE_EXPONENT = {torch.float32: -100, torch.float64: -1000}
 
 
 def screened_route(feats: Tensor, sync_free: bool) -> bool:
-    """Whether the torch backend clusters these features (B, C, N) by ``screened.py`` (CPU, float32)."""
-    return not sync_free and feats.dtype == torch.float32
+    """Whether the torch backend clusters these features (B, C, N) image by image with the screens of
+    ``screened.py`` (the CPU)."""
+    return not sync_free
 
 
 def _cluster_torch(feats: Tensor, sync_free: bool, alive: Tensor | None = None) -> ChannelClusters:
     """The route choice (module notes). feats: (B, C, N); alive: (B, C) bool or None (all channels)."""
+    feats, scale = _power_of_two_range(feats)
+    part = _cluster_torch_unscaled(feats, sync_free, alive)
+    eps = (part.eps.double() * scale).to(part.eps.dtype)  # exact (inf only beyond the dtype's range)
+    return ChannelClusters(part.labels, eps, part.min_samples)
+
+
+def _power_of_two_range(feats: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, C, N) float32/64 -> (feats * 2**-k, 2**k (B,) float64), k != 0 only for the images whose
+    largest magnitude is outside the dtype's [2**-SCALE_EXPONENT, 2**SCALE_EXPONENT]: exact scaling (V
+    scales by 4**-k, eps by 2**-k, the labels do not change), no host sync."""
+    top = feats.abs().amax(dim=(1, 2))
+    e = torch.frexp(top).exponent
+    k = torch.where((e.abs() > SCALE_EXPONENT[feats.dtype]) & (top > 0), e, 0)
+    k = k.clamp_min(MIN_SCALE_EXPONENT[feats.dtype])
+    down = torch.ldexp(torch.ones_like(top), -k)
+    return feats * down[:, None, None], torch.ldexp(torch.ones_like(top, dtype=torch.float64), k)
+
+
+def _cluster_torch_unscaled(feats: Tensor, sync_free: bool, alive: Tensor | None = None) -> ChannelClusters:
     if sync_free:
-        return _cluster_float64(feats, ACCELERATOR_GROUP_BYTES, True, alive)
+        return _cluster_float64(feats, True, alive)
     if alive is not None:
         return _cluster_alive_cpu(feats, alive)
-    if screened_route(feats, sync_free):
-        return _cluster_cpu_float32(feats)
-    return _cluster_float64(feats, CPU_GROUP_BYTES, False)
+    return _cluster_cpu(feats)
 
 
-def _cluster_float64(feats: Tensor, budget: int, sync_free: bool,
-                     alive: Tensor | None = None) -> ChannelClusters:
-    """The batched float64 route in groups of images whose (C, C) float64 matrices fit in ``budget``
-    bytes (the group size follows from the shapes: no host sync)."""
+def _cluster_float64(feats: Tensor, sync_free: bool, alive: Tensor | None = None) -> ChannelClusters:
+    """The all-pairs route: V for every pair, in groups of images whose (C, C) float64 matrices fit in
+    ``ACCELERATOR_GROUP_BYTES`` (the group size follows from the shapes: no host sync)."""
     B, C, _ = feats.shape
+    budget = ACCELERATOR_GROUP_BYTES
     group = max(1, budget // (C * C * 8))
     if group >= B:
         return _cluster_float64_batch(feats, sync_free, alive)
@@ -110,15 +138,24 @@ def _cluster_float64(feats: Tensor, budget: int, sync_free: bool,
                            parts[0].min_samples)
 
 
-def _cluster_cpu_float32(feats: Tensor) -> ChannelClusters:
-    """CPU, float32 features: image by image, eps and neighbours screened in float32 and refined exactly
-    (``screened.py``), falling back to the float64 route for an image whose preconditions fail."""
+def _cluster_cpu(feats: Tensor) -> ChannelClusters:
+    """CPU: image by image, eps and neighbours screened and refined exactly (``screened.py``): float32
+    features by a float32 screen, then (declined, or float64 features) by a float64 screen, then (both
+    declined) V for every pair."""
     C = feats.shape[1]
     min_samples = seed_min_samples(C)
     labels, eps = [], []
-    buffer = feats.new_empty(C, C)  # d~, reused image after image
+    buffers = {}  # d~ per screen precision, reused image after image
+
+    def neighbours(x: Tensor, precision: torch.dtype):
+        if precision not in buffers:
+            buffers[precision] = feats.new_empty(C, C, dtype=precision)
+        return screened_neighbours(x, EPS_PERCENTILE, buffers[precision], precision)
+
     for x in feats:
-        screened = screened_neighbours(x, EPS_PERCENTILE, buffer)
+        screened = neighbours(x, torch.float32) if feats.dtype == torch.float32 else None
+        if screened is None:
+            screened = neighbours(x, torch.float64)
         if screened is None:
             part = _cluster_float64_batch(x[None], False)
             labels.append(part.labels[0])
@@ -137,7 +174,7 @@ def _cluster_alive_cpu(feats: Tensor, alive: Tensor) -> ChannelClusters:
     for b in range(feats.shape[0]):
         keep = alive[b]
         if bool(keep.any()):
-            part = _cluster_torch(feats[b, keep][None], False)
+            part = _cluster_torch_unscaled(feats[b, keep][None], False)
             labels[b, keep] = part.labels[0]
             eps[b] = part.eps[0]
     return ChannelClusters(labels, eps, None)
@@ -145,13 +182,12 @@ def _cluster_alive_cpu(feats: Tensor, alive: Tensor) -> ChannelClusters:
 
 def _cluster_float64_batch(feats: Tensor, sync_free: bool, alive: Tensor | None = None) -> ChannelClusters:
     C = feats.shape[1]
-    d2 = squared_distances(feats, sync_free)  # (B, C, C) float64
+    d2 = squared_distances(feats, sync_free)  # (B, C, C) float64, exact V
     # The seed's eps: the percentile of the distance matrix in the features' dtype.
     eps = percentile_from_squared(d2, EPS_PERCENTILE, feats.dtype, sync_free, alive)
     # scikit-learn compares float64 squared distances with eps**2 computed in the features' dtype.
     threshold = (eps * eps).double()
-    # The upper triangle is the distance matrix, as for the percentile: exactly symmetric neighbours.
-    adj = mirror_upper(d2 <= threshold[:, None, None])
+    adj = d2 <= threshold[:, None, None]  # V is exactly symmetric: so is adj
     del d2
     if alive is None:
         min_samples = seed_min_samples(C)

@@ -1,7 +1,10 @@
 """Pairwise channel distances, accumulated in float64.
 
-Squared distances of float32 features need that precision for the DBSCAN neighbour test to agree with
-scikit-learn on ties (see ``cluster.py``), and torch's float32 sqrt on the CPU is not correctly rounded.
+The exact squared distance of two rows is V = sum_k (x_ik - x_jk)**2 in float64
+(``sum_squared_differences``): every route of the clustering reads eps and the neighbours off V (the CPU
+routes refine a screened Gram matrix with it, the accelerator route computes it for every pair). Squared
+distances of float32 features need float64 for the DBSCAN neighbour test to agree with scikit-learn on
+ties (see ``cluster.py``), and torch's float32 sqrt on the CPU is not correctly rounded.
 Shapes: B images, C rows (channels), N values per row (h*w).
 """
 from __future__ import annotations
@@ -37,14 +40,14 @@ def row_hashes(x: Tensor) -> Tensor:
     return torch.where((x != 0).any(dim=2), h | 1, 0)  # all-zero rows -> 0, every other row odd
 
 
-def squared_distances(x: Tensor, sync_free: bool | None = None) -> Tensor:
-    """Squared Euclidean distances between rows, in float64.
+def gram_squared_distances(x: Tensor, sync_free: bool | None = None) -> Tensor:
+    """Squared Euclidean distances between rows by the float64 Gram matrix, ``n_i + n_j - 2 x_i.x_j``.
 
     x: (B, C, N) -> (B, C, C) float64, >= 0, exactly 0 on the diagonal and between identical rows (the
-    Gram formula alone can leave ~1e-13 between identical non-zero rows, which would break the eps = 0
-    rule "neighbours are the exact duplicates"; such rows are found by exact integer hashes of their
-    bits). Symmetric up to the rounding of the Gram matrix (see ``mirror_upper``). ``sync_free`` (None:
-    on non-CPU devices) always runs the duplicate pass instead of checking for duplicates on the host.
+    Gram formula alone can leave ~1e-13 between identical non-zero rows; such rows are found by exact
+    integer hashes of their bits). Fast, but NOT exact: the formula cancels between near-duplicate rows
+    (relative error up to ~N 2**-53 (n_i + n_j) / d2) and rounds (i, j) and (j, i) apart (see
+    ``mirror_upper``). The clustering uses ``squared_distances``; this one is kept for comparison.
     """
     check_ndim(x, 3, "x", "(B, C, N)")
     check_floating(x, "x")
@@ -64,6 +67,51 @@ def _has_live_duplicates(h: Tensor) -> bool:
     """Whether some image has two equal non-zero row hashes. h: (B, C) int64. One host read."""
     sorted_h = h.sort(dim=1).values
     return bool(((sorted_h[:, 1:] == sorted_h[:, :-1]) & (sorted_h[:, 1:] != 0)).any())
+
+
+def sum_squared_differences(a: Tensor, b: Tensor) -> Tensor:
+    """V = sum_k (a_k - b_k)**2 in float64 over the last dimension: THE exact squared distance.
+
+    a, b: broadcastable (..., N) float64 -> (...) float64. Every route that promises exactness computes
+    V with this one function (the CPU screened route for its refined entries, the all-pairs routes for
+    every entry), so they agree bit for bit on the same device. V is exactly symmetric (a - b = -(b - a)
+    exactly) and exactly 0 between identical rows (and between -0.0 and 0.0).
+    """
+    return (a - b).square_().sum(dim=-1)
+
+
+# Elements of the (rows, C, N) float64 difference block that ``squared_distances`` forms at a time.
+CPU_BLOCK_BYTES = 2**23  # cache-sized: 8 rows of C = 2048, N = 49 (8 rows: 0.47 s per image there,
+ACCELERATOR_BLOCK_BYTES = 2**28  # 32 rows: 0.96 s, 128 rows: 2.7 s on the CPU); accelerators: big blocks
+
+
+def squared_distances(x: Tensor, sync_free: bool | None = None) -> Tensor:
+    """Exact squared Euclidean distances between rows: V[i, j] = sum_k (x_ik - x_jk)**2 in float64
+    (``sum_squared_differences``) for every pair.
+
+    x: (B, C, N) -> (B, C, C) float64, exactly symmetric, exactly 0 on the diagonal and between
+    identical rows. No Gram matrix, so no cancellation between near-duplicate rows. Computed in blocks
+    of rows whose (rows, C, N) differences fill about ``CPU_BLOCK_BYTES`` on the CPU,
+    ``ACCELERATOR_BLOCK_BYTES`` elsewhere; the blocks follow from the shapes (static, no host sync), so
+    ``sync_free`` changes nothing here (kept for callers). Costs C*C*N float64 differences per image: on the CPU about 8x the Gram matrix (the CPU
+    clustering refines only the entries that need it, ``screened.py``).
+    """
+    check_ndim(x, 3, "x", "(B, C, N)")
+    check_floating(x, "x")
+    B, C, N = x.shape
+    x64 = x.double()
+    budget = CPU_BLOCK_BYTES if x.device.type == "cpu" else ACCELERATOR_BLOCK_BYTES  # a size, not a route
+    rows = max(1, budget // max(1, C * N * 8))  # rows of one image per block
+    images = max(1, rows // max(C, 1))  # whole images per block where they fit
+    out = x64.new_empty(B, C, C)
+    if images > 1 or rows >= C:
+        for b in range(0, B, images):
+            out[b:b + images] = sum_squared_differences(x64[b:b + images, :, None, :], x64[b:b + images, None])
+        return out
+    for b in range(B):
+        for i in range(0, C, rows):
+            out[b, i:i + rows] = sum_squared_differences(x64[b, i:i + rows, None, :], x64[b, None])
+    return out
 
 
 def exact_sqrt(x: Tensor) -> Tensor:
@@ -89,7 +137,7 @@ def mirror_upper(m: Tensor) -> Tensor:
 def pairwise_distances(x: Tensor) -> Tensor:
     """Euclidean distances between the C rows of each item.
 
-    x: (B, C, N) -> (B, C, C) in x's dtype (computed in float64 and rounded once), exactly symmetric
-    (``mirror_upper``), zero diagonal, exactly 0 between identical rows.
+    x: (B, C, N) -> (B, C, C) in x's dtype: sqrt of the exact ``squared_distances`` rounded once,
+    exactly symmetric, zero diagonal, exactly 0 between identical rows.
     """
-    return mirror_upper(squared_distances(x)).sqrt_().to(x.dtype)
+    return squared_distances(x).sqrt_().to(x.dtype)

@@ -43,7 +43,7 @@ def guided_filter(guide: Tensor, src: Tensor, radius: int, eps) -> Tensor:
     """Guided filter (He et al.) with ``cv2.ximgproc.guidedFilter`` semantics, single-channel guide.
 
     guide, src: (M, 1, h, w) floating; radius: int >= 0 (any size, also >= h); eps: float or (M,)
-    tensor, used as is (not squared) -> (M, 1, h, w).
+    tensor, used as is (not squared) -> (M, 1, h, w) in src's dtype, computed in float64.
     Where the local variance plus eps is exactly 0 (a constant window with eps = 0, where OpenCV returns
     NaN) the slope ``a`` is 0, so a constant map comes back unchanged.
     """
@@ -57,20 +57,28 @@ def guided_filter(guide: Tensor, src: Tensor, radius: int, eps) -> Tensor:
     if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
         raise ValueError(f"radius: expected an int >= 0, got {radius!r}")
     M = guide.shape[0]
-    eps = torch.as_tensor(eps, dtype=guide.dtype, device=guide.device)
+    eps = torch.as_tensor(eps, device=guide.device).double()
     if eps.ndim == 0:
         eps = eps.expand(M)
     if eps.shape != (M,):
         raise ValueError(f"eps: expected a float or a ({M},) tensor, got shape {tuple(eps.shape)}")
     if radius == 0:  # 1x1 windows: var = cov = 0, so a = 0 and q = src exactly
         return src.clone()
-    # The filter is shift-equivariant (a is unchanged, q shifts with src), so work on maps centred on
-    # their means: same result in exact arithmetic, far less float32 cancellation in var and cov. A
-    # nearly constant map (the usual cluster mean above a global average pool) then stays put instead of
-    # amplifying rounding noise by cov / var.
+    out_dtype = src.dtype
+    # float64 inside: var = box(I*I) - box(I)**2 cancels in near-constant windows (guide != src with eps
+    # far below the variance: float32 lost 2e-2 of the map's max there), and the squares of float32
+    # maps up to 3e38 stay finite. The filter is shift-equivariant (a is unchanged, q shifts with src)
+    # and scale-equivariant (guide by s and eps by s**2: a scales by 1/s; src by t: q scales by t), so
+    # work on maps centred on their means and scaled by powers of two (exact): a nearly constant map (the
+    # usual cluster mean above a global average pool) stays put instead of amplifying rounding noise by
+    # cov / var, and no float64 input in range overflows when squared.
+    guide, src = guide.double(), src.double()
     shift_i = guide.mean(dim=(2, 3), keepdim=True)
     shift_p = src.mean(dim=(2, 3), keepdim=True)
     guide, src = guide - shift_i, src - shift_p
+    s_i, s_p = _unit_scale(guide), _unit_scale(src)  # (N, 1, 1, 1)
+    guide, src = guide * s_i, src * s_p
+    eps = eps * s_i[:, 0, 0, 0] * s_i[:, 0, 0, 0]
     means = box_filter(torch.cat([guide, src, guide * guide, guide * src], dim=1), radius)
     mean_i, mean_p, mean_ii, mean_ip = means.unbind(dim=1)
     var = mean_ii - mean_i * mean_i
@@ -80,4 +88,11 @@ def guided_filter(guide: Tensor, src: Tensor, radius: int, eps) -> Tensor:
     a = torch.where(zero, 0.0, cov / torch.where(zero, 1.0, denom))
     b = mean_p - a * mean_i
     mean_a, mean_b = box_filter(torch.stack([a, b], dim=1), radius).unbind(dim=1)
-    return (mean_a * guide[:, 0] + mean_b)[:, None] + shift_p
+    return ((mean_a * guide[:, 0] + mean_b)[:, None] / s_p + shift_p).to(out_dtype)
+
+
+def _unit_scale(x: Tensor) -> Tensor:
+    """(N, 1, H, W) float64 -> (N, 1, 1, 1): the power of two bringing each map's max |x| into [0.5, 1)
+    (1 for an all-zero map; at most 2**1000 for tiny maps)."""
+    e = torch.frexp(x.abs().amax(dim=(2, 3), keepdim=True)).exponent.clamp_min(-1000)
+    return torch.ldexp(torch.ones(e.shape, dtype=x.dtype, device=x.device), -e)

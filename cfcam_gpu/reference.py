@@ -58,10 +58,13 @@ def cfcam_reference(activation: np.ndarray, gradient: np.ndarray) -> SimpleNames
     """CF-CAM for one image.
 
     activation, gradient: (C, h, w) float arrays -> namespace with cam (h, w) float32 in [0, 1],
-    labels (C,), weights (C,), n_clusters, eps, min_samples.
+    labels (C,), weights (C,), n_clusters, eps, min_samples. Float64 activations are clustered in
+    float64 (as scikit-learn does), anything else in float32; the gradients likewise.
     """
-    act = np.asarray(activation, dtype=np.float32)
-    grad = np.asarray(gradient, dtype=np.float32)
+    act = np.asarray(activation)
+    act = act.astype(np.float64 if act.dtype == np.float64 else np.float32, copy=False)
+    grad = np.asarray(gradient)
+    grad = grad.astype(np.float64 if grad.dtype == np.float64 else np.float32, copy=False)
     C, h, w = act.shape
     labels, eps, min_samples = cluster_reference(act.reshape(C, h * w))
     n_clusters = len(set(labels.tolist()) - {-1})
@@ -73,7 +76,7 @@ def cfcam_reference(activation: np.ndarray, gradient: np.ndarray) -> SimpleNames
         if np.ptp(mean_k) == 0:  # constant map (float32 var may still be ~1e-17): OpenCV gives NaN
             smoothed = mean_k
         else:
-            smoothed = guided_filter_reference(mean_k, mean_k, radius, eps_k)
+            smoothed = guided_filter_reference(mean_k, mean_k, radius, eps_k).astype(grad.dtype)
         filtered[labels == k] = smoothed
     weights = np.mean(filtered, axis=(1, 2))
     cam = np.maximum(np.sum(weights[:, None, None] * act, axis=0), 0)

@@ -29,6 +29,14 @@ float32 one in arithmetic and in traffic. Here, per image:
    the bracket, those entries are all among the extracted ones.
 So eps and the neighbour relation are exactly those of V, for every image.
 
+The same screen in float64 (``precision=torch.float64``: float64 features, and float32 images the
+float32 screen declined): d~ is one float64 product of the augmented rows with float64 norms, and
+``|d~ - V| <= delta = (8 N + 16) 2**-53 (n_i + n_j)`` (+ an underflow term): the dot product errs by at
+most ``gamma_(N+2) 2 (n_i + n_j)`` (as above, u = 2**-53), the float64 norms by ``gamma_N (n_i + n_j)``,
+and V itself (float64 differences, squares and sum of float64 features) by ``gamma_(N+3) E <= gamma_(N+3)
+2 (n_i + n_j)``: ``(5 N + 10) u (n_i + n_j)`` to first order, well inside delta. The rest of the
+argument is unchanged; eps is rounded to the features' dtype.
+
 Where a precondition fails (the strided-sample bracket misses the order statistics, non-finite or huge
 values, float32 matrix products allowed to run in reduced precision) the image returns ``None`` and the
 caller uses the float64 route; ``tests/test_screened.py`` forces each of these.
@@ -40,10 +48,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .distance import exact_sqrt
+from .distance import exact_sqrt, sum_squared_differences
 from .percentile import lerp, linear_rank, next_value, sampled_bracket
 
-MAX_NORM = 2.0**100  # squared norms above this could overflow float32 products: take the float64 route
+# Squared norms above this could overflow the screen's products: decline (the caller goes on).
+MAX_NORM = {torch.float32: 2.0**100, torch.float64: 2.0**1000}
 
 
 def float32_matmul_is_ieee() -> bool:
@@ -57,25 +66,29 @@ def float32_matmul_is_ieee() -> bool:
     return all(s in ("none", "ieee") for s in settings)
 
 
-def screening_bounds(norms: Tensor, i: Tensor, j: Tensor, N: int) -> Tensor:
-    """delta[i, j] >= 2 |d~[i, j] - E[i, j]| (module notes). norms: (C,) float64; i, j: (M,) -> (M,)."""
+def screening_bounds(norms: Tensor, i: Tensor, j: Tensor, N: int,
+                     precision: torch.dtype = torch.float32) -> Tensor:
+    """delta[i, j] >= |d~[i, j] - V[i, j]| (module notes) for a screen in ``precision``.
+    norms: (C,) float64; i, j: (M,) -> (M,)."""
+    if precision == torch.float64:
+        return (norms[i] + norms[j]).mul_((8 * N + 16) * 2.0**-53).add_((8 * N + 16) * 2.0**-1070)
     return (norms[i] + norms[j]).mul_((N + 8) * 2.0**-22).add_((N + 2) * 2.0**-140)
 
 
 def screened_squared_distances(x: Tensor, norms: Tensor, out: Tensor | None = None) -> Tensor:
-    """d~ = n_i + n_j - 2 <x_i, x_j> in float32, one matrix product with no pass to form it.
+    """d~ = n_i + n_j - 2 <x_i, x_j> in x's dtype, one matrix product with no pass to form it.
 
-    x: (C, N) float32; norms: (C,) float64 -> (C, C) float32, written to ``out`` when given (one buffer
-    for all the images of a batch).
+    x: (C, N) float32 (or float64); norms: (C,) float64 -> (C, C) in x's dtype, written to ``out`` when
+    given (one buffer for all the images of a batch).
     """
-    n32, ones = norms.float()[:, None], x.new_ones(x.shape[0], 1)
+    n32, ones = norms.to(x.dtype)[:, None], x.new_ones(x.shape[0], 1)
     return torch.mm(torch.cat([x, n32, ones], dim=1), torch.cat([x * -2, ones, n32], dim=1).T, out=out)
 
 
 def exact_squared_distances(x64: Tensor, flat_idx: Tensor) -> Tensor:
     """V at flat indices i * C + j. x64: (C, N) float64; flat_idx: (M,) int64 -> (M,) float64."""
     C = x64.shape[0]
-    return (x64[flat_idx // C] - x64[flat_idx % C]).square_().sum(dim=1)
+    return sum_squared_differences(x64[flat_idx // C], x64[flat_idx % C])
 
 
 def _count(mask: Tensor) -> int:
@@ -87,11 +100,13 @@ def _count(mask: Tensor) -> int:
 class Screened(NamedTuple):
     """One image's float32 screen and the part of it near the percentile (module notes, 3).
 
-    x64: (C, N) float64 features; flat: (C*C,) float32 d~; lo_v, hi_v: the bracket; below: entries of
-    flat under lo_v; idx: (M,) flat indices of the bracket's entries, vals: (M,) their d~ (float64),
-    delta: (M,) their bounds; Delta: the image's largest bound.
+    x64: (C, N) float64 features; flat: (C*C,) d~ (float32, or float64 for a float64 screen); lo_v,
+    hi_v: the bracket; below: entries of flat under lo_v; idx: (M,) flat indices of the bracket's
+    entries, vals: (M,) their d~ (float64), delta: (M,) their bounds; Delta: the image's largest bound;
+    dtype: the features' dtype (eps is rounded to it).
     """
 
+    dtype: torch.dtype
     x64: Tensor
     flat: Tensor
     lo_v: float
@@ -103,20 +118,25 @@ class Screened(NamedTuple):
     Delta: float
 
 
-def screen(x: Tensor, q: float, out: Tensor | None = None) -> Screened | None:
+def screen(x: Tensor, q: float, out: Tensor | None = None,
+           precision: torch.dtype | None = None) -> Screened | None:
     """Distances stage: d~ for one image and the bracket of its q-th percentile's order statistics.
 
-    x: (C, N) float32 -> Screened, or None when a precondition fails (use the float64 route).
-    out: an optional (C, C) float32 buffer for d~ (the result refers to it).
+    x: (C, N) float32 or float64 -> Screened, or None when a precondition fails (the caller goes on).
+    out: an optional (C, C) buffer in ``precision`` for d~ (the result refers to it). precision: the
+    screen's dtype, float32 or float64 (None: x's dtype).
     """
     C, N = x.shape
+    precision = x.dtype if precision is None else precision
     x64 = x.double()
     norms = x64.square().sum(dim=1)
-    if not float32_matmul_is_ieee() or not bool(norms.max() <= MAX_NORM):  # also catches NaN
+    if precision == torch.float32 and not float32_matmul_is_ieee():
         return None
-    flat = screened_squared_distances(x, norms, out).view(-1)
+    if not bool(norms.max() <= MAX_NORM[precision]):  # also catches NaN
+        return None
+    flat = screened_squared_distances(x.to(precision), norms, out).view(-1)
     top = norms.argmax()
-    Delta = float(screening_bounds(norms, top, top, N))
+    Delta = float(screening_bounds(norms, top, top, N, precision))
     lo, hi, _ = linear_rank(C * C, q)
     lo_v, hi_v = sampled_bracket(flat, (lo, hi), width=C)
     # 3 Delta more on each side: the windows of screened_percentile and screened_adjacency then fit
@@ -124,13 +144,13 @@ def screen(x: Tensor, q: float, out: Tensor | None = None) -> Screened | None:
     lo_v, hi_v = lo_v - 3 * Delta, hi_v + 3 * Delta
     below_mask = flat < lo_v
     idx = ((flat <= hi_v) != below_mask).nonzero().squeeze(1)  # lo_v <= d~ <= hi_v
-    return Screened(x64, flat, lo_v, hi_v, _count(below_mask), idx, flat[idx].double(),
-                    screening_bounds(norms, idx // C, idx % C, N), Delta)
+    return Screened(x.dtype, x64, flat, lo_v, hi_v, _count(below_mask), idx, flat[idx].double(),
+                    screening_bounds(norms, idx // C, idx % C, N, precision), Delta)
 
 
 def screened_percentile(sc: Screened, q: float) -> Tensor | None:
     """Percentile stage: the q-th percentile (numpy's linear rule) of the C*C entries of sqrt(V) rounded
-    to float32, exactly (module notes, 3). -> () float32, or None (use the float64 route)."""
+    to the features' dtype, exactly (module notes, 3). -> () in that dtype, or None (decline)."""
     lo, hi, g = linear_rank(sc.flat.numel(), q)
     below, vals, delta = sc.below, sc.vals, sc.delta
     if not (below <= lo and hi < below + vals.numel()):
@@ -151,13 +171,13 @@ def screened_percentile(sc: Screened, q: float) -> Tensor | None:
     b = a if hi == lo else exact.kthvalue(hi - below + 1).values
     if not (L <= a and b <= H):  # proven (module notes, 3); a cheap guard all the same
         return None
-    a, b = exact_sqrt(a).float(), exact_sqrt(b).float()
+    a, b = exact_sqrt(a).to(sc.dtype), exact_sqrt(b).to(sc.dtype)
     return a if g == 0.0 else lerp(a, b, g)
 
 
 def screened_adjacency(sc: Screened, eps: Tensor) -> Tensor | None:
-    """Neighbours stage: adj (C, C) bool = V <= float64(eps * eps in float32), scikit-learn's comparison
-    for float32 data, exactly (module notes, 4); symmetric, true diagonal. None: use the float64 route."""
+    """Neighbours stage: adj (C, C) bool = V <= float64(eps * eps in the features' dtype), scikit-learn's
+    comparison, exactly (module notes, 4); symmetric, true diagonal. None: decline."""
     threshold = float(eps * eps)
     if not (sc.lo_v <= threshold - sc.Delta and threshold + sc.Delta <= sc.hi_v):
         return None
@@ -169,14 +189,15 @@ def screened_adjacency(sc: Screened, eps: Tensor) -> Tensor | None:
     return adj
 
 
-def screened_neighbours(x: Tensor, q: float, out: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+def screened_neighbours(x: Tensor, q: float, out: Tensor | None = None,
+                        precision: torch.dtype | None = None) -> tuple[Tensor, Tensor] | None:
     """eps and the eps-neighbour relation of one image's channels, exact for V (see the module notes).
 
-    x: (C, N) float32 -> (eps () float32, adj (C, C) bool); see ``screened_percentile`` and
-    ``screened_adjacency``; ``out`` as in ``screen``. None when a precondition fails: use the float64
-    route.
+    x: (C, N) float32 or float64 -> (eps () in x's dtype, adj (C, C) bool); see ``screened_percentile``
+    and ``screened_adjacency``; ``out`` and ``precision`` as in ``screen``. None when a precondition
+    fails: the caller goes on (a float64 screen, then every pair exactly).
     """
-    sc = screen(x, q, out)
+    sc = screen(x, q, out, precision)
     eps = None if sc is None else screened_percentile(sc, q)
     adj = None if eps is None else screened_adjacency(sc, eps)
     return None if adj is None else (eps, adj)

@@ -285,3 +285,73 @@ def test_bad_inputs(device):
 def test_mismatched_devices():
     with pytest.raises(ValueError, match="gradients.*device"):
         cfcam_from_features(torch.rand(1, 4, 3, 3), torch.rand(1, 4, 3, 3, device="cuda"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# No NaN from finite input (power-of-two scaling before squaring or multiplying).
+
+def _two_identical_channels():
+    acts = torch.arange(16.0).reshape(1, 1, 4, 4).repeat(1, 2, 1, 1)
+    grads = torch.tensor([1, -1, 2, .5, 0, 1, 3, -2, 1, 1, 0, 2, -1, 0, 1, 2.0]).reshape(1, 1, 4, 4)
+    return acts, grads.repeat(1, 2, 1, 1)
+
+
+@pytest.mark.parametrize("dtype,act_scale,grad_scale", [
+    (torch.float32, 1.0, 5e18), (torch.float32, 1.0, 1.5e19), (torch.float32, 1e19, 1e19),
+    (torch.float32, 2e37, 1e38), (torch.float64, 1e20, 1e20), (torch.float64, 1.0, 1e150),
+    (torch.float64, 1e150, 1e150), (torch.float64, 1e-300, 1e-300)])
+def test_finite_maps_for_finite_inputs_at_any_scale(device, dtype, act_scale, grad_scale):
+    """Two identical channels (one cluster); gradients up to the dtype's range: finite weights, the same
+    CAM as at scale 1 (the normalised CAM is scale-invariant), and check_values accepts finite values."""
+    acts, grads = _two_identical_channels()
+    acts, grads = acts.to(device, dtype), grads.to(device, dtype)  # scaled in the dtype itself
+    base = cfcam_from_features(acts, grads)
+    res = cfcam_from_features(acts * act_scale, grads * grad_scale)
+    assert torch.isfinite(res.weights).all() and torch.isfinite(res.cams).all()
+    assert res.weights.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(res.cams, base.cams, rtol=0, atol=1e-6)
+    torch.testing.assert_close(res.weights.double() / grad_scale, base.weights.double(), rtol=1e-6, atol=0)
+    g = gradcam_from_features(acts * act_scale, grads * grad_scale)
+    assert torch.isfinite(g.weights).all() and torch.isfinite(g.cams).all()
+
+
+def test_check_values_rejects_only_nan_and_inf():
+    acts, grads = _two_identical_channels()
+    acts, grads = acts.double(), grads.double() * 1e150
+    cfcam_from_features(acts, grads)  # finite: accepted
+    for bad in (float("nan"), float("inf")):
+        g = grads.clone()
+        g[0, 1, 2, 3] = bad
+        with pytest.raises(ValueError, match="image index 0"):
+            cfcam_from_features(acts, g)
+
+
+def test_scaling_changes_nothing_in_the_normal_range(device):
+    """Power-of-two scaling is exact: a power-of-two multiple of the inputs gives the same CAM and
+    labels bit for bit, and the weights scaled exactly."""
+    acts, grads = make_features(np.random.default_rng(21), 3, 64, 7, 7)
+    a, g = torch.from_numpy(acts).to(device), torch.from_numpy(grads).to(device)
+    base = cfcam_from_features(a, g)
+    res = cfcam_from_features(a * 2.0**40, g * 2.0**-30)
+    assert torch.equal(res.labels, base.labels) and torch.equal(res.cams, base.cams)
+    assert torch.equal(res.weights, base.weights * 2.0**-30)
+
+
+def test_reference_clusters_float64_in_float64():
+    """cfcam_reference follows the input's dtype, as scikit-learn does: float64 activations give the
+    float64 eps and labels of cfcam_from_features on float64 features (float32 ones: the float32 eps).
+    (scikit-learn's own distances come from a Gram matrix, inexact between near-duplicate channels, so
+    the data here keeps clusters apart by more than its rounding.)"""
+    rng = np.random.default_rng(22)
+    for _ in range(8):
+        protos = rng.standard_normal((3, 36))
+        act = (protos[rng.integers(0, 3, size=24)] + 0.05 * rng.standard_normal((24, 36))).reshape(24, 6, 6)
+        grad = rng.standard_normal((24, 6, 6))
+        ref = cfcam_reference(act, grad)
+        ours = cfcam_from_features(torch.from_numpy(act)[None], torch.from_numpy(grad)[None])
+        assert isinstance(ref.eps, np.float64) and ours.eps.dtype == torch.float64
+        assert ours.eps[0].item() == pytest.approx(ref.eps, rel=1e-15)  # scipy sums in its own order
+        assert np.array_equal(ours.labels[0].numpy(), ref.labels)
+        ref32 = cfcam_reference(act.astype(np.float32), grad)
+        ours32 = cfcam_from_features(torch.from_numpy(act).float()[None], torch.from_numpy(grad)[None])
+        assert isinstance(ref32.eps, np.float32) and ours32.eps[0].item() == ref32.eps

@@ -1,12 +1,14 @@
 """distance.py: float64-accumulated pairwise distances."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from cfcam_gpu.distance import mirror_upper, pairwise_distances, squared_distances
+from cfcam_gpu.distance import gram_squared_distances, mirror_upper, pairwise_distances, squared_distances
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_pairwise_distances_vs_scipy(device, rng, dtype):
@@ -84,3 +86,17 @@ def test_mirror_upper_is_symmetric_and_keeps_the_upper_triangle(device):
     assert torch.equal(out[:, iu[0], iu[1]], m[:, iu[0], iu[1]])
     adj = mirror_upper(m > 0)
     assert adj.dtype == torch.bool and torch.equal(adj, adj.transpose(1, 2))
+
+
+def test_squared_distances_exact_on_near_duplicates(device):
+    """V = sum (x_i - x_j)**2 in float64 for every pair: no Gram cancellation between near-duplicates
+    (the Gram formula is off by ~N 2**-53 (n_i + n_j), here far above the distance itself)."""
+    g = np.random.default_rng(3)
+    protos = g.standard_normal((3, 36)) * 100
+    x = protos[g.integers(0, 3, size=12)] + 1e-7 * g.standard_normal((12, 36))
+    d2 = squared_distances(torch.from_numpy(x)[None].to(device))[0].cpu().numpy()
+    ref = np.array([[math.fsum((x[i] - x[j]) ** 2) for j in range(12)] for i in range(12)])
+    np.testing.assert_allclose(d2, ref, rtol=1e-14, atol=0)
+    assert np.array_equal(d2, d2.T) and (np.diag(d2) == 0).all()
+    gram = gram_squared_distances(torch.from_numpy(x)[None])[0].numpy()
+    assert np.abs(gram - ref).max() > 1e-3 * ref[ref > 0].min()  # what the Gram matrix would give

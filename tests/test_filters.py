@@ -213,3 +213,63 @@ def test_guided_filter_bad_inputs():
             guided_filter(x, x, bad, 0.1)
     with pytest.raises(ValueError, match="eps"):
         guided_filter(x, x, 1, torch.ones(3))
+
+
+def _guided_float64(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -> np.ndarray:
+    """The definition in float64 with numpy's symmetric padding (= BORDER_REFLECT), no centring."""
+    def box(a):
+        p = np.pad(a, radius, mode="symmetric")
+        k = 2 * radius + 1
+        h, w = a.shape
+        return sum(p[i:i + h, j:j + w] for i in range(k) for j in range(k)) / k**2
+    I, p = guide.astype(np.float64), src.astype(np.float64)
+    mean_i, mean_p = box(I), box(p)
+    a = (box(I * p) - mean_i * mean_p) / (box(I * I) - mean_i**2 + eps)
+    b = mean_p - a * mean_i
+    return box(a) * I + box(b)
+
+
+def test_guided_filter_guide_not_src_near_constant_window(device):
+    """The reproducer: a nearly constant window near 0 in a guide far from its mean, eps far below the
+    variance. Centring float32 maps on their global mean lost it (-0.6754, -0.1819)."""
+    guide = np.array([[-2, -3, 0, -0.002]], dtype=np.float32)
+    src = np.array([[1, -1, -1, 0]], dtype=np.float32)
+    ours = guided_filter(torch.from_numpy(guide)[None, None].to(device), torch.from_numpy(src)[None, None].to(device),
+                         1, 1e-10)[0, 0].cpu().numpy()
+    truth = _guided_float64(guide, src, 1, 1e-10)
+    ref = ximgproc().guidedFilter(guide=guide, src=src, radius=1, eps=1e-10)
+    np.testing.assert_allclose(ours, truth, rtol=0, atol=1e-6)
+    _close_to_opencv(ours, ref, src)
+    np.testing.assert_allclose(ours[0, 2:], [-0.6905, -0.1668], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["plateaus", "near_zero_plateau", "steps", "smooth_offset"])
+def test_guided_filter_guide_not_src_vs_opencv_and_float64(device, rng, kind):
+    """Random guide != src cases with near-constant windows and eps far below the variance: within 5e-4
+    of the map's max of OpenCV wherever OpenCV is finite, and of the float64 definition."""
+    n_cases = 0
+    for case in range(24):
+        h, w = [(7, 7), (14, 14), (1, 9), (5, 11), (28, 28), (4, 4)][case % 6]
+        radius = [1, 2, 3, 10][case % 4]
+        if kind == "plateaus":  # a few constant regions with tiny noise
+            guide = np.repeat(rng.normal(size=(h, 1)), w, axis=1) + 1e-4 * rng.normal(size=(h, w))
+        elif kind == "near_zero_plateau":  # large values and a near-constant patch near 0
+            guide = rng.normal(scale=3, size=(h, w))
+            guide[: max(1, h // 2), : max(1, w // 2)] = 1e-3 * rng.normal(size=(max(1, h // 2), max(1, w // 2)))
+        elif kind == "steps":
+            guide = np.where(rng.random((h, w)) < 0.5, -2.0, 0.0) + 1e-3 * rng.normal(size=(h, w))
+        else:
+            yy, xx = np.mgrid[0:h, 0:w]
+            guide = 5 + np.sin(xx / 3.0) * np.cos(yy / 2.0) + 1e-3 * rng.normal(size=(h, w))
+        guide = guide.astype(np.float32)
+        src = rng.normal(size=(h, w)).astype(np.float32)
+        eps = float(np.var(guide.astype(np.float64))) * [1e-10, 1e-6, 1e-3, 0.1][case % 4]
+        ours = guided_filter(torch.from_numpy(guide)[None, None].to(device),
+                             torch.from_numpy(src)[None, None].to(device), radius, eps)[0, 0].cpu().numpy()
+        truth = _guided_float64(guide, src, radius, eps)
+        ref = ximgproc().guidedFilter(guide=guide, src=src, radius=radius, eps=eps)
+        _close_to_opencv(ours, truth, src, rtol=1e-5)
+        if np.isfinite(ref).all() and np.abs(ref - truth).max() <= 5e-4 * np.abs(src).max():
+            _close_to_opencv(ours, ref, src)
+            n_cases += 1
+    assert n_cases >= 18  # OpenCV (float32 var = box(I*I) - box(I)**2) is itself inexact in a few

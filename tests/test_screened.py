@@ -148,8 +148,8 @@ def test_labels_equal_float64_route_and_sklearn(resnet50_features, layer):
     and scikit-learn's labels (brute force on the float32 features)."""
     acts = resnet50_features[layer][0]
     ours = channel_clusters(acts)
-    f64 = cluster._cluster_float64_batch(features_of(acts), False)
-    assert torch.equal(ours.eps, f64.eps) and torch.equal(ours.labels, f64.labels)
+    f64 = cluster._cluster_float64_batch(features_of(acts[:2]), False)  # exact V for every pair: slow
+    assert torch.equal(ours.eps[:2], f64.eps) and torch.equal(ours.labels[:2], f64.labels)
     feats = features_of(acts).numpy()
     for b in range(2):
         ref = DBSCAN(eps=float(ours.eps[b]), min_samples=ours.min_samples, algorithm="brute").fit(feats[b])
@@ -196,3 +196,52 @@ def test_random_cases_exact_or_declined(seed):
     f64 = cluster._cluster_float64_batch(x[None], False)
     assert torch.equal(ours.eps, f64.eps) and torch.equal(ours.labels, f64.labels)
     assert_sklearn_labels(x, ours.eps[0], ours.labels[0], ours.min_samples)
+
+
+@pytest.mark.parametrize("N", [1, 4, 49, 196, 784])
+@pytest.mark.parametrize("scale", [1e-150, 1.0, 1e120])
+def test_float64_screen_error_bound_holds(rng, N, scale):
+    """The float64 screen: |d~ - V| <= delta for every entry (float64 features), near-duplicates too."""
+    C = 160
+    base = rng.standard_normal((C, N)) * np.exp(rng.uniform(-4, 4, size=(C, 1)))
+    base[::7] = base[1::7][: len(base[::7])] * (1 + 1e-12)  # near-duplicates at float64 precision
+    x = torch.from_numpy(base * scale)
+    norms = x.square().sum(dim=1)
+    approx = screened_squared_distances(x, norms).view(-1)
+    idx = torch.arange(C * C)
+    exact = exact_squared_distances(x, idx)
+    delta = screening_bounds(norms, idx // C, idx % C, N, torch.float64)
+    assert bool(((approx - exact).abs() <= delta / 2).all())  # the bound holds with 2x to spare
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_float64_screen_exact_against_brute_force(seed):
+    """Float64 features through the float64 screen: eps and neighbours of V exactly (or it declines)."""
+    x = _random_case(seed).double() * (1 + 1e-9 * torch.from_numpy(np.random.default_rng(seed).standard_normal(1)))
+    got = screened_neighbours(x, 25.0)
+    x64 = x.numpy()
+    V = ((torch.from_numpy(x64)[:, None] - torch.from_numpy(x64)[None]) ** 2).sum(-1).numpy()
+    eps = np.percentile(np.sqrt(V), 25)
+    if got is not None:
+        assert got[0].dtype == torch.float64 and got[0].item() == eps
+        assert np.array_equal(got[1].numpy(), V <= eps * eps)
+    ours = channel_clusters(x[None, :, :, None])
+    assert ours.eps.item() == eps
+
+
+def test_float32_image_declined_takes_the_float64_screen(resnet50_features, monkeypatch):
+    """A float32 image the float32 screen declines goes to the float64 screen (not every pair): the same
+    eps and labels."""
+    acts = resnet50_features["layer3.-1"][0][:1]
+    expected = channel_clusters(acts)
+    precisions = []
+    real = screened.screened_neighbours
+
+    def spy(x, q, out=None, precision=None):
+        precisions.append(precision)
+        return None if precision == torch.float32 else real(x, q, out, precision)
+
+    monkeypatch.setattr(cluster, "screened_neighbours", spy)
+    got = channel_clusters(acts)
+    assert precisions == [torch.float32, torch.float64]
+    assert torch.equal(got.labels, expected.labels) and torch.equal(got.eps, expected.eps)
