@@ -76,7 +76,7 @@ def guided_filter(guide: Tensor, src: Tensor, radius: int, eps) -> Tensor:
     shift_i = guide.mean(dim=(2, 3), keepdim=True)
     shift_p = src.mean(dim=(2, 3), keepdim=True)
     guide, src = guide - shift_i, src - shift_p
-    s_i, s_p = _unit_scale(guide), _unit_scale(src)  # (N, 1, 1, 1)
+    s_i, s_p = _unit_scale(guide), _unit_scale(src)  # (M, 1, 1, 1)
     guide, src = guide * s_i, src * s_p
     eps = eps * s_i[:, 0, 0, 0] * s_i[:, 0, 0, 0]
     means = box_filter(torch.cat([guide, src, guide * guide, guide * src], dim=1), radius)
@@ -92,7 +92,7 @@ def guided_filter(guide: Tensor, src: Tensor, radius: int, eps) -> Tensor:
 
 
 def _unit_scale(x: Tensor) -> Tensor:
-    """(N, 1, H, W) float64 -> (N, 1, 1, 1): the power of two bringing each map's max |x| into [0.5, 1)
+    """(M, 1, h, w) float64 -> (M, 1, 1, 1): the power of two bringing each map's max |x| into [0.5, 1)
     (1 for an all-zero map; at most 2**1000 for tiny maps)."""
     e = torch.frexp(x.abs().amax(dim=(2, 3), keepdim=True)).exponent.clamp_min(-1000)
     return torch.ldexp(torch.ones(e.shape, dtype=x.dtype, device=x.device), -e)
