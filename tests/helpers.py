@@ -180,8 +180,12 @@ HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__
 def refuse_host_reads(monkeypatch):
     """A context in which every Python-level way of reading a tensor's values on the host raises
     ``HostRead`` (``item``, ``tolist``, ``numpy``, bool/int/float/index conversions, ``nonzero``,
-    ``torch.equal``). Boolean-mask indexing is not caught (the CUDA sync-debug mode catches it)."""
+    ``torch.equal``). Boolean-mask indexing is not caught (the CUDA sync-debug mode catches it). The
+    CPU's correctly rounded float64 square root (NumPy) is replaced by torch's, as on accelerators."""
     import contextlib
+    import importlib
+
+    percentile_module = importlib.import_module("cfcam_gpu.percentile")  # the module, not the function
 
     @contextlib.contextmanager
     def guard():
@@ -191,6 +195,7 @@ def refuse_host_reads(monkeypatch):
             return fn
 
         with monkeypatch.context() as m:
+            m.setattr(percentile_module, "exact_sqrt", torch.sqrt)
             for name in HOST_READS:
                 m.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
             m.setattr(torch, "nonzero", refuse("torch.nonzero"))
