@@ -33,7 +33,6 @@ from .percentile import percentile
 from .targets import class_indices
 
 PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
-_STENCIL = ((1 / 12, 1 / 6, 1 / 12), (1 / 6, 0.0, 1 / 6), (1 / 12, 1 / 6, 1 / 12))
 
 
 class ROAD(NamedTuple):
@@ -45,25 +44,33 @@ class ROAD(NamedTuple):
     combined: Tensor
 
 
-def _neighbour_sum(x: Tensor) -> Tensor:
-    """(N, 1, H, W) -> sum of the 8 neighbours with the ROAD weights, zero outside the image."""
-    kernel = torch.tensor(_STENCIL, dtype=x.dtype, device=x.device)[None, None]
+def _stencil(like: Tensor) -> Tensor:
+    """The 8-neighbour weights as a (1, 1, 3, 3) kernel, made on like's device (no host copy)."""
+    k = torch.full((1, 1, 3, 3), 1 / 6, dtype=like.dtype, device=like.device)
+    k[..., ::2, ::2] = 1 / 12
+    k[..., 1, 1] = 0.0
+    return k
+
+
+def _neighbour_sum(x: Tensor, kernel: Tensor) -> Tensor:
+    """(N, 1, H, W) -> the weighted sum of the 8 neighbours, zero outside the image."""
     return F.conv2d(x, kernel, padding=1)
 
 
 def _conjugate_gradients(img: Tensor, m: Tensor, x: Tensor, iterations: int) -> Tensor:
     """``iterations`` CG steps on every (N,) system s x - sum_j w_ij x_j = sum_known w_ij img_j over the
     unknown pixels (m = 1), from x. img, m, x: (N, 1, H, W)."""
-    s = _neighbour_sum(torch.ones_like(m[:1]))
+    kernel = _stencil(img)
+    s = _neighbour_sum(torch.ones_like(m[:1]), kernel)
 
     def op(v):  # symmetric positive definite on the unknown pixels
-        return m * (s * v - _neighbour_sum(m * v))
+        return m * (s * v - _neighbour_sum(m * v, kernel))
 
     def safe_div(a, b):
         return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(a))
 
     x = m * x
-    r = m * _neighbour_sum((1 - m) * img) - op(x)
+    r = m * _neighbour_sum((1 - m) * img, kernel) - op(x)
     p = r
     rr = (r * r).sum(dim=(1, 2, 3), keepdim=True)
     floor = rr * (10 * torch.finfo(x.dtype).eps) ** 2  # a converged system stops moving (no 0/0, no inf)

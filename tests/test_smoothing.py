@@ -143,3 +143,35 @@ def test_sync_free_smoothing_reads_nothing(resnet18, x3, monkeypatch):
         cf = cam(x3, None, eigen_smooth=True)
     torch.testing.assert_close(got.cams, expected.cams, rtol=0, atol=1e-5)
     torch.testing.assert_close(cf.cams, cf_expected.cams, rtol=0, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_no_host_sync_in_eigen_smoothing_fullgrad_and_road():
+    """On CUDA (sync-free by default), with targets=None and check_values=False, nothing synchronises
+    with the host: EigenCAM, KPCA-CAM, CF-CAM with eigen_smooth and aug_smooth, FullGrad with eigen_smooth,
+    and ROAD (set_sync_debug_mode('error') raises on any sync)."""
+    import torchvision
+
+    from cfcam_gpu.methods import FullGrad, KPCACAM
+    from cfcam_gpu.road import road
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval().cuda()
+    x = torch.randn(4, 3, 112, 112, device="cuda")
+    runs = [lambda: EigenCAM(model, "layer4.-1", check_values=False)(x).cams,
+            lambda: KPCACAM(model, "layer3.-1", check_values=False)(x).cams,
+            lambda: CFCAM(model, "layer4.-1", check_values=False)(x, aug_smooth=True, eigen_smooth=True).cams,
+            lambda: FullGrad(model, check_values=False)(x, eigen_smooth=True).cams]
+    cams = torch.rand(4, 7, 7, device="cuda")
+    targets = torch.zeros(4, dtype=torch.long, device="cuda")
+    runs.append(lambda: road(model, x, cams, targets, percentiles=(20, 80), noise=0.0).combined)
+    expected = [run() for run in runs]  # warm-up (lazy CUDA init may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [run() for run in runs]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
