@@ -199,7 +199,8 @@ class _CAMEngine:
         Returns the CAMResult with cams (B, h, w) at the layer's resolution, targets (B,), logits (B, K).
         With ``chunk_size`` the batch is explained chunk by chunk (bounded memory, same results).
         ``eigen_smooth``: the map is the first principal component of the weighted activations;
-        ``aug_smooth``: the mean map over flipped and scaled copies, all in one batch (``smoothing``).
+        ``aug_smooth``: the mean of the maps of flipped and scaled copies, all copies in one batch; its
+        cams are (B, H, W), at the input resolution (``smoothing``, as pytorch-grad-cam).
         """
         check_ndim(images, 4, "images", "(B, 3, H, W)")
         check_floating(images, "images")
@@ -225,7 +226,8 @@ class _CAMEngine:
     def explain(self, logits: Tensor, targets=None, eigen_smooth: bool = False) -> CAMResult:
         """CAMs for a forward pass the caller already ran inside ``with cam:`` (no second forward).
 
-        logits: (B, K) from that forward, computed with grad enabled -> CAMResult. The ``compile`` option
+        logits: (B, K) from that forward, computed with grad enabled -> CAMResult; ``eigen_smooth`` as in
+        ``__call__`` (``aug_smooth`` needs forwards of its own, so it is not offered here). The ``compile`` option
         does not apply (the forward is the caller's). A model the caller compiled works when its first
         compiled run is inside the ``with`` block: dynamo does not guard on hooks, so code compiled
         before the hook existed never calls it (explain then says no forward pass was captured).
