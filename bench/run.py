@@ -18,6 +18,10 @@ Methods (every one gets the same images and the same target-layer module):
                  NumPy copies; only --ref-images images per call (images/s counts those).
   cfcam_postloop (experiment, only when listed) the engine's batched forward + autograd.grad, then
                  cfcam_from_features on --postloop-chunk images at a time (CAMResult.cat).
+  eigencam, eigengradcam, kpcacam, fullgrad, gradcam_aug, gradcam_eigen  (only when listed) our method
+                 (``_aug``: aug_smooth=True, ``_eigen``: eigen_smooth=True) via
+                 cfcam_gpu.methods.build_method; ``pgc_<name>`` the same with pytorch-grad-cam's class
+                 (EigenCAM, EigenGradCAM, KPCA_CAM, FullGrad, GradCAM), like pgc_gradcam.
   --variant NAME:KEY=VAL,...  adds a CF-CAM method NAME built with those CFCAM options, timed in the
                  same rounds (A/B of options such as chunk_size, check_values, amp, channels_last).
 
@@ -44,7 +48,13 @@ from .stages import capture_features, profile_postprocessing, stage_breakdown, s
 
 ALL_METHODS = ("floor", "cfcam", "gradcam", "pgc_gradcam", "pgc_gradcampp", "reference")
 # Not in the default list; ask for them with --methods (experiments for the CPU path).
-EXTRA_METHODS = ("cfcam_postloop",)
+# The eigen family and the smoothings: ours and pytorch-grad-cam's, side by side (name: our registry name,
+# pytorch-grad-cam's class, the call's keyword arguments).
+PAIRED = {"eigencam": ("eigencam", "EigenCAM", {}), "eigengradcam": ("eigengradcam", "EigenGradCAM", {}),
+          "kpcacam": ("kpcacam", "KPCA_CAM", {}), "fullgrad": ("fullgrad", "FullGrad", {}),
+          "gradcam_aug": ("gradcam", "GradCAM", {"aug_smooth": True}),
+          "gradcam_eigen": ("gradcam", "GradCAM", {"eigen_smooth": True})}
+EXTRA_METHODS = ("cfcam_postloop",) + tuple(PAIRED) + tuple("pgc_" + n for n in PAIRED)
 
 
 # --------------------------------------------------------------------------------------------- methods
@@ -61,12 +71,18 @@ def build_methods(names, model, layer, device, ref_images, cfcam_options=None, v
     cfcam = cfcam_gpu.CFCAM(model, layer, **(cfcam_options or {}))
     gradcam = cfcam_gpu.GradCAM(model, layer, **{k: v for k, v in (cfcam_options or {}).items() if k != "backend"})
 
-    def pgc(cls):
+    def pgc(cls, fullgrad=False, **call_kwargs):
         def run(images):
-            with cls(model=model, target_layers=[layer]) as cam:
-                out = cam(input_tensor=images, targets=None)
+            with cls(model=model, target_layers=[] if fullgrad else [layer]) as cam:
+                out = cam(input_tensor=images, targets=None, **call_kwargs)
             return out
         return run
+
+    def ours(registry_name, **call_kwargs):
+        from cfcam_gpu.methods import build_method
+
+        engine = build_method(registry_name, model, None if registry_name == "fullgrad" else layer)
+        return lambda images: engine(images, **call_kwargs)
 
     def reference(images):
         from cfcam_gpu.reference import cfcam_reference
@@ -90,6 +106,17 @@ def build_methods(names, model, layer, device, ref_images, cfcam_options=None, v
 
                 cls = pytorch_grad_cam.GradCAM if name == "pgc_gradcam" else pytorch_grad_cam.GradCAMPlusPlus
                 methods[name] = pgc(cls)
+            except Exception as err:  # noqa: BLE001
+                skipped[name] = f"pytorch_grad_cam not importable ({type(err).__name__}: {err})"
+        elif name in PAIRED:
+            registry_name, _, call_kwargs = PAIRED[name]
+            methods[name] = ours(registry_name, **call_kwargs)
+        elif name.startswith("pgc_") and name[4:] in PAIRED:
+            registry_name, cls_name, call_kwargs = PAIRED[name[4:]]
+            try:
+                import pytorch_grad_cam
+
+                methods[name] = pgc(getattr(pytorch_grad_cam, cls_name), registry_name == "fullgrad", **call_kwargs)
             except Exception as err:  # noqa: BLE001
                 skipped[name] = f"pytorch_grad_cam not importable ({type(err).__name__}: {err})"
         elif name == "cfcam_postloop":

@@ -11,12 +11,13 @@ from .distance import pairwise_distances
 from .engine import CFCAM, GradCAM
 from .filters import box_filter, guided_filter
 from .layers import resolve_layer
-from .methods import AblationCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
+from .methods import (KPCACAM, AblationCAM, EigenCAM, EigenGradCAM, FullGrad, GradCAMPlusPlus, HiResCAM, LayerCAM,
+                      ScoreCAM, XGradCAM)
 from .percentile import percentile
 
 __all__ = [
-    "AblationCAM", "CAMResult", "CFCAM", "GradCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM", "ScoreCAM",
-    "XGradCAM", "box_filter", "cfcam_from_features", "channel_clusters", "cluster_channels",
+    "AblationCAM", "CAMResult", "CFCAM", "EigenCAM", "EigenGradCAM", "FullGrad", "GradCAM", "GradCAMPlusPlus",
+    "HiResCAM", "KPCACAM", "LayerCAM", "ScoreCAM", "XGradCAM", "box_filter", "cfcam_from_features", "channel_clusters", "cluster_channels",
     "cluster_weights", "dbscan", "gradcam_from_features", "guided_filter", "pairwise_distances",
     "percentile", "resolve_layer", "weighted_cam",
 ]

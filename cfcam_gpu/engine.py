@@ -172,38 +172,63 @@ class _CAMEngine:
         acts, grads = self._to_maps(capture.output.detach(), grads)
         return acts, grads, target_idx, logits.detach()
 
-    def _explain_images(self, images: Tensor, targets) -> CAMResult:
+    def _weighted_activations(self, activations: Tensor, gradients: Tensor, result: CAMResult) -> Tensor:
+        """What ``eigen_smooth`` projects instead of summing over channels: weights x activations
+        (B, C, h, w). Methods with element-wise weights override it."""
+        return result.weights[:, :, None, None].float() * activations.float()
+
+    def _smooth(self, result: CAMResult, activations: Tensor, gradients: Tensor, eigen_smooth: bool) -> CAMResult:
+        """The hook where a map is made from features: with ``eigen_smooth`` the first principal component
+        of the weighted activations replaces their sum (``smoothing.eigen_smooth``)."""
+        if eigen_smooth:
+            from .smoothing import eigen_smooth as project  # smoothing imports the methods, which import us
+            result.cams = project(self._weighted_activations(activations, gradients, result),
+                                  getattr(self, "sync_free", None))
+        return result
+
+    def _explain_images(self, images: Tensor, targets, eigen_smooth: bool = False) -> CAMResult:
         acts, grads, target_idx, logits = self._features(images, targets)
-        result = self._from_features(acts, grads)
+        result = self._smooth(self._from_features(acts, grads), acts, grads, eigen_smooth)
         result.targets, result.logits = target_idx, logits
         return result
 
-    def __call__(self, images: Tensor, targets=None) -> CAMResult:
+    def __call__(self, images: Tensor, targets=None, aug_smooth: bool = False,
+                 eigen_smooth: bool = False) -> CAMResult:
         """images: (B, 3, H, W) on the model's device; targets: None (top-1), an int, or B class indices.
 
         Returns the CAMResult with cams (B, h, w) at the layer's resolution, targets (B,), logits (B, L).
         With ``chunk_size`` the batch is explained chunk by chunk (bounded memory, same results).
+        ``eigen_smooth``: the map is the first principal component of the weighted activations;
+        ``aug_smooth``: the mean of the maps of flipped and scaled copies, all copies in one batch; its
+        cams are (B, H, W), at the input resolution (``smoothing``, as pytorch-grad-cam).
         """
         check_ndim(images, 4, "images", "(B, 3, H, W)")
         check_floating(images, "images")
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if aug_smooth:
+            from .smoothing import aug_smooth as smooth
+            return smooth(lambda x, t: self._explain_batch(x, t, eigen_smooth), images, targets)
+        return self._explain_batch(images, targets, eigen_smooth)
+
+    def _explain_batch(self, images: Tensor, targets, eigen_smooth: bool) -> CAMResult:
         B = images.shape[0]
         if self.chunk_size is None or B <= self.chunk_size:
-            return self._explain_images(images, targets)
+            return self._explain_images(images, targets, eigen_smooth)
         per_image = not (targets is None or isinstance(targets, numbers.Integral))
         if per_image and len(targets) != B:
             raise ValueError(f"targets: expected {B} class indices (one per image), got {len(targets)}")
         parts = [self._explain_images(images[i:i + self.chunk_size],
-                                      targets[i:i + self.chunk_size] if per_image else targets)
+                                      targets[i:i + self.chunk_size] if per_image else targets, eigen_smooth)
                  for i in range(0, B, self.chunk_size)]
         return CAMResult.cat(parts)
 
-    def explain(self, logits: Tensor, targets=None) -> CAMResult:
+    def explain(self, logits: Tensor, targets=None, eigen_smooth: bool = False) -> CAMResult:
         """CAMs for a forward pass the caller already ran inside ``with cam:`` (no second forward).
 
-        logits: (B, L) from that forward, computed with grad enabled -> CAMResult. The ``compile`` option
-        does not apply (the forward is the caller's). A model the caller compiled works when its first
+        logits: (B, L) from that forward, computed with grad enabled -> CAMResult; ``eigen_smooth`` as in
+        ``__call__`` (``aug_smooth`` needs forwards of its own, so it is not offered here). The ``compile``
+        option does not apply (the forward is the caller's). A model the caller compiled works when its first
         compiled run is inside the ``with`` block: dynamo does not guard on hooks, so code compiled
         before the hook existed never calls it (explain then says no forward pass was captured).
         """
@@ -225,7 +250,7 @@ class _CAMEngine:
         (grads,) = torch.autograd.grad(logits.gather(1, target_idx[:, None]).sum(), captured)
         self._pipeline.output = None
         acts, grads = self._to_maps(captured.detach(), grads)
-        result = self._from_features(acts, grads)
+        result = self._smooth(self._from_features(acts, grads), acts, grads, eigen_smooth)
         result.targets, result.logits = target_idx, logits.detach()
         return result
 

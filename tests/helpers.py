@@ -159,3 +159,80 @@ def assert_matches_reference(res: CAMResult, acts: np.ndarray, grads: np.ndarray
         assert np.abs(res.cams[b].cpu().numpy() - ref.cam).max() <= cam_atol, b
 
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# The eigen family and smoothing: pytorch-grad-cam as oracle with our sign rule, host-read detector.
+
+PGC_PROJECTION_MODULES = ("base_cam", "eigen_cam", "eigen_grad_cam", "layer_cam", "hirescam", "fullgrad_cam")
+
+
+def orient_like_ours(projection_fn):
+    """pytorch-grad-cam's ``get_2d_projection``(-like) function with its arbitrary sign replaced by our
+    rule: each map flipped where it correlates negatively with the channel-mean map of its input."""
+    def oriented(batch, *args, **kwargs):
+        p = projection_fn(batch, *args, **kwargs)
+        mean_map = np.nan_to_num(np.asarray(batch, dtype=np.float64)).mean(axis=1)
+        sign = np.where((p * mean_map).sum(axis=(1, 2)) < 0, -1, 1).astype(np.float32)
+        return p * sign[:, None, None]
+    return oriented
+
+
+def patch_pgc_sign(monkeypatch) -> None:
+    """Every pytorch-grad-cam module that projects on the first (kernel) principal component uses our
+    sign rule for the rest of the test; the projections themselves stay theirs."""
+    import importlib
+
+    import pytorch_grad_cam.utils.svd_on_activations as svd
+
+    linear, kernel = orient_like_ours(svd.get_2d_projection), orient_like_ours(svd.get_2d_projection_kernel)
+    for name in PGC_PROJECTION_MODULES:
+        monkeypatch.setattr(importlib.import_module("pytorch_grad_cam." + name), "get_2d_projection", linear)
+    monkeypatch.setattr(importlib.import_module("pytorch_grad_cam.kpca_cam"), "get_2d_projection_kernel", kernel)
+
+
+class HostRead(AssertionError):
+    pass
+
+
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+
+def refuse_host_reads(monkeypatch):
+    """A context in which every Python-level way of reading a tensor's values on the host raises
+    ``HostRead`` (``item``, ``tolist``, ``numpy``, bool/int/float/index conversions, ``nonzero``,
+    ``torch.equal``). Boolean-mask indexing is not caught (the CUDA sync-debug mode catches it). The
+    CPU's correctly rounded float64 square root (NumPy) is replaced by torch's, as on accelerators."""
+    import contextlib
+    import importlib
+
+    percentile_module = importlib.import_module("cfcam_gpu.percentile")  # the module, not the function
+
+    @contextlib.contextmanager
+    def guard():
+        def refuse(name):
+            def fn(*args, **kwargs):
+                raise HostRead(f"host read: {name}")
+            return fn
+
+        with monkeypatch.context() as m:
+            m.setattr(percentile_module, "exact_sqrt", torch.sqrt)
+            for name in HOST_READS:
+                m.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
+            m.setattr(torch, "nonzero", refuse("torch.nonzero"))
+            m.setattr(torch, "equal", refuse("torch.equal"))
+            yield
+    return guard()
+
+
+def upsampled_rescaled(cams: torch.Tensor, size) -> np.ndarray:
+    """Our (B, h, w) maps as pytorch-grad-cam returns them: bilinear to the input size, then min-max
+    scaled there (its scale_cam_image after the resize); maps already at the input size are only
+    scaled."""
+    maps = cams[:, None].float()
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    maps = maps[:, 0]
+    lo = maps.amin(dim=(1, 2), keepdim=True)
+    span = maps.amax(dim=(1, 2), keepdim=True) - lo
+    return ((maps - lo) / torch.where(span > 0, span, torch.ones_like(span))).numpy()

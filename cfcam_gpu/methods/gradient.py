@@ -119,9 +119,15 @@ class LayerCAM(_CAMEngine):
     def _from_features(self, activations, gradients):
         return layercam_from_features(activations, gradients, check_values=self.check_values)
 
+    def _weighted_activations(self, activations, gradients, result):
+        return gradients.float().clamp_min(0) * activations.float()
+
 
 class HiResCAM(_CAMEngine):
     """HiResCAM with the batched engine."""
 
     def _from_features(self, activations, gradients):
         return hirescam_from_features(activations, gradients, check_values=self.check_values)
+
+    def _weighted_activations(self, activations, gradients, result):
+        return gradients.float() * activations.float()

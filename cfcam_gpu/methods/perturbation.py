@@ -75,12 +75,12 @@ class ScoreCAM(_ForwardMixin, _CAMEngine):
             logits = logits.softmax(dim=1)
         return logits.gather(1, target[:, None])[:, 0]
 
-    def _explain_images(self, images: Tensor, targets) -> CAMResult:
-        acts, _, target_idx, logits = self._features(images, targets)
+    def _explain_images(self, images: Tensor, targets, eigen_smooth: bool = False) -> CAMResult:
+        acts, grads, target_idx, logits = self._features(images, targets)
         scores = self.channel_scores(images, acts, target_idx)
         weights = scores.softmax(dim=1) if self.channel_softmax else scores
-        return CAMResult(cams=weighted_cam(acts, weights), weights=weights, targets=target_idx,
-                         logits=logits)
+        result = CAMResult(cams=weighted_cam(acts, weights), weights=weights, targets=target_idx, logits=logits)
+        return self._smooth(result, acts, grads, eigen_smooth)
 
     def channel_scores(self, images: Tensor, acts: Tensor, target_idx: Tensor) -> Tensor:
         """The target's score for every masked input: (B, C)."""
@@ -191,8 +191,8 @@ class AblationCAM(_ForwardMixin, _CAMEngine):
             return lambda b, feats: self._no_grad_forward(head, feats)
         return lambda b, feats: self._no_grad_forward(self._full_forward, images[b], feats)
 
-    def _explain_images(self, images: Tensor, targets) -> CAMResult:
-        acts, _, target_idx, logits = self._features(images, targets)
+    def _explain_images(self, images: Tensor, targets, eigen_smooth: bool = False) -> CAMResult:
+        acts, grads, target_idx, logits = self._features(images, targets)
         B, C = acts.shape[:2]
         run = self._head_fn(images, acts, logits)
         original = logits.float().gather(1, target_idx[:, None])[:, 0]  # (B,)
@@ -204,4 +204,5 @@ class AblationCAM(_ForwardMixin, _CAMEngine):
             out = run(b, feats)
             flat[b * C + c] = out.gather(1, target_idx[b][:, None])[:, 0]
         weights = (original[:, None] - ablated) / original[:, None]
-        return CAMResult(cams=weighted_cam(acts, weights), weights=weights, targets=target_idx, logits=logits)
+        result = CAMResult(cams=weighted_cam(acts, weights), weights=weights, targets=target_idx, logits=logits)
+        return self._smooth(result, acts, grads, eigen_smooth)

@@ -12,6 +12,9 @@ from ..cam import CAMResult, cfcam_from_features, gradcam_from_features
 from ..engine import CFCAM, GradCAM, _CAMEngine
 from .gradient import (GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM, gradcampp_from_features,
                        hirescam_from_features, layercam_from_features, xgradcam_from_features)
+from .eigen import (EigenCAM, EigenGradCAM, KPCACAM, eigencam_from_features, eigengradcam_from_features,
+                    kpcacam_from_features)
+from .fullgrad import FullGrad
 from .perturbation import AblationCAM, ScoreCAM
 
 
@@ -40,6 +43,10 @@ METHODS: dict[str, type] = {
     "scorecam": ScoreCAM,
     "ablationcam": AblationCAM,
     "cfcam_exclude_dead": CFCAMExcludeDead,
+    "eigencam": EigenCAM,
+    "eigengradcam": EigenGradCAM,
+    "kpcacam": KPCACAM,
+    "fullgrad": FullGrad,
 }
 
 _FROM_FEATURES: dict[str, Callable] = {
@@ -50,6 +57,9 @@ _FROM_FEATURES: dict[str, Callable] = {
     "layercam": layercam_from_features,
     "hirescam": hirescam_from_features,
     "cfcam_exclude_dead": cfcam_exclude_dead_from_features,
+    "eigencam": eigencam_from_features,
+    "eigengradcam": eigengradcam_from_features,
+    "kpcacam": kpcacam_from_features,
 }
 
 
@@ -65,7 +75,7 @@ def build_method(name: str, model: nn.Module, target_layer, **options) -> _CAMEn
 
 
 def from_features_fn(name: str) -> Callable | None:
-    """The pure (activations, gradients) -> CAMResult function of a gradient method; None for the
-    gradient-free ones (scorecam, ablationcam)."""
+    """The pure (activations, gradients) -> CAMResult function of a method; None for those that need the
+    images (scorecam, ablationcam, fullgrad). eigencam and kpcacam ignore the gradients."""
     _check_name(name)
     return _FROM_FEATURES.get(name)
