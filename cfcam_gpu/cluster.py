@@ -116,7 +116,9 @@ def _power_of_two_range(feats: Tensor) -> tuple[Tensor, Tensor]:
     return feats * down[:, None, None], torch.ldexp(torch.ones_like(top, dtype=torch.float64), k)
 
 
-def _cluster_torch_unscaled(feats: Tensor, sync_free: bool, alive: Tensor | None = None) -> ChannelClusters:
+def _cluster_torch_unscaled(feats: Tensor, sync_free: bool,
+                            alive: Tensor | None = None) -> ChannelClusters:
+    """The routes proper, on features already in range (see ``_cluster_torch``)."""
     if sync_free:
         return _cluster_float64(feats, True, alive)
     if alive is not None:
@@ -132,8 +134,8 @@ def _cluster_float64(feats: Tensor, sync_free: bool, alive: Tensor | None = None
     group = max(1, budget // (C * C * 8))
     if group >= B:
         return _cluster_float64_batch(feats, sync_free, alive)
-    parts = [_cluster_float64_batch(feats[i:i + group], sync_free, None if alive is None else alive[i:i + group])
-             for i in range(0, B, group)]
+    parts = [_cluster_float64_batch(feats[i:i + group], sync_free,
+                                    None if alive is None else alive[i:i + group]) for i in range(0, B, group)]
     return ChannelClusters(torch.cat([p.labels for p in parts]), torch.cat([p.eps for p in parts]),
                            parts[0].min_samples)
 

@@ -93,8 +93,9 @@ def squared_distances(x: Tensor, sync_free: bool | None = None) -> Tensor:
     identical rows. No Gram matrix, so no cancellation between near-duplicate rows. Computed in blocks
     of rows whose (rows, C, N) differences fill about ``CPU_BLOCK_BYTES`` on the CPU,
     ``ACCELERATOR_BLOCK_BYTES`` elsewhere; the blocks follow from the shapes (static, no host sync), so
-    ``sync_free`` changes nothing here (kept for callers). Costs C*C*N float64 differences per image: on the CPU about 8x the Gram matrix (the CPU
-    clustering refines only the entries that need it, ``screened.py``).
+    ``sync_free`` changes nothing here (kept for callers). Costs C*C*N float64 differences per image:
+    on the CPU about 8x the Gram matrix (the CPU clustering refines only the entries that need it,
+    ``screened.py``).
     """
     check_ndim(x, 3, "x", "(B, C, N)")
     check_floating(x, "x")
@@ -106,7 +107,8 @@ def squared_distances(x: Tensor, sync_free: bool | None = None) -> Tensor:
     out = x64.new_empty(B, C, C)
     if images > 1 or rows >= C:
         for b in range(0, B, images):
-            out[b:b + images] = sum_squared_differences(x64[b:b + images, :, None, :], x64[b:b + images, None])
+            part = x64[b:b + images]
+            out[b:b + images] = sum_squared_differences(part[:, :, None, :], part[:, None])
         return out
     for b in range(B):
         for i in range(0, C, rows):
