@@ -52,9 +52,14 @@ class LeafCapture:
         self.output: Tensor | None = None
 
     def __call__(self, module, inputs, output):
+        if isinstance(output, dict) and output and all(isinstance(v, Tensor) for v in output.values()):
+            torch.set_grad_enabled(True)  # a dict of feature maps (an FPN backbone): one leaf per entry
+            self.output = type(output)((k, v.detach().requires_grad_(True)) for k, v in output.items())
+            return type(output)((k, v.clone()) for k, v in self.output.items())
         if not isinstance(output, Tensor):
-            raise ValueError(f"target_layer: expected the layer to output a tensor (B, C, h, w), got "
-                             f"{type(output).__name__}; pick a layer that returns one tensor")
+            raise ValueError(f"target_layer: expected the layer to output a tensor (B, C, h, w) or a dict of "
+                             f"tensors (with a reshape_transform), got {type(output).__name__}; pick a layer "
+                             f"that returns one tensor")
         torch.set_grad_enabled(True)
         leaf = output.detach().requires_grad_(True)
         self.output = leaf
