@@ -9,7 +9,9 @@
   (a tensor with one element). Every class in ``pytorch_grad_cam.utils.model_targets`` works;
 - one callable given the whole batch's output, returning (B,) scores (no Python loop per image).
   Perturbation methods call it on batches of perturbed copies, so it must score each row on its own.
-Anything else is a TypeError. Shapes: B images, L classes, S rows of a perturbed batch.
+Anything else is a TypeError. A dict output with an "out" tensor (torchvision's segmentation models:
+{"out", "aux"}) is explained through its "out" entry, as pytorch-grad-cam's segmentation wrapper
+``model(x)["out"]`` does; every other output is handed to the targets as the model returns it. Shapes: B images, L classes, S rows of a perturbed batch.
 """
 from __future__ import annotations
 
@@ -99,6 +101,13 @@ def output_row(output, i: int, B: int):
     return output
 
 
+def primary_output(output):
+    """The part of a model output the targets see: a dict's "out" tensor (segmentation models), else all."""
+    if isinstance(output, dict) and isinstance(output.get("out"), Tensor):
+        return output["out"]
+    return output
+
+
 def describe(output) -> str:
     if isinstance(output, Tensor):
         return f"a tensor of shape {tuple(output.shape)}"
@@ -142,6 +151,7 @@ class Target:
 
     def rows(self, output, b: Tensor) -> Tensor:
         """Scores of an output whose row s belongs to image b[s] (perturbed copies): (S,)."""
+        output = primary_output(output)
         if self.kind == "index":
             return output.gather(1, self.indices[b.to(self.indices.device)][:, None])[:, 0]
         if self.kind == "value":
@@ -163,6 +173,7 @@ class Target:
 def resolve(targets, output) -> Target:
     """targets (see the module docstring) for a model output -> Target. Raises TypeError for anything
     not accepted and ValueError when the targets do not fit the output."""
+    output = primary_output(output)
     B = output_batch_size(output)
     if B is None:
         raise ValueError(f"model: expected the model to return tensors with a batch dimension, got "
@@ -214,3 +225,14 @@ def detach_output(output):
     if isinstance(output, (list, tuple)):
         return type(output)(detach_output(v) for v in output)
     return output
+
+
+def metric_classes(targets, B: int, device) -> Tensor:
+    """Targets for the faithfulness metrics, which score a class's softmax probability: an int, B class
+    indices or B pytorch-grad-cam ClassifierOutputTargets -> (B,) int64. Other callables: TypeError."""
+    if isinstance(targets, (list, tuple)) and any(callable(x) for x in targets):
+        if not all(_is_pgc_classifier_target(x) for x in targets):
+            raise TypeError("targets: the metrics score a class's softmax probability; expected an int, B class "
+                            "indices or ClassifierOutputTargets, got other callables")
+        targets = [int(x.category) for x in targets]
+    return class_indices(targets, B, device)
