@@ -207,10 +207,16 @@ class _CAMEngine:
         maps = [self._to_maps(detach_output(c.output), g) for c, g in zip(captures, grads)]
         return [m[0] for m in maps], [m[1] for m in maps], target, detach_output(output)
 
-    def _features(self, images: Tensor, targets):
-        """One target layer: activations, gradients (B, C, h, w), the Target, the model output."""
+    def _capture_one(self, images: Tensor, targets):
+        """The first target layer's activations, gradients (B, C, h, w), the Target, the model output."""
         acts, grads, target, output = self._capture(images, targets)
         return acts[0], grads[0], target, output
+
+    def _features(self, images: Tensor, targets):
+        """-> activations, gradients (B, C, h, w) of the first layer, target class indices (B,) (None for
+        callable targets), the model output (logits (B, L) for classifiers)."""
+        acts, grads, target, output = self._capture_one(images, targets)
+        return acts, grads, target.indices, output
 
     def _combine(self, acts: list, grads: list, size) -> CAMResult:
         results = [self._from_features(a, g) for a, g in zip(acts, grads)]

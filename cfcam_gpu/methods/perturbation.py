@@ -83,7 +83,7 @@ class ScoreCAM(_ForwardMixin, _CAMEngine):
         return target.rows(output, b).float()
 
     def _explain_images(self, images: Tensor, targets) -> CAMResult:
-        acts, _, target, output = self._features(images, targets)
+        acts, _, target, output = self._capture_one(images, targets)
         scores = self.channel_scores(images, acts, target)
         weights = scores.softmax(dim=1) if self.channel_softmax else scores
         cams, peak = weighted_cam(acts, weights, with_peak=True)
@@ -219,7 +219,7 @@ class AblationCAM(_ForwardMixin, _CAMEngine):
         return torch.where(low == 0, torch.zeros_like(low), low - k * 1e7)
 
     def _explain_images(self, images: Tensor, targets) -> CAMResult:
-        acts, _, target, output = self._features(images, targets)
+        acts, _, target, output = self._capture_one(images, targets)
         B, C = acts.shape[:2]
         run = self._head_fn(images, acts, output)
         everyone = torch.arange(B, device=images.device)
