@@ -147,6 +147,8 @@ class Target:
 
     def scores(self, output) -> Tensor:
         """The (B,) scores of the model output of the B images (what the gradients are taken of)."""
+        if self.kind == "index":  # no index tensor built on the host: nothing to copy, no sync
+            return primary_output(output).gather(1, self.indices[:, None])[:, 0]
         return self.rows(output, torch.arange(self.B))
 
     def rows(self, output, b: Tensor) -> Tensor:
