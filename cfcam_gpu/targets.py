@@ -137,6 +137,8 @@ class Target:
     kind: "index" (class indices into a (B, L) output), "value" (the (B,) or (B, 1) output itself),
     "each" (B per-image callables) or "batch" (one callable on the whole output).
     indices: (B,) int64 for "index" (and "value" of a (B, 1) head: zeros), else None.
+    logit: the indices came from ClassifierOutputTargets, which ask for the logit itself (Score-CAM's
+    ``score`` option then does not apply a softmax).
     """
 
     kind: str
@@ -144,6 +146,7 @@ class Target:
     indices: Tensor | None = None
     fns: list | None = None
     fn: Callable | None = None
+    logit: bool = False
 
     def scores(self, output) -> Tensor:
         """The (B,) scores of the model output of the B images (what the gradients are taken of)."""
@@ -199,7 +202,9 @@ def resolve(targets, output) -> Target:
         if len(targets) != B:
             raise ValueError(f"targets: expected {B} targets (one per image), got {len(targets)}")
         if all(_is_pgc_classifier_target(x) for x in targets):
-            return _index_target([int(x.category) for x in targets], output, B)
+            t = _index_target([int(x.category) for x in targets], output, B)
+            t.logit = True
+            return t
         else:
             t = Target("each", B, fns=list(targets))
     elif isinstance(targets, (bool, numbers.Integral, list, tuple, np.ndarray, Tensor)):

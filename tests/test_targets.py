@@ -225,3 +225,15 @@ def test_faster_rcnn_box_score_target(seeded):
     # the whole FPN backbone (a dict of maps) with pytorch-grad-cam's reshape transform
     res = cg.CFCAM(det, det.backbone, reshape_transform=fasterrcnn_reshape_transform)(x, targets)
     assert res.cams.ndim == 3 and res.cams.shape[0] == 2 and torch.isfinite(res.cams).all()
+
+
+def test_score_cam_classifier_output_target_is_the_logit(seeded, x):
+    """Native Score-CAM: score="softmax" applies to class indices; ClassifierOutputTargets ask for the logit."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    net = seeded(Net).eval()
+    soft = cg.ScoreCAM(net, "features")
+    logit = cg.ScoreCAM(net, "features", score="logit")
+    objects = soft(x, [ClassifierOutputTarget(c) for c in (1, 4, 2)]).weights
+    torch.testing.assert_close(objects, logit(x, [1, 4, 2]).weights)
+    assert not torch.allclose(objects, soft(x, [1, 4, 2]).weights)

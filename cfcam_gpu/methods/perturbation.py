@@ -58,11 +58,13 @@ class ScoreCAM(_ForwardMixin, _CAMEngine):
     ((a - min) / (max - min + 1e-8)), multiplied into the input, and the masked input is scored:
     ``score="softmax"`` (default; the Score-CAM paper's softmax probability of the target, =
     pytorch-grad-cam with ClassifierOutputSoftmaxTarget) or ``"logit"`` (pytorch-grad-cam's default
-    ClassifierOutputTarget). ``channel_softmax=True`` (pytorch-grad-cam) turns the C scores into weights
-    with a softmax over channels; ``False`` uses the scores as weights (the paper's official code).
+    ClassifierOutputTarget); ``score`` applies to class-index targets (None, ints), a callable target
+    (one per image or one for the batch) is its own score. ``channel_softmax=True`` (pytorch-grad-cam)
+    turns the C scores into weights with a softmax over channels; ``False`` uses the scores as weights
+    (the paper's official code).
     Masked forwards run ``score_batch_size`` (image, channel) pairs at a time (default 16, as
     pytorch-grad-cam; on the CPU 8-16 is fastest, accelerators like more); all-zero channels give
-    the all-zero masked input, which is scored once for the whole batch (exact, not an approximation).
+    the all-zero masked input, which is scored once per image (exact, not an approximation).
     """
 
     def __init__(self, model: nn.Module, target_layer, score_batch_size: int = 16, score: str = "softmax",
@@ -77,8 +79,8 @@ class ScoreCAM(_ForwardMixin, _CAMEngine):
 
     def _target_score(self, output, target: Target, b: Tensor) -> Tensor:
         """Scores (S,) of the masked outputs, row s from image b[s]: ``score`` applies to class-index
-        targets; a callable target is its own score."""
-        if target.kind == "index" and self.score == "softmax":
+        targets; a callable target is its own score (ClassifierOutputTarget: the logit)."""
+        if target.kind == "index" and self.score == "softmax" and not target.logit:
             output = output.float().softmax(dim=1)
         return target.rows(output, b).float()
 
