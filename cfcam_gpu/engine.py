@@ -177,11 +177,11 @@ class _CAMEngine:
         leaves = [list(o.values()) if isinstance(o, dict) else [o] for o in outputs]
         flat = torch.autograd.grad(scores.sum(), [t for group in leaves for t in group], allow_unused=True)
         grads, i = [], 0
-        for out, group in zip(outputs, leaves):
+        for n, (out, group) in enumerate(zip(outputs, leaves)):
             got = [torch.zeros_like(t) if g is None else g for t, g in zip(group, flat[i:i + len(group)])]
             if isinstance(out, Tensor) and flat[i] is None:
-                raise ValueError(f"target_layer: the target scores do not depend on layer {i}'s output; "
-                                 "pick a layer on the path from the input to the model output")
+                raise ValueError(f"target_layer: the target scores do not depend on the output of target "
+                                 f"layer {n}; pick a layer on the path from the input to the model output")
             grads.append(type(out)(zip(out.keys(), got)) if isinstance(out, dict) else got[0])
             i += len(group)
         return grads
