@@ -237,3 +237,12 @@ def test_score_cam_classifier_output_target_is_the_logit(seeded, x):
     objects = soft(x, [ClassifierOutputTarget(c) for c in (1, 4, 2)]).weights
     torch.testing.assert_close(objects, logit(x, [1, 4, 2]).weights)
     assert not torch.allclose(objects, soft(x, [1, 4, 2]).weights)
+
+
+def test_explain_with_a_callable_target(seeded, x):
+    """cam.explain on the caller's own forward takes the same targets."""
+    net = seeded(Net).eval()
+    expected = cg.GradCAM(net, "features")(x, lambda out: out.softmax(1)[:, 3])
+    with cg.GradCAM(net, "features") as cam:
+        res = cam.explain(net(x), lambda out: out.softmax(1)[:, 3])
+    torch.testing.assert_close(res.cams, expected.cams)
