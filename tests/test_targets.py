@@ -1,11 +1,15 @@
-"""targets.py: the one resolver of class indices (engines, metrics, compat)."""
+"""targets.py: the one resolver of every kind of target (engines, metrics, compat), through the engine;
+segmentation and detection targets against pytorch-grad-cam."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from cfcam_gpu.targets import class_indices, resolve_targets
+import cfcam_gpu as cg
+import cfcam_gpu.compat as cc
+from cfcam_gpu.targets import class_indices, resolve, resolve_targets
 
 
 @pytest.mark.parametrize("targets", [3, np.int64(3), [3, 3, 3], (3, 3, 3), np.array([3, 3, 3]),
@@ -40,10 +44,6 @@ def test_without_num_classes_indices_are_not_bounded():
 
 # ----------------------------------------------------------------------------------------------------
 # Every kind of target through the engine: callables, any model output, segmentation, detection.
-
-import cfcam_gpu as cg  # noqa: E402
-from cfcam_gpu.targets import resolve  # noqa: E402
-from torch import nn  # noqa: E402
 
 
 class Net(nn.Module):
@@ -150,7 +150,7 @@ def test_autocast_of_the_caller_is_kept_and_maps_are_float32(seeded, x):
     net = seeded(Net).eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         res = cg.CFCAM(net, "features")(x)
-        maps = __import__("cfcam_gpu.compat", fromlist=["GradCAM"]).GradCAM(net, [net.features])(x)
+        maps = cc.GradCAM(net, [net.features])(x)
     assert res.logits.dtype == torch.bfloat16  # the model ran under the caller's autocast
     assert res.cams.dtype == torch.float32 and res.weights.dtype == torch.float32
     assert maps.dtype == np.float32 and maps.shape == (3, 12, 12)
@@ -164,11 +164,6 @@ def test_inference_mode_is_named(seeded, x):
 
 
 # -- segmentation and detection, against pytorch-grad-cam --------------------------------------------
-
-pgc = pytest.importorskip("pytorch_grad_cam")
-from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget, SemanticSegmentationTarget  # noqa: E402
-
-import cfcam_gpu.compat as cc  # noqa: E402
 
 
 class OutWrapper(nn.Module):
@@ -184,6 +179,9 @@ class OutWrapper(nn.Module):
 
 def test_segmentation_with_and_without_the_out_wrapper(seeded):
     import torchvision
+
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
 
     seg = seeded(lambda: torchvision.models.segmentation.lraspp_mobilenet_v3_large(
         weights=None, weights_backbone=None, num_classes=3)).eval()
@@ -205,6 +203,9 @@ def test_segmentation_with_and_without_the_out_wrapper(seeded):
 
 def test_faster_rcnn_box_score_target(seeded):
     import torchvision
+
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
     from pytorch_grad_cam.utils.reshape_transforms import fasterrcnn_reshape_transform
 
     det = seeded(lambda: torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
@@ -229,6 +230,7 @@ def test_faster_rcnn_box_score_target(seeded):
 
 def test_score_cam_classifier_output_target_is_the_logit(seeded, x):
     """Native Score-CAM: score="softmax" applies to class indices; ClassifierOutputTargets ask for the logit."""
+    pytest.importorskip("pytorch_grad_cam")
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     net = seeded(Net).eval()
