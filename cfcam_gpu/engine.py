@@ -25,7 +25,6 @@ import inspect
 from typing import Callable
 
 import numpy as np
-
 import torch
 from torch import Tensor, nn
 

@@ -11,7 +11,8 @@
   Perturbation methods call it on batches of perturbed copies, so it must score each row on its own.
 Anything else is a TypeError. A dict output with an "out" tensor (torchvision's segmentation models:
 {"out", "aux"}) is explained through its "out" entry, as pytorch-grad-cam's segmentation wrapper
-``model(x)["out"]`` does; every other output is handed to the targets as the model returns it. Shapes: B images, L classes, S rows of a perturbed batch.
+``model(x)["out"]`` does; every other output is handed to the targets as the model returns it.
+Shapes: B images, L classes, S rows of a perturbed batch.
 """
 from __future__ import annotations
 

@@ -209,7 +209,8 @@ def test_binary_classifier_targets(seeded):
         mine, reference = pgc_and_ours("GradCAM", net, [net.mid], x, targets)
         np.testing.assert_allclose(mine, reference, atol=1e-3)
     with cc.GradCAM(net, [net.mid]) as cam:
-        positive, negative = cam(x, [BinaryClassifierOutputTarget(1)] * 3), cam(x, [BinaryClassifierOutputTarget(0)] * 3)
+        positive = cam(x, [BinaryClassifierOutputTarget(1)] * 3)
+        negative = cam(x, [BinaryClassifierOutputTarget(0)] * 3)
     assert not np.allclose(positive, negative)
 
 
