@@ -89,9 +89,10 @@ def output_batch_size(output) -> int | None:
 
 def output_row(output, i: int, B: int):
     """Image i's part of a model output: a tensor's row i, a dict of rows, image i's element of a per-image
-    list (B elements that are not all batch tensors), or a sequence of rows."""
+    list (B elements that are not all batch tensors), or a sequence of rows. Tensors without a batch
+    dimension (a scalar loss, a (K,) summary) are handed over whole."""
     if isinstance(output, Tensor):
-        return output[i]
+        return output[i] if output.ndim and output.shape[0] == B else output
     if isinstance(output, dict):
         return {k: output_row(v, i, B) for k, v in output.items()}
     if isinstance(output, (list, tuple)):

@@ -137,11 +137,12 @@ def test_outputs_of_other_shapes(seeded, x):
 
 
 def test_resolver_splits_outputs_per_image():
-    out = {"scores": torch.arange(6.0).reshape(3, 2), "pair": (torch.zeros(3), torch.ones(3, 1))}
+    out = {"scores": torch.arange(6.0).reshape(3, 2), "pair": (torch.zeros(3), torch.ones(3, 1)),
+           "loss": torch.tensor(2.0)}
     seen = []
     t = resolve([lambda o: seen.append(o) or o["scores"][1]] * 3, out)
     assert t.scores(out).tolist() == [1.0, 3.0, 5.0]
-    assert seen[1]["pair"][1].shape == (1,)
+    assert seen[1]["pair"][1].shape == (1,) and seen[1]["loss"].item() == 2.0  # no batch dim: whole
     dets = [{"scores": torch.tensor([0.5, 0.2])}, {"scores": torch.tensor([0.9])}]  # one dict per image
     assert resolve([lambda o: o["scores"].sum()] * 2, dets).scores(dets).tolist() == pytest.approx([0.7, 0.9])
 
