@@ -10,15 +10,19 @@ from .dbscan import dbscan
 from .distance import pairwise_distances
 from .engine import CFCAM, GradCAM
 from .filters import box_filter, guided_filter
+from .fuse import fuse_cams, minmax_scale
 from .layers import resolve_layer
-from .methods import (KPCACAM, AblationCAM, EigenCAM, EigenGradCAM, FullGrad, GradCAMPlusPlus, HiResCAM, LayerCAM,
-                      ScoreCAM, XGradCAM)
+from .methods import (KPCACAM, METHODS, AblationCAM, CFCAMExcludeDead, EigenCAM, EigenGradCAM, FullGrad,
+                      GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM, build_method)
 from .percentile import percentile
+from . import reshape  # noqa: E402  (cfcam_gpu.reshape.vit(), .swin(), .default_target(model))
+from .targets import Target, resolve
 
 __all__ = [
-    "AblationCAM", "CAMResult", "CFCAM", "EigenCAM", "EigenGradCAM", "FullGrad", "GradCAM", "GradCAMPlusPlus",
-    "HiResCAM", "KPCACAM", "LayerCAM", "ScoreCAM", "XGradCAM", "box_filter", "cfcam_from_features", "channel_clusters", "cluster_channels",
-    "cluster_weights", "dbscan", "gradcam_from_features", "guided_filter", "pairwise_distances",
-    "percentile", "resolve_layer", "weighted_cam",
+    "AblationCAM", "CAMResult", "CFCAM", "CFCAMExcludeDead", "EigenCAM", "EigenGradCAM", "FullGrad", "GradCAM",
+    "GradCAMPlusPlus", "HiResCAM", "KPCACAM", "LayerCAM", "METHODS", "ScoreCAM", "Target", "XGradCAM",
+    "box_filter", "build_method", "cfcam_from_features", "channel_clusters", "cluster_channels",
+    "cluster_weights", "dbscan", "fuse_cams", "gradcam_from_features", "guided_filter", "minmax_scale",
+    "pairwise_distances", "percentile", "reshape", "resolve", "resolve_layer", "weighted_cam",
 ]
 __version__ = "0.1.0"

@@ -22,7 +22,11 @@ class CAMResult:
 
     cams: (B, h, w) float32 in [0, 1]; weights: (B, C) channel weights. CF-CAM also fills
     labels: (B, C) int64 DBSCAN channel clusters (-1 = noise), n_clusters: (B,), eps: (B,) DBSCAN radius,
-    min_samples. The engine adds targets: (B,) and logits: (B, L).
+    min_samples. peak: (B,) the maximum of relu(weighted sum) before the division (0 for an all-zero
+    map), so ``cams * peak[:, None, None]`` is the unnormalised map. The engine adds targets: (B,) class
+    indices (None for callable targets) and logits: the model output (B, L) (any structure the model
+    returns, detached). With several target layers cams are the fused maps (B, H, W) at the input size,
+    weights the layers' weights side by side (B, C_1 + C_2 + ...), ``layers`` each layer's own result.
     """
 
     cams: Tensor
@@ -33,15 +37,20 @@ class CAMResult:
     min_samples: int | None = None
     targets: Tensor | None = None
     logits: Tensor | None = None
+    peak: Tensor | None = None
+    layers: "list[CAMResult] | None" = None
 
     @staticmethod
     def cat(parts: "list[CAMResult]") -> "CAMResult":
         """Concatenate per-chunk results along the batch dimension."""
         first = parts[0]
         fields = {}
-        for name in ("cams", "weights", "labels", "n_clusters", "eps", "targets", "logits"):
+        for name in ("cams", "weights", "labels", "n_clusters", "eps", "targets", "peak"):
             values = [getattr(p, name) for p in parts]
             fields[name] = None if values[0] is None else torch.cat(values)
+        fields["logits"] = cat_outputs([p.logits for p in parts])
+        if first.layers is not None:
+            fields["layers"] = [CAMResult.cat([p.layers[i] for p in parts]) for i in range(len(first.layers))]
         return CAMResult(min_samples=first.min_samples, **fields)
 
     @property
@@ -72,19 +81,45 @@ def unit_scale(x: Tensor, dim) -> Tensor:
     return torch.ldexp(torch.ones(e.shape, dtype=x.dtype, device=x.device), -e)
 
 
-def weighted_cam(activations: Tensor, weights: Tensor) -> Tensor:
+def weighted_cam(activations: Tensor, weights: Tensor, with_peak: bool = False):
     """relu(sum_c w_c A_c), divided by its max where that is > 0.
 
-    activations: (B, C, h, w); weights: (B, C) -> (B, h, w) float32 in [0, 1]. Both are first scaled
-    by a power of two per image (``unit_scale``; the normalised CAM does not change), so any finite
-    input in its dtype's range gives a finite CAM.
+    activations: (B, C, h, w); weights: (B, C) -> (B, h, w) float32 in [0, 1]; with ``with_peak`` the
+    tuple (cams, peak (B,) float32: the maximum before the division, inf where it exceeds float32). Both
+    inputs are first scaled by a power of two per image (``unit_scale``; the normalised CAM does not
+    change), so any finite input in its dtype's range gives a finite CAM.
     """
     acts = activations if activations.dtype == torch.float64 else activations.float()
     w = weights if weights.dtype == torch.float64 else weights.float()
-    acts, w = acts * unit_scale(acts, (1, 2, 3)), w * unit_scale(w, 1)
-    cam = torch.einsum("bc,bchw->bhw", w.float(), acts.float()).clamp_min_(0)
+    s_a, s_w = unit_scale(acts, (1, 2, 3)), unit_scale(w, 1)
+    cam = torch.einsum("bc,bchw->bhw", (w * s_w).float(), (acts * s_a).float()).clamp_min_(0)
+    cams, peak = normalise(cam, with_peak=True)
+    if not with_peak:
+        return cams
+    return cams, (peak.double() / (s_a.flatten().double() * s_w.flatten().double())).float()
+
+
+def cat_outputs(values: list):
+    """Concatenate chunks of model outputs along the batch: tensors, dicts, tuples, per-image lists."""
+    first = values[0]
+    if first is None:
+        return None
+    if isinstance(first, Tensor):
+        return torch.cat(values)
+    if isinstance(first, dict):
+        return type(first)((k, cat_outputs([v[k] for v in values])) for k in first)
+    if isinstance(first, tuple):
+        return type(first)(cat_outputs([v[i] for v in values]) for i in range(len(first)))
+    return [item for v in values for item in v]
+
+
+def normalise(cam: Tensor, with_peak: bool = False):
+    """relu'd maps (B, h, w) divided by their max where that is > 0 -> (B, h, w) float32 in [0, 1];
+    with ``with_peak`` also the (B,) maxima."""
+    cam = cam.float()
     peak = cam.amax(dim=(1, 2), keepdim=True)
-    return cam / torch.where(peak > 0, peak, torch.ones_like(peak))
+    out = cam / torch.where(peak > 0, peak, torch.ones_like(peak))
+    return (out, peak[:, 0, 0]) if with_peak else out
 
 
 def cluster_weights(gradients: Tensor, labels: Tensor, *, sync_free: bool | None = None) -> Tensor:
@@ -134,7 +169,8 @@ def cfcam_from_features(activations: Tensor, gradients: Tensor, backend: str = "
     clusters = channel_clusters(activations, backend, sync_free=sync_free, exclude_dead=exclude_dead)
     weights = cluster_weights(gradients, clusters.labels, sync_free=sync_free)
     n_clusters = (clusters.labels.amax(dim=1) + 1)
-    return CAMResult(cams=weighted_cam(activations, weights), weights=weights, labels=clusters.labels,
+    cams, peak = weighted_cam(activations, weights, with_peak=True)
+    return CAMResult(cams=cams, weights=weights, labels=clusters.labels, peak=peak,
                      n_clusters=n_clusters, eps=clusters.eps, min_samples=clusters.min_samples)
 
 
@@ -148,4 +184,5 @@ def gradcam_from_features(activations: Tensor, gradients: Tensor, check_values: 
     grads = gradients.to(work_dtype(gradients))
     scale = unit_scale(grads, (1, 2, 3))
     weights = ((grads * scale).mean(dim=(2, 3)).double() / scale[:, :, 0, 0].double()).to(grads.dtype)
-    return CAMResult(cams=weighted_cam(activations, weights), weights=weights)
+    cams, peak = weighted_cam(activations, weights, with_peak=True)
+    return CAMResult(cams=cams, weights=weights, peak=peak)

@@ -20,18 +20,20 @@ then still causes no recompilation.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-import numbers
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ._checks import check_floating, check_ndim
 from .cam import CAMResult, cfcam_from_features, gradcam_from_features
+from .fuse import fuse_cams
 from .hooks import LeafCapture, PipelineCapture, capture_hook, eval_mode, forward_hook
 from .layers import resolve_layer
-from .targets import resolve_targets
+from .targets import detach_output, output_batch_size, resolve
 
 TOKENS_HINT = ("for transformer tokens (B, N, D) pass reshape_transform=lambda t: "
                "t[:, 1:].reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2) (drop the class token, "
@@ -67,17 +69,24 @@ def compile_options(compile) -> dict | None:
 class _CAMEngine:
     """Common engine; subclasses choose the pure function that turns features into maps.
 
-    Options: ``reshape_transform`` (callable mapping the layer output and its gradient to (B, C, h, w)),
-    ``check_values`` (raise on NaN/inf naming the image; one host sync), ``amp`` (False, True/"bfloat16"
-    or "float16": autocast for the model pass only; clustering and filtering run in float32 or better),
-    ``channels_last`` (converts the model in place and feeds channels-last images), ``chunk_size``
-    (explain at most that many images per pass; results equal the unchunked call), ``compile`` (False,
-    True or a dict of ``torch.compile`` keyword arguments such as ``{"backend": "aot_eager"}``: the model
-    pass of ``cam(images)`` runs through ``torch.compile(model, **kwargs)``, made once here; the first call
-    per input shape compiles, later ones reuse it; the graph breaks at the target layer, see the module
+    ``target_layer``: a module or dotted name, or a list of them. With several layers each layer's CAM
+    is computed from one forward and one backward pass and they are fused at the input size as
+    pytorch-grad-cam does (each map ReLU'd, min-max scaled, resized bilinearly to H x W; the mean over
+    layers min-max scaled again: ``fuse.fuse_cams``), so ``result.cams`` is (B, H, W) and
+    ``result.layers`` holds each layer's own result.
+    Options: ``reshape_transform`` (callable mapping the layer output and its gradient to (B, C, h, w);
+    presets in ``cfcam_gpu.reshape``), ``check_values`` (raise on NaN/inf naming the image; one host
+    sync), ``amp`` (False: the model runs in the caller's precision, under the caller's
+    ``torch.autocast`` if any; True/"bfloat16" or "float16": autocast for the model pass only; either
+    way clustering, filtering, ``cams`` and ``weights`` are float32 or better), ``channels_last``
+    (converts the model in place and feeds channels-last images), ``chunk_size`` (explain at most that
+    many images per pass; results equal the unchunked call), ``compile`` (False, True or a dict of
+    ``torch.compile`` keyword arguments such as ``{"backend": "aot_eager"}``: the model pass of
+    ``cam(images)`` runs through ``torch.compile(model, **kwargs)``, made once here; the first call per
+    input shape compiles, later ones reuse it; the graph breaks at the target layer, see the module
     docstring; ``fullgraph=True`` is refused). ``torch.compile`` leaves the model object in place and sets
     only its ``_is_torch_compile`` attribute. ``explain`` runs no forward of its own, so ``compile`` does not
-    apply there.
+    apply there. Targets: see ``cfcam_gpu.targets``.
     """
 
     def __init__(self, model: nn.Module, target_layer, reshape_transform: Callable | None = None,
@@ -91,8 +100,12 @@ class _CAMEngine:
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
         compile_kwargs = compile_options(compile)
+        layers = list(target_layer) if isinstance(target_layer, (list, tuple)) else [target_layer]
+        if not layers:
+            raise ValueError("target_layer: expected a layer or a non-empty list of layers, got []")
         self.model = model
-        self.target_layer = resolve_layer(model, target_layer)
+        self.target_layers = [resolve_layer(model, layer) for layer in layers]
+        self.target_layer = self.target_layers[0]
         self.reshape_transform = reshape_transform
         self.check_values = check_values
         self.amp_dtype = AMP_DTYPES.get(amp) if amp is not False else None
@@ -102,10 +115,10 @@ class _CAMEngine:
             model.to(memory_format=torch.channels_last)
         # the wrapper shares the model's modules; compilation itself happens on the first call
         self._compiled = None if compile_kwargs is None else torch.compile(model, **compile_kwargs)
-        self._pipeline: PipelineCapture | None = None
-        self._pipeline_handle = None
+        self._pipelines: list[PipelineCapture] | None = None
+        self._pipeline_handles: list = []
 
-    def _forward(self, images: Tensor) -> Tensor:
+    def _forward(self, images: Tensor):
         """The model pass: the model itself, or its compiled wrapper. Compiled code is cached per code
         object; by default dynamo does not guard on hooks, so code compiled while the target layer had
         no capture hook (Score-CAM's masked forwards, a caller's own compiled runs) would be reused
@@ -119,8 +132,9 @@ class _CAMEngine:
 
     # -- context manager: a persistent hook for explain() -------------------------------------------
     def __enter__(self):
-        self._pipeline = PipelineCapture()
-        self._pipeline_handle = self.target_layer.register_forward_hook(capture_hook(self._pipeline))
+        self._pipelines = [PipelineCapture() for _ in self.target_layers]
+        self._pipeline_handles = [layer.register_forward_hook(capture_hook(p))
+                                  for layer, p in zip(self.target_layers, self._pipelines)]
         return self
 
     def __exit__(self, *exc):
@@ -128,49 +142,80 @@ class _CAMEngine:
         return False
 
     def close(self) -> None:
-        """Remove the hook installed by ``with``; idempotent."""
-        if self._pipeline_handle is not None:
-            self._pipeline_handle.remove()
-        self._pipeline_handle, self._pipeline = None, None
+        """Remove the hooks installed by ``with``; idempotent."""
+        for handle in self._pipeline_handles:
+            handle.remove()
+        self._pipeline_handles, self._pipelines = [], None
 
     def _autocast(self, images: Tensor):
-        """The engine's ``amp`` for a model pass (autocast off when ``amp`` is off)."""
-        return torch.autocast(images.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                              enabled=self.amp_dtype is not None)
+        """The engine's ``amp`` for a model pass; without ``amp`` the caller's autocast state stays."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(images.device.type, dtype=self.amp_dtype)
 
     def _from_features(self, activations: Tensor, gradients: Tensor) -> CAMResult:
         raise NotImplementedError
 
-    def _to_maps(self, acts: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
+    def _to_maps(self, acts, grads) -> tuple[Tensor, Tensor]:
+        """The layer output and its gradient (any structure) -> float32 (or float64) (B, C, h, w) maps."""
         if self.reshape_transform is not None:
             acts, grads = self.reshape_transform(acts), self.reshape_transform(grads)
-        if acts.ndim != 4:
+        if not isinstance(acts, Tensor) or acts.ndim != 4:
+            got = tuple(acts.shape) if isinstance(acts, Tensor) else type(acts).__name__
             raise ValueError(f"target_layer: expected the layer output to be (B, C, h, w), got shape "
-                             f"{tuple(acts.shape)}; {TOKENS_HINT}")
+                             f"{got}; {TOKENS_HINT}; presets: cfcam_gpu.reshape")
+        if acts.dtype != torch.float64:  # bf16/fp16 from autocast: every result is float32
+            acts, grads = acts.float(), grads.float()
         return acts, grads
 
-    def _features(self, images: Tensor, targets) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """images (B, 3, H, W) -> activations, gradients (B, C, h, w), targets (B,), logits (B, L)."""
-        capture = LeafCapture()
-        with forward_hook(self.target_layer, capture), eval_mode(self.model):
+    def _gradients(self, scores: Tensor, outputs: list) -> list:
+        """d scores.sum() / d each captured layer output (a tensor or a dict of tensors)."""
+        if not scores.requires_grad:
+            raise ValueError("target_layer: the target scores do not depend on the layer's output; "
+                             "pick a layer on the path from the input to the model output")
+        leaves = [list(o.values()) if isinstance(o, dict) else [o] for o in outputs]
+        flat = torch.autograd.grad(scores.sum(), [t for group in leaves for t in group], allow_unused=True)
+        grads, i = [], 0
+        for n, (out, group) in enumerate(zip(outputs, leaves)):
+            got = [torch.zeros_like(t) if g is None else g for t, g in zip(group, flat[i:i + len(group)])]
+            if isinstance(out, Tensor) and flat[i] is None:
+                raise ValueError(f"target_layer: the target scores do not depend on the output of target "
+                                 f"layer {n}; pick a layer on the path from the input to the model output")
+            grads.append(type(out)(zip(out.keys(), got)) if isinstance(out, dict) else got[0])
+            i += len(group)
+        return grads
+
+    def _capture(self, images: Tensor, targets):
+        """images (B, 3, H, W) -> per layer activations and gradients (B, C, h, w), the resolved Target,
+        the detached model output."""
+        captures = [LeafCapture() for _ in self.target_layers]
+        with contextlib.ExitStack() as stack:
+            for layer, capture in zip(self.target_layers, captures):
+                stack.enter_context(forward_hook(layer, capture))
+            stack.enter_context(eval_mode(self.model))
             with torch.no_grad(), self._autocast(images):
-                logits = self._forward(images)
-            if capture.output is None:
+                output = self._forward(images)
+            if any(c.output is None for c in captures):
                 hint = ("; with compile, code dynamo compiled elsewhere without this hook may have been "
                         "reused: try torch._dynamo.reset()") if self._compiled is not None else ""
                 raise ValueError("target_layer: the layer did not run during the forward pass; "
                                  "pick a layer on the path from the input to the logits" + hint)
-            if not isinstance(logits, Tensor) or logits.ndim != 2:
-                raise ValueError("model: expected the model to return logits (B, L), got "
-                                 f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
-            target_idx = resolve_targets(targets, logits)
-            if not logits.requires_grad:
-                raise ValueError("target_layer: the logits do not depend on the layer's output; "
-                                 "pick a layer on the path from the input to the logits")
+            target = resolve(targets, output)
             with torch.enable_grad():  # also when the caller runs us under torch.no_grad()
-                (grads,) = torch.autograd.grad(logits.gather(1, target_idx[:, None]).sum(), capture.output)
-        acts, grads = self._to_maps(capture.output.detach(), grads)
-        return acts, grads, target_idx, logits.detach()
+                grads = self._gradients(target.scores(output), [c.output for c in captures])
+        maps = [self._to_maps(detach_output(c.output), g) for c, g in zip(captures, grads)]
+        return [m[0] for m in maps], [m[1] for m in maps], target, detach_output(output)
+
+    def _capture_one(self, images: Tensor, targets):
+        """The first target layer's activations, gradients (B, C, h, w), the Target, the model output."""
+        acts, grads, target, output = self._capture(images, targets)
+        return acts[0], grads[0], target, output
+
+    def _features(self, images: Tensor, targets):
+        """-> activations, gradients (B, C, h, w) of the first layer, target class indices (B,) (None for
+        callable targets), the model output (logits (B, L) for classifiers)."""
+        acts, grads, target, output = self._capture_one(images, targets)
+        return acts, grads, target.indices, output
 
     def _weighted_activations(self, activations: Tensor, gradients: Tensor, result: CAMResult) -> Tensor:
         """What ``eigen_smooth`` projects instead of summing over channels: weights x activations
@@ -186,22 +231,31 @@ class _CAMEngine:
                                   getattr(self, "sync_free", None))
         return result
 
+    def _combine(self, acts: list, grads: list, size, eigen_smooth: bool = False) -> CAMResult:
+        results = [self._smooth(self._from_features(a, g), a, g, eigen_smooth) for a, g in zip(acts, grads)]
+        if len(results) == 1:
+            return results[0]
+        return CAMResult(cams=fuse_cams([r.cams for r in results], size),
+                         weights=torch.cat([r.weights for r in results], dim=1), layers=results)
+
     def _explain_images(self, images: Tensor, targets, eigen_smooth: bool = False) -> CAMResult:
-        acts, grads, target_idx, logits = self._features(images, targets)
-        result = self._smooth(self._from_features(acts, grads), acts, grads, eigen_smooth)
-        result.targets, result.logits = target_idx, logits
+        acts, grads, target, output = self._capture(images, targets)
+        result = self._combine(acts, grads, images.shape[-2:], eigen_smooth)
+        result.targets, result.logits = target.indices, output
         return result
 
     def __call__(self, images: Tensor, targets=None, aug_smooth: bool = False,
                  eigen_smooth: bool = False) -> CAMResult:
-        """images: (B, 3, H, W) on the model's device; targets: None (top-1), an int, or B class indices.
+        """images: (B, 3, H, W) on the model's device; targets: see ``cfcam_gpu.targets`` (None: top-1).
 
-        Returns the CAMResult with cams (B, h, w) at the layer's resolution, targets (B,), logits (B, L).
-        With ``chunk_size`` the batch is explained chunk by chunk (bounded memory, same results).
-        ``eigen_smooth``: the map is the first principal component of the weighted activations;
-        ``aug_smooth``: the mean of the maps of flipped and scaled copies, all copies in one batch; its
-        cams are (B, H, W), at the input resolution (``smoothing``, as pytorch-grad-cam).
+        Returns the CAMResult with cams (B, h, w) at the layer's resolution (several layers: (B, H, W)),
+        targets (B,), logits (the model output). With ``chunk_size`` the batch is explained chunk by chunk
+        (bounded memory, same results). ``eigen_smooth``: the map is the first principal component of the
+        weighted activations; ``aug_smooth``: the mean of the maps of flipped and scaled copies, all
+        copies in one batch; its cams are (B, H, W), at the input resolution (``smoothing``, as
+        pytorch-grad-cam).
         """
+        check_not_inference_mode()
         check_ndim(images, 4, "images", "(B, 3, H, W)")
         check_floating(images, "images")
         if self.channels_last:
@@ -215,7 +269,7 @@ class _CAMEngine:
         B = images.shape[0]
         if self.chunk_size is None or B <= self.chunk_size:
             return self._explain_images(images, targets, eigen_smooth)
-        per_image = not (targets is None or isinstance(targets, numbers.Integral))
+        per_image = isinstance(targets, (list, tuple, np.ndarray, Tensor))
         if per_image and len(targets) != B:
             raise ValueError(f"targets: expected {B} class indices (one per image), got {len(targets)}")
         parts = [self._explain_images(images[i:i + self.chunk_size],
@@ -223,36 +277,48 @@ class _CAMEngine:
                  for i in range(0, B, self.chunk_size)]
         return CAMResult.cat(parts)
 
-    def explain(self, logits: Tensor, targets=None, eigen_smooth: bool = False) -> CAMResult:
+    def explain(self, logits, targets=None, eigen_smooth: bool = False) -> CAMResult:
         """CAMs for a forward pass the caller already ran inside ``with cam:`` (no second forward).
 
-        logits: (B, L) from that forward, computed with grad enabled -> CAMResult; ``eigen_smooth`` as in
-        ``__call__`` (``aug_smooth`` needs forwards of its own, so it is not offered here). The ``compile``
-        option does not apply (the forward is the caller's). A model the caller compiled works when its first
-        compiled run is inside the ``with`` block: dynamo does not guard on hooks, so code compiled
-        before the hook existed never calls it (explain then says no forward pass was captured).
+        logits: the model output from that forward ((B, L) logits, or any output with callable targets),
+        computed with grad enabled -> CAMResult (several layers: fused at the largest layer's size, as
+        there are no images here); ``eigen_smooth`` as in ``__call__`` (``aug_smooth`` needs forwards of
+        its own, so it is not offered here). The ``compile`` option does not apply (the forward is
+        the caller's). A model the caller compiled works when its first compiled run is inside the
+        ``with`` block: dynamo does not guard on hooks, so code compiled before the hook existed never
+        calls it (explain then says no forward pass was captured).
         """
-        if self._pipeline is None:
+        check_not_inference_mode()
+        if self._pipelines is None:
             raise ValueError("explain: expected to be called inside `with CFCAM(model, layer) as cam:` "
                              "after `logits = model(x)`; no hook is installed")
-        captured = self._pipeline.output
-        if captured is None:
+        captured = [p.output for p in self._pipelines]
+        if any(c is None for c in captured):
             raise ValueError("explain: no forward pass of the model was captured at the target layer; "
                              "run `logits = model(x)` inside the `with` block first")
-        check_ndim(logits, 2, "logits", "(B, L)")
-        if not captured.requires_grad or not logits.requires_grad:
+        B = output_batch_size(logits)
+        if B != captured[0].shape[0]:
+            raise ValueError(f"logits: expected {captured[0].shape[0]} rows (the captured batch), got {B}")
+        target = resolve(targets, logits)
+        scores = target.scores(logits)
+        if not all(c.requires_grad for c in captured) or not scores.requires_grad:
             raise ValueError("explain: the captured forward ran without gradients (under torch.no_grad "
                              "or torch.inference_mode); run it with grad enabled")
-        if logits.shape[0] != captured.shape[0]:
-            raise ValueError(f"logits: expected {captured.shape[0]} rows (the captured batch), got "
-                             f"{logits.shape[0]}")
-        target_idx = resolve_targets(targets, logits)
-        (grads,) = torch.autograd.grad(logits.gather(1, target_idx[:, None]).sum(), captured)
-        self._pipeline.output = None
-        acts, grads = self._to_maps(captured.detach(), grads)
-        result = self._smooth(self._from_features(acts, grads), acts, grads, eigen_smooth)
-        result.targets, result.logits = target_idx, logits.detach()
+        grads = self._gradients(scores, captured)
+        for p in self._pipelines:
+            p.output = None
+        maps = [self._to_maps(c.detach(), g) for c, g in zip(captured, grads)]
+        size = max((tuple(a.shape[-2:]) for a, _ in maps), key=lambda s: s[0] * s[1])  # no images here
+        result = self._combine([m[0] for m in maps], [m[1] for m in maps], size, eigen_smooth)
+        result.targets, result.logits = target.indices, detach_output(logits)
         return result
+
+
+def check_not_inference_mode() -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("torch.inference_mode is on: a CAM needs gradients, which inference mode forbids "
+                           "(tensors made there can never require grad); call the CAM outside "
+                           "`with torch.inference_mode():` (under torch.no_grad() it works)")
 
 
 class CFCAM(_CAMEngine):

@@ -40,25 +40,36 @@ def capture_hook(fn: Callable) -> Callable:
     return torch.compiler.disable(fn)
 
 
+def _leaf(output: Tensor) -> Tensor:
+    """A new graph leaf, unless the output already depends on an earlier target layer's leaf (several
+    target layers): then it stays in that graph, so the gradient reaches both."""
+    return output if output.requires_grad else output.detach().requires_grad_(True)
+
+
 class LeafCapture:
     """Forward hook that keeps the layer's output as a graph leaf and turns grad mode back on there.
 
     The model runs under ``no_grad``; at the target layer the output is detached into a leaf that requires
     grad, so autograd records only the layers above it: no graph, no saved tensors and no backward below
-    the layer, whatever the parameters' requires_grad.
+    the layer, whatever the parameters' requires_grad. With several target layers only the first one to
+    run is cut; the later ones are kept as they are in the graph above it.
     """
 
     def __init__(self):
         self.output: Tensor | None = None
 
     def __call__(self, module, inputs, output):
+        if isinstance(output, dict) and output and all(isinstance(v, Tensor) for v in output.values()):
+            torch.set_grad_enabled(True)  # a dict of feature maps (an FPN backbone): one leaf per entry
+            self.output = type(output)((k, _leaf(v)) for k, v in output.items())
+            return type(output)((k, v.clone()) for k, v in self.output.items())
         if not isinstance(output, Tensor):
-            raise ValueError(f"target_layer: expected the layer to output a tensor (B, C, h, w), got "
-                             f"{type(output).__name__}; pick a layer that returns one tensor")
+            raise ValueError(f"target_layer: expected the layer to output a tensor (B, C, h, w) or a dict of "
+                             f"tensors (with a reshape_transform), got {type(output).__name__}; pick a layer "
+                             f"that returns one tensor")
         torch.set_grad_enabled(True)
-        leaf = output.detach().requires_grad_(True)
-        self.output = leaf
-        return leaf.clone()  # later in-place ops (ReLU(inplace=True), +=) must not touch the leaf
+        self.output = _leaf(output)
+        return self.output.clone()  # later in-place ops (ReLU(inplace=True), +=) must not touch the leaf
 
 
 class PipelineCapture:

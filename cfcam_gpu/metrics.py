@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 from typing import Callable, NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import channel_stats, check_floating, check_ndim
 from .hooks import eval_mode
-from .targets import class_indices
+from .targets import metric_classes
 
 __all__ = [
     "DeletionInsertion", "DropIncrease", "Robustness", "auc", "average_drop_increase", "deletion_insertion",
@@ -60,15 +61,18 @@ class Robustness(NamedTuple):
 # ----------------------------------------------------------------------------------------------------
 # Helpers.
 
-def _check_inputs(images: Tensor, cams: Tensor, targets) -> Tensor:
+def _check_inputs(images: Tensor, cams, targets) -> tuple[Tensor, Tensor]:
+    """-> (cams as a tensor: NumPy maps, e.g. from ``cfcam_gpu.compat``, are accepted; class indices (B,))."""
     check_ndim(images, 4, "images", "(B, 3, H, W)")
     check_floating(images, "images")
+    if isinstance(cams, np.ndarray):
+        cams = torch.from_numpy(np.ascontiguousarray(cams))
     if not isinstance(cams, Tensor) or cams.ndim not in (3, 4) or (cams.ndim == 4 and cams.shape[1] != 1):
-        raise ValueError(f"cams: expected a (B, h, w) tensor, got "
+        raise ValueError(f"cams: expected (B, h, w) maps (a tensor or NumPy array), got "
                          f"{tuple(cams.shape) if isinstance(cams, Tensor) else type(cams).__name__}")
     if cams.shape[0] != images.shape[0]:
         raise ValueError(f"cams: expected {images.shape[0]} maps (one per image), got {cams.shape[0]}")
-    return class_indices(targets, images.shape[0], images.device)
+    return cams, metric_classes(targets, images.shape[0], images.device)
 
 
 def _upsample(cams: Tensor, size) -> Tensor:
@@ -117,10 +121,11 @@ def average_drop_increase(model: nn.Module, images: Tensor, cams: Tensor, target
     ``mode="soft"`` (Grad-CAM++ paper): the model input multiplied by the upsampled CAM;
     ``mode="threshold"`` (CF-CAM authors): pixels whose upsampled CAM is > ``threshold`` kept, the rest
     set to 0 in pixel space (black) before normalisation; needs the model's ``mean`` and ``std``.
-    images: (B, 3, H, W) model input; cams: (B, h, w) in [0, 1]; targets: int or B indices.
+    images: (B, 3, H, W) model input; cams: (B, h, w) in [0, 1] (tensor or NumPy); targets: int or B
+    indices (or B ClassifierOutputTargets).
     Means over images give "Average Drop" (%) and "Increase in Confidence" (x 100 for %).
     """
-    t = _check_inputs(images, cams, targets)
+    cams, t = _check_inputs(images, cams, targets)
     batch_size = _check_batch_size(batch_size)
     if mode not in ("soft", "threshold"):
         raise ValueError(f"mode: expected 'soft' or 'threshold', got {mode!r}")
@@ -183,7 +188,7 @@ def deletion_insertion(model: nn.Module, images: Tensor, cams: Tensor, targets, 
     All (image, step) pairs run ``batch_size`` at a time.
     Returns DeletionInsertion: AUCs (B,) and curves (B, steps + 1) for each of ``curves``.
     """
-    t = _check_inputs(images, cams, targets)
+    cams, t = _check_inputs(images, cams, targets)
     batch_size = _check_batch_size(batch_size)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected an int >= 1, got {steps!r}")

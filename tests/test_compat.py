@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 pytest.importorskip("pytorch_grad_cam")
+import pytorch_grad_cam as pgc
+from helpers import patch_pgc_sign  # noqa: E402
 from pytorch_grad_cam import GradCAM as PGCGradCAM  # noqa: E402
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+from pytorch_grad_cam.utils.model_targets import (BinaryClassifierOutputTarget, ClassifierOutputReST,  # noqa: E402
+                                                  ClassifierOutputSoftmaxTarget, ClassifierOutputTarget)
 
+import cfcam_gpu.compat as cc  # noqa: E402
 from cfcam_gpu.compat import ClusteredFilteredGradCAM, GradCAMCompat  # noqa: E402
 from cfcam_gpu.app.data import IMAGENET_MEAN, IMAGENET_STD, bundled_images, display_images, normalize  # noqa: E402
 
@@ -77,6 +83,154 @@ def test_wrong_target_count_raises(resnet18, batch, cls):
             cam(input_tensor=x, targets=TARGETS + [ClassifierOutputTarget(1)])
 
 
-def test_one_target_layer_only(resnet18):
-    with pytest.raises(ValueError, match="exactly one layer"):
-        GradCAMCompat(model=resnet18, target_layers=[resnet18.layer3[-1], resnet18.layer4[-1]])
+def pgc_and_ours(name, model, layers, x, targets, **kwargs):
+    with getattr(pgc, name)(model, layers, **kwargs) as theirs:
+        reference = theirs(x, targets)
+    with getattr(cc, name)(model, layers, **kwargs) as ours:
+        mine = ours(x, targets)
+    return mine, reference
+
+
+GRADIENT = ["GradCAM", "GradCAMPlusPlus", "XGradCAM", "LayerCAM", "HiResCAM"]
+MIXED = [ClassifierOutputTarget(281), ClassifierOutputSoftmaxTarget(967), ClassifierOutputReST(812)]
+
+
+@pytest.fixture(scope="module")
+def small(batch):
+    """The three photos at 64 x 64 (resnet18's layer4 is 2 x 2 there, layer3 4 x 4)."""
+    return torch.nn.functional.interpolate(batch[1], size=(64, 64), mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("name", GRADIENT)
+@pytest.mark.parametrize("layer", ["layer4.1", "layer3.1", "layer2"])
+@pytest.mark.parametrize("targets", [None, MIXED], ids=["top1", "mixed"])
+def test_gradient_classes_equal_pytorch_grad_cam(resnet18, small, name, layer, targets):
+    """Maps equal pytorch-grad-cam's within 1e-3, whatever the target class (logit, softmax, ReST)."""
+    module = resnet18.get_submodule(layer)
+    mine, reference = pgc_and_ours(name, resnet18, [module], small, targets)
+    assert mine.shape == reference.shape == (3, 64, 64) and mine.dtype == np.float32
+    np.testing.assert_allclose(mine, reference, atol=1e-3)
+    assert reference.max() > 0.99  # not trivially all-zero
+
+
+@pytest.mark.parametrize("name", ["GradCAM", "LayerCAM", "HiResCAM"])
+def test_several_layers_equal_pytorch_grad_cam(resnet18, small, name):
+    layers = [resnet18.layer2, resnet18.layer4[-1]]
+    mine, reference = pgc_and_ours(name, resnet18, layers, small, MIXED)
+    np.testing.assert_allclose(mine, reference, atol=1e-3)
+
+
+def test_batch_of_one_and_vgg11(seeded, small):
+    import torchvision
+
+    vgg = seeded(torchvision.models.vgg11).eval()
+    for name in ("GradCAM", "GradCAMPlusPlus"):
+        mine, reference = pgc_and_ours(name, vgg, [vgg.features[-1]], small[:1], None)
+        assert mine.shape == (1, 64, 64)
+        np.testing.assert_allclose(mine, reference, atol=1e-3)
+
+
+def test_one_channel_input(seeded):
+    import torchvision
+
+    def gray_resnet():
+        net = torchvision.models.resnet18(weights=None)
+        net.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+        return net.eval()
+
+    net = seeded(gray_resnet)
+    x = torch.randn(2, 1, 48, 48, generator=torch.Generator().manual_seed(3))
+    for name in ("GradCAM", "XGradCAM"):
+        mine, reference = pgc_and_ours(name, net, [net.layer3], x, None)
+        np.testing.assert_allclose(mine, reference, atol=1e-3)
+
+
+class SmallNet(nn.Module):
+    """Two conv stages (the second without ReLU, so its minimum is negative, and with ``linear`` nothing
+    clips it before the head) and a linear head."""
+
+    def __init__(self, out=4, linear=False):
+        super().__init__()
+        self.linear = linear
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.mid = nn.Conv2d(12, 10, 3, padding=1)
+        self.head = nn.Linear(10, out)
+
+    def forward(self, x):
+        y = self.mid(self.stem(x))
+        return self.head((y if self.linear else torch.relu(y)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("layer", ["stem", "mid"])
+@pytest.mark.parametrize("targets", [None, [ClassifierOutputSoftmaxTarget(1), ClassifierOutputTarget(3)]],
+                         ids=["top1", "softmax+logit"])
+def test_score_and_ablation_equal_pytorch_grad_cam(seeded, layer, targets):
+    """Score-CAM with the targets' own scores (the logit by default); Ablation-CAM with pytorch-grad-cam's
+    ablation value (at "mid" the minimum is negative: min - k * 1e7 in groups of batch_size)."""
+    net = seeded(SmallNet).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    module = net.get_submodule(layer)
+    for name, kwargs in (("ScoreCAM", {}), ("AblationCAM", {"batch_size": 4})):
+        mine, reference = pgc_and_ours(name, net, [module], x, targets, **kwargs)
+        np.testing.assert_allclose(mine, reference, atol=1e-3, err_msg=name)
+
+
+def test_ablation_value_option(seeded):
+    """Where the ablated layer reaches the head linearly the ablation value matters: pytorch-grad-cam's
+    value (the compat default) matches it, our native 0 does not."""
+    net = seeded(lambda: SmallNet(linear=True)).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with pgc.AblationCAM(net, [net.mid], batch_size=4) as theirs:
+        reference = theirs(x, None)
+    with cc.AblationCAM(net, [net.mid], batch_size=4) as ours:
+        np.testing.assert_allclose(ours(x, None), reference, atol=1e-3)
+    with cc.AblationCAM(net, [net.mid], batch_size=4, ablation_value="zero") as ours:
+        assert np.abs(ours(x, None) - reference).max() > 0.1
+
+
+def test_score_cam_batch_size_and_outputs(seeded):
+    net = seeded(SmallNet).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    cam = cc.ScoreCAM(net, [net.stem])
+    cam.batch_size = 5
+    assert cam.cam.score_batch_size == 5
+    maps = cam(x)
+    torch.testing.assert_close(cam.outputs, net(x))
+    assert maps.shape == (2, 16, 16)
+    with pytest.raises(ValueError, match="batch_size"):
+        cam.batch_size = 0
+
+
+def test_binary_classifier_targets(seeded):
+    """A one-logit head: BinaryClassifierOutputTarget(0) explains the negated logit (not the logit)."""
+    net = seeded(lambda: SmallNet(out=1)).eval()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    for category in (0, 1):
+        targets = [BinaryClassifierOutputTarget(category)] * 3
+        mine, reference = pgc_and_ours("GradCAM", net, [net.mid], x, targets)
+        np.testing.assert_allclose(mine, reference, atol=1e-3)
+    with cc.GradCAM(net, [net.mid]) as cam:
+        positive = cam(x, [BinaryClassifierOutputTarget(1)] * 3)
+        negative = cam(x, [BinaryClassifierOutputTarget(0)] * 3)
+    assert not np.allclose(positive, negative)
+
+
+@pytest.mark.parametrize("flags", [{"eigen_smooth": True}, {"aug_smooth": True},
+                                   {"aug_smooth": True, "eigen_smooth": True}], ids=["eigen", "aug", "both"])
+def test_smoothing_flags_equal_pytorch_grad_cam(resnet18, small, monkeypatch, flags):
+    """aug_smooth / eigen_smooth in the drop-in's call: pytorch-grad-cam's maps (its principal component
+    oriented by our sign rule) within 2e-3."""
+    patch_pgc_sign(monkeypatch)
+    layers = [resnet18.layer3[-1]]
+    with pgc.GradCAM(resnet18, layers) as theirs:
+        reference = theirs(small, None, **flags)
+    with cc.GradCAM(resnet18, layers) as ours:
+        mine = ours(small, None, **flags)
+        plain = ours(small, None)
+    assert mine.shape == reference.shape and not np.allclose(mine, plain, atol=1e-2)
+    np.testing.assert_allclose(mine, reference, atol=2e-3)
+
+
+def test_every_class_is_exported():
+    for name in GRADIENT + ["ScoreCAM", "AblationCAM", "ClusteredFilteredGradCAM"]:
+        assert callable(getattr(cc, name))

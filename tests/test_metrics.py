@@ -253,3 +253,20 @@ def test_mean_ci_is_student_t():
     assert M.mean_ci([2.0]) == (2.0, 2.0, 2.0)
     assert all(math.isnan(u) for u in M.mean_ci([]))
     assert M.mean_ci([1.0, float("nan"), 3.0])[0] == 2.0
+
+
+def test_numpy_maps_equal_tensor_maps():
+    """Maps from cfcam_gpu.compat (NumPy) are accepted as they are."""
+    import numpy as np
+
+    from cfcam_gpu.metrics import average_drop_increase
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 3)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    cams = torch.rand(2, 4, 4)
+    a = average_drop_increase(net, x, cams, [0, 2])
+    b = average_drop_increase(net, x, cams.numpy().astype(np.float32), [0, 2])
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v)

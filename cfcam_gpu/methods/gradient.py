@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import validate_features
-from ..cam import CAMResult, weighted_cam
+from ..cam import CAMResult, normalise, weighted_cam
 from ..engine import _CAMEngine
 
 def _prepare(activations: Tensor, gradients: Tensor, check_values: bool) -> tuple[Tensor, Tensor]:
@@ -29,14 +29,17 @@ def _prepare(activations: Tensor, gradients: Tensor, check_values: bool) -> tupl
     return activations.to(dtype), gradients.to(dtype)
 
 
-def elementwise_cam(activations: Tensor, weight_maps: Tensor) -> Tensor:
+def _result(cams: Tensor, peak: Tensor, weights: Tensor) -> CAMResult:
+    return CAMResult(cams=cams, weights=weights.float(), peak=peak)
+
+
+def elementwise_cam(activations: Tensor, weight_maps: Tensor, with_peak: bool = False):
     """relu(sum_c W_c * A_c), divided by its max where that is > 0.
 
-    activations, weight_maps: (B, C, h, w) -> (B, h, w) float32 in [0, 1].
+    activations, weight_maps: (B, C, h, w) -> (B, h, w) float32 in [0, 1] (with ``with_peak`` also the
+    (B,) maxima before the division).
     """
-    cam = (weight_maps * activations).sum(dim=1).float().clamp_min_(0)
-    peak = cam.amax(dim=(1, 2), keepdim=True)
-    return cam / torch.where(peak > 0, peak, torch.ones_like(peak))
+    return normalise((weight_maps * activations).sum(dim=1).float().clamp_min_(0), with_peak)
 
 
 def gradcampp_from_features(activations: Tensor, gradients: Tensor, eps: float = 1e-6,
@@ -62,7 +65,7 @@ def gradcampp_from_features(activations: Tensor, gradients: Tensor, eps: float =
         denom = denom + eps
     alpha = torch.where(grads != 0, g2 / denom, torch.zeros_like(g2))
     weights = (grads.clamp_min(0) * alpha).sum(dim=(2, 3))
-    return CAMResult(cams=weighted_cam(acts, weights), weights=weights.float())
+    return _result(*weighted_cam(acts, weights, with_peak=True), weights)
 
 
 def xgradcam_from_features(activations: Tensor, gradients: Tensor, eps: float = 1e-7,
@@ -73,7 +76,7 @@ def xgradcam_from_features(activations: Tensor, gradients: Tensor, eps: float = 
     """
     acts, grads = _prepare(activations, gradients, check_values)
     weights = (grads * acts / (acts.sum(dim=(2, 3), keepdim=True) + eps)).sum(dim=(2, 3))
-    return CAMResult(cams=weighted_cam(acts, weights), weights=weights.float())
+    return _result(*weighted_cam(acts, weights, with_peak=True), weights)
 
 
 def layercam_from_features(activations: Tensor, gradients: Tensor, check_values: bool = True) -> CAMResult:
@@ -83,7 +86,7 @@ def layercam_from_features(activations: Tensor, gradients: Tensor, check_values:
     """
     acts, grads = _prepare(activations, gradients, check_values)
     w = grads.clamp_min(0)
-    return CAMResult(cams=elementwise_cam(acts, w), weights=w.mean(dim=(2, 3)).float())
+    return _result(*elementwise_cam(acts, w, with_peak=True), w.mean(dim=(2, 3)))
 
 
 def hirescam_from_features(activations: Tensor, gradients: Tensor, check_values: bool = True) -> CAMResult:
@@ -92,7 +95,7 @@ def hirescam_from_features(activations: Tensor, gradients: Tensor, check_values:
     activations, gradients: (B, C, h, w) -> CAMResult (cams (B, h, w), weights (B, C)).
     """
     acts, grads = _prepare(activations, gradients, check_values)
-    return CAMResult(cams=elementwise_cam(acts, grads), weights=grads.mean(dim=(2, 3)).float())
+    return _result(*elementwise_cam(acts, grads, with_peak=True), grads.mean(dim=(2, 3)))
 
 
 class GradCAMPlusPlus(_CAMEngine):

@@ -19,6 +19,7 @@ from ..cam import CAMResult, weighted_cam
 from ..cluster import dead_channels
 from ..engine import _CAMEngine
 from ..hooks import eval_mode, forward_hook
+from ..targets import Target
 
 def _pair_chunks(B: int, C: int, chunk: int, device, keep: Tensor | None = None):
     """Yield (b, c) index tensors over the B*C (image, channel) pairs, ``chunk`` at a time; with ``keep``
@@ -35,10 +36,14 @@ def _pair_chunks(B: int, C: int, chunk: int, device, keep: Tensor | None = None)
 class _ForwardMixin:
     """Model passes in eval mode under no_grad and the engine's autocast, state restored afterwards."""
 
-    def _no_grad_forward(self, fn: Callable, *args) -> Tensor:
+    def _one_layer(self) -> None:
+        if len(self.target_layers) != 1:
+            raise ValueError(f"target_layer: {type(self).__name__} explains one layer at a time, got "
+                             f"{len(self.target_layers)} layers")
+
+    def _no_grad_forward(self, fn: Callable, *args):
         with eval_mode(self.model), torch.no_grad(), self._autocast(args[0]):
-            out = fn(*args)
-        return out.float()
+            return fn(*args)
 
     def _from_features(self, activations, gradients):
         raise ValueError(f"{type(self).__name__} needs the input images for its extra forward passes; "
@@ -53,11 +58,13 @@ class ScoreCAM(_ForwardMixin, _CAMEngine):
     ((a - min) / (max - min + 1e-8)), multiplied into the input, and the masked input is scored:
     ``score="softmax"`` (default; the Score-CAM paper's softmax probability of the target, =
     pytorch-grad-cam with ClassifierOutputSoftmaxTarget) or ``"logit"`` (pytorch-grad-cam's default
-    ClassifierOutputTarget). ``channel_softmax=True`` (pytorch-grad-cam) turns the C scores into weights
-    with a softmax over channels; ``False`` uses the scores as weights (the paper's official code).
+    ClassifierOutputTarget); ``score`` applies to class-index targets (None, ints), a callable target
+    (one per image or one for the batch) is its own score. ``channel_softmax=True`` (pytorch-grad-cam)
+    turns the C scores into weights with a softmax over channels; ``False`` uses the scores as weights
+    (the paper's official code).
     Masked forwards run ``score_batch_size`` (image, channel) pairs at a time (default 16, as
     pytorch-grad-cam; on the CPU 8-16 is fastest, accelerators like more); all-zero channels give
-    the all-zero masked input, which is scored once for the whole batch (exact, not an approximation).
+    the all-zero masked input, which is scored once per image (exact, not an approximation).
     """
 
     def __init__(self, model: nn.Module, target_layer, score_batch_size: int = 16, score: str = "softmax",
@@ -68,28 +75,31 @@ class ScoreCAM(_ForwardMixin, _CAMEngine):
         if score not in ("softmax", "logit"):
             raise ValueError(f"score: expected 'softmax' or 'logit', got {score!r}")
         self.score_batch_size, self.score, self.channel_softmax = score_batch_size, score, channel_softmax
+        self._one_layer()
 
-    def _target_score(self, logits: Tensor, target: Tensor) -> Tensor:
-        logits = logits.float()
-        if self.score == "softmax":
-            logits = logits.softmax(dim=1)
-        return logits.gather(1, target[:, None])[:, 0]
+    def _target_score(self, output, target: Target, b: Tensor) -> Tensor:
+        """Scores (S,) of the masked outputs, row s from image b[s]: ``score`` applies to class-index
+        targets; a callable target is its own score (ClassifierOutputTarget: the logit)."""
+        if target.kind == "index" and self.score == "softmax" and not target.logit:
+            output = output.float().softmax(dim=1)
+        return target.rows(output, b).float()
 
     def _explain_images(self, images: Tensor, targets, eigen_smooth: bool = False) -> CAMResult:
-        acts, grads, target_idx, logits = self._features(images, targets)
-        scores = self.channel_scores(images, acts, target_idx)
+        acts, grads, target, output = self._capture_one(images, targets)
+        scores = self.channel_scores(images, acts, target)
         weights = scores.softmax(dim=1) if self.channel_softmax else scores
-        result = CAMResult(cams=weighted_cam(acts, weights), weights=weights, targets=target_idx, logits=logits)
+        cams, peak = weighted_cam(acts, weights, with_peak=True)
+        result = CAMResult(cams=cams, weights=weights, peak=peak, targets=target.indices, logits=output)
         return self._smooth(result, acts, grads, eigen_smooth)
 
-    def channel_scores(self, images: Tensor, acts: Tensor, target_idx: Tensor) -> Tensor:
+    def channel_scores(self, images: Tensor, acts: Tensor, target: Target) -> Tensor:
         """The target's score for every masked input: (B, C)."""
         B, C = acts.shape[:2]
         H, W = images.shape[-2:]
         dead = dead_channels(acts)
-        zero_input = torch.zeros_like(images[:1])
-        zero_logits = self._no_grad_forward(self._forward, zero_input)
-        scores = self._target_score(zero_logits.expand(B, -1), target_idx)[:, None].repeat(1, C)
+        everyone = torch.arange(B, device=images.device)
+        zero_out = self._no_grad_forward(self._forward, torch.zeros_like(images))  # all-zero masks
+        scores = self._target_score(zero_out, target, everyone)[:, None].repeat(1, C)
         flat = scores.view(-1)
         for b, c in _pair_chunks(B, C, self.score_batch_size, images.device, keep=~dead):
             up = F.interpolate(acts[b, c][:, None].float(), size=(H, W), mode="bilinear",
@@ -98,7 +108,7 @@ class ScoreCAM(_ForwardMixin, _CAMEngine):
             hi = up.amax(dim=(2, 3), keepdim=True)
             masked = images[b] * ((up - lo) / (hi - lo + 1e-8)).to(images.dtype)
             out = self._no_grad_forward(self._forward, masked)
-            flat[b * C + c] = self._target_score(out, target_idx[b])
+            flat[b * C + c] = self._target_score(out, target, b)
         return scores
 
 
@@ -154,13 +164,20 @@ class AblationCAM(_ForwardMixin, _CAMEngine):
     whole model is re-run with a forward hook replacing the layer output (pytorch-grad-cam's way).
     (image, channel) pairs run ``ablation_batch_size`` at a time; all-zero channels are not re-run
     (ablating them changes nothing: weight 0).
-    Differences from pytorch-grad-cam: the ablated channel is always set to 0 (pytorch-grad-cam uses
-    min - 1e7, cumulatively, when the layer's minimum is not 0, i.e. for layers without a final ReLU);
+    ``ablation_value``: "zero" (default, the paper: the channel is set to 0) or "pytorch-grad-cam" (its
+    AblationLayer: 0 where the image's layer minimum is 0, else ``min - k * 1e7`` with k = 1, 2, ... the
+    channel's place in its group of ``pgc_batch_size`` channels, because pytorch-grad-cam lowers the
+    minimum cumulatively within each batch of ablations; for layers without a final ReLU).
     ``ratio_channels_to_ablate`` is not offered (always all channels); no ``reshape_transform``.
     """
 
-    def __init__(self, model: nn.Module, target_layer, ablation_batch_size: int = 256, **options):
+    def __init__(self, model: nn.Module, target_layer, ablation_batch_size: int = 256,
+                 ablation_value: str = "zero", pgc_batch_size: int = 32, **options):
         super().__init__(model, target_layer, **options)
+        self._one_layer()
+        if ablation_value not in ("zero", "pytorch-grad-cam"):
+            raise ValueError(f"ablation_value: expected 'zero' or 'pytorch-grad-cam', got {ablation_value!r}")
+        self.ablation_value, self.pgc_batch_size = ablation_value, pgc_batch_size
         if self.reshape_transform is not None:
             raise ValueError("reshape_transform: AblationCAM ablates the layer's own (B, C, h, w) output "
                              "and does not support reshape_transform")
@@ -175,13 +192,17 @@ class AblationCAM(_ForwardMixin, _CAMEngine):
         with forward_hook(self.target_layer, lambda module, inputs, output: feats):
             return self.model(images)
 
-    def _head_fn(self, images: Tensor, acts: Tensor, logits: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    def _head_fn(self, images: Tensor, acts: Tensor, logits) -> Callable[[Tensor, Tensor], Tensor]:
+        if self._head is False and not isinstance(logits, Tensor):
+            self._head = None  # a structured output: re-run the whole model
         if self._head is False:
             self._head = head_after(self.model, self.target_layer)
             if self._head is not None:
                 check = self._no_grad_forward(self._head, acts)
+                check = check.float() if isinstance(check, Tensor) else check
                 scale = logits.abs().amax().clamp_min(1e-6)
-                if check.shape != logits.shape or (check - logits).abs().amax() > 1e-3 * scale:
+                if (not isinstance(check, Tensor) or check.shape != logits.shape
+                        or (check - logits.float()).abs().amax() > 1e-3 * scale):
                     warnings.warn("AblationCAM: the traced head does not reproduce the logits; re-running "
                                   "the whole model per ablation instead", RuntimeWarning, stacklevel=3)
                     self._head = None
@@ -191,18 +212,30 @@ class AblationCAM(_ForwardMixin, _CAMEngine):
             return lambda b, feats: self._no_grad_forward(head, feats)
         return lambda b, feats: self._no_grad_forward(self._full_forward, images[b], feats)
 
-    def _explain_images(self, images: Tensor, targets, eigen_smooth: bool = False) -> CAMResult:
-        acts, grads, target_idx, logits = self._features(images, targets)
+    def _values(self, acts: Tensor) -> Tensor:
+        """(B, C) the value each ablated channel is set to."""
         B, C = acts.shape[:2]
-        run = self._head_fn(images, acts, logits)
-        original = logits.float().gather(1, target_idx[:, None])[:, 0]  # (B,)
+        if self.ablation_value == "zero":
+            return acts.new_zeros(B, C)
+        low = acts.flatten(1).amin(dim=1)[:, None]  # (B, 1)
+        k = (torch.arange(C, device=acts.device) % self.pgc_batch_size + 1).to(acts.dtype)
+        return torch.where(low == 0, torch.zeros_like(low), low - k * 1e7)
+
+    def _explain_images(self, images: Tensor, targets, eigen_smooth: bool = False) -> CAMResult:
+        acts, grads, target, output = self._capture_one(images, targets)
+        B, C = acts.shape[:2]
+        run = self._head_fn(images, acts, output)
+        everyone = torch.arange(B, device=images.device)
+        original = target.rows(output, everyone).float()  # (B,)
         ablated = original[:, None].repeat(1, C)
         flat = ablated.view(-1)
-        for b, c in _pair_chunks(B, C, self.ablation_batch_size, images.device, keep=~dead_channels(acts)):
+        values = self._values(acts)
+        keep = ~dead_channels(acts) if self.ablation_value == "zero" else None
+        for b, c in _pair_chunks(B, C, self.ablation_batch_size, images.device, keep=keep):
             feats = acts[b].clone()
-            feats[torch.arange(b.numel(), device=b.device), c] = 0
-            out = run(b, feats)
-            flat[b * C + c] = out.gather(1, target_idx[b][:, None])[:, 0]
+            feats[torch.arange(b.numel(), device=b.device), c] = values[b, c][:, None, None]
+            flat[b * C + c] = target.rows(run(b, feats), b).float()
         weights = (original[:, None] - ablated) / original[:, None]
-        result = CAMResult(cams=weighted_cam(acts, weights), weights=weights, targets=target_idx, logits=logits)
+        cams, peak = weighted_cam(acts, weights, with_peak=True)
+        result = CAMResult(cams=cams, weights=weights, peak=peak, targets=target.indices, logits=output)
         return self._smooth(result, acts, grads, eigen_smooth)

@@ -1,0 +1,87 @@
+"""``reshape_transform`` presets for transformer token layouts, and the default layer per model family.
+
+    import cfcam_gpu as cg
+    cam = cg.CFCAM(vit, "blocks.-1.norm1", reshape_transform=cg.reshape.vit())
+    layer, transform = cg.reshape.default_target(model)   # e.g. ("blocks.-1.norm1", vit(prefix_tokens=1))
+    cam = cg.GradCAM(model, layer, reshape_transform=transform)
+
+Shapes: B images, N tokens, D (= C) channels, h x w token grid.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from torch import Tensor, nn
+
+
+def _grid(n: int, height: int | None, width: int | None, what: str) -> tuple[int, int]:
+    if height is not None and width is not None:
+        if height * width != n:
+            raise ValueError(f"{what}: expected {height} x {width} = {height * width} patch tokens, got {n}")
+        return height, width
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"{what}: {n} patch tokens are not a square grid; pass height and width")
+    return side, side
+
+
+def vit(height: int | None = None, width: int | None = None, prefix_tokens: int = 1) -> Callable:
+    """ViT/DeiT tokens (B, N, D) -> (B, D, h, w): the first ``prefix_tokens`` tokens (class token; 2 for
+    DeiT distilled; plus register tokens where a model has them) dropped, the rest laid on the h x w
+    patch grid (square when height/width are not given). Works for timm and torchvision ViTs."""
+    def transform(t: Tensor) -> Tensor:
+        if not isinstance(t, Tensor) or t.ndim != 3:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"reshape_transform: vit expected tokens (B, N, D), got {got}")
+        patches = t[:, prefix_tokens:]
+        h, w = _grid(patches.shape[1], height, width, "reshape_transform: vit")
+        return patches.reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+    return transform
+
+
+def swin(height: int | None = None, width: int | None = None) -> Callable:
+    """Swin tokens -> (B, C, h, w): channels-last maps (B, h, w, C) (timm >= 0.9, torchvision) are
+    permuted; token lists (B, N, C) (older timm) are laid on the h x w grid first."""
+    def transform(t: Tensor) -> Tensor:
+        if isinstance(t, Tensor) and t.ndim == 4:
+            return t.permute(0, 3, 1, 2)
+        if isinstance(t, Tensor) and t.ndim == 3:
+            h, w = _grid(t.shape[1], height, width, "reshape_transform: swin")
+            return t.reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"reshape_transform: swin expected (B, h, w, C) or (B, N, C), got {got}")
+    return transform
+
+
+def _family(model: nn.Module) -> tuple[str, str]:
+    cls = type(model)
+    return cls.__module__.split(".")[0], cls.__name__
+
+
+def default_target(model: nn.Module) -> tuple[str, Callable | None]:
+    """(layer name, reshape_transform or None) commonly explained for a model family.
+
+    timm VisionTransformer / VisionTransformerDistilled (vit_*, deit_*): "blocks.-1.norm1" with
+    ``vit(prefix_tokens=model.num_prefix_tokens)`` (the last block's output feeds the head only through
+    the class token, so its patch tokens get no gradient; the input of the last attention does);
+    torchvision VisionTransformer (vit_*): "encoder.layers.-1.ln_1" with ``vit()``; timm and torchvision
+    SwinTransformer (swin_*): the last stage, "layers.-1" / "features.-1", with ``swin()``; torchvision
+    ResNet "layer4", VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt "features.-1" (timm ResNet
+    "layer4"), no reshape. Other models: ValueError.
+    """
+    package, name = _family(model)
+    if package == "timm" and name in ("VisionTransformer", "VisionTransformerDistilled"):
+        return "blocks.-1.norm1", vit(prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)))
+    if package == "torchvision" and name == "VisionTransformer":
+        return "encoder.layers.-1.ln_1", vit(prefix_tokens=1)
+    if name == "SwinTransformer" and package in ("timm", "torchvision"):
+        return ("layers.-1" if package == "timm" else "features.-1"), swin()
+    if name == "ResNet" and package in ("timm", "torchvision"):
+        return "layer4", None
+    if package == "torchvision" and name in ("VGG", "DenseNet", "MobileNetV2", "MobileNetV3", "EfficientNet",
+                                             "ConvNeXt"):
+        return "features.-1", None
+    raise ValueError(f"model: no default target layer for {package}.{name}; supported: timm and torchvision "
+                     f"ViT/DeiT/Swin/ResNet, torchvision VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt; "
+                     f"pass the layer (and a reshape_transform) yourself")
