@@ -499,3 +499,26 @@ def test_overlays_keep_the_original_size_and_the_sheet_its_thumbnails(tmp_path, 
     assert sizes == {"wide.png": (151, 100), "tall.png": (80, 120)}  # not squashed to 224 x 224
     with Image.open(out / "contact_sheet.png") as sheet:  # 2 tiles of 224 x 224 side by side
         assert sheet.width == 2 * (224 + 4) + 4
+
+
+def test_usage_errors_come_before_the_weights_are_read(three_images, tmp_path, capsys, monkeypatch):
+    """A bad --out, PATH or --layer is reported without reading --weights (which can be a large file)."""
+    import cfcam_gpu.app.models as models
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the weights file was read")
+
+    monkeypatch.setattr(models, "load_weights", no_reading)
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    common = ["--model", "resnet18", "--weights", str(weights), "--workers", "0", "--quiet"]
+    cases = [([str(three_images), "--out", str(blocker / "out")], "--out"),
+             ([str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "PATH"),
+             ([str(three_images), "--out", str(tmp_path / "o"), "--layer", "layer9"], "--layer")]
+    for argv, option in cases:
+        assert main(["explain", *argv, *common]) == 2
+        assert capsys.readouterr().err.startswith(f"cfcam: error: {option}")
+        assert main(["evaluate", *argv, *common[:4], "--quiet"]) == 2
+        assert capsys.readouterr().err.startswith(f"cfcam: error: {option}")
