@@ -79,8 +79,8 @@ def test_python_m_demo_end_to_end(tmp_path, photos):
         assert cam.shape == (7, 7) and cam.dtype == np.float32
         assert cam.min() >= 0 and cam.max() <= 1
         assert row["blank"] == (cam.max() == 0)
-        with Image.open(out / row["files"]["overlay"]) as png:
-            assert png.size == (224, 224) and png.mode == "RGB"
+        with Image.open(out / row["files"]["overlay"]) as png:  # the photo's own size
+            assert png.size == (photos[name].shape[1], photos[name].shape[0]) and png.mode == "RGB"
     with Image.open(out / "contact_sheet.png") as sheet:
         assert sheet.width > 3 * 224 and sheet.height > 3 * 224  # 4 x 3 tiles for 10 photos
     assert json.loads((out / "run.json").read_text())["layer"] == "blocks.6"
@@ -482,3 +482,43 @@ def test_manifest_rows_are_in_input_order_within_a_batch(tmp_path, photos):
     out = tmp_path / "out"
     assert main(["explain", str(folder), "--out", str(out), "--batch-size", "3", *FAST]) == 1
     assert [Path(r["path"]).name for r in manifest(out)] == ["a.png", "b.jpg", "c.png"]
+
+
+def test_overlays_keep_the_original_size_and_the_sheet_its_thumbnails(tmp_path, photos):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.fromarray(photos["chelsea"]).resize((151, 100), Image.BILINEAR).save(folder / "wide.png")
+    Image.fromarray(photos["coffee"]).resize((80, 120), Image.BILINEAR).save(folder / "tall.png")
+    out = tmp_path / "out"
+    assert main(["explain", str(folder), "--out", str(out), *FAST]) == 0
+    sizes = {}
+    for row in manifest(out):
+        with Image.open(out / row["files"]["overlay"]) as png:
+            sizes[Path(row["path"]).name] = png.size
+        assert row["cam_shape"] == [7, 7]
+    assert sizes == {"wide.png": (151, 100), "tall.png": (80, 120)}  # not squashed to 224 x 224
+    with Image.open(out / "contact_sheet.png") as sheet:  # 2 tiles of 224 x 224 side by side
+        assert sheet.width == 2 * (224 + 4) + 4
+
+
+def test_usage_errors_come_before_the_weights_are_read(three_images, tmp_path, capsys, monkeypatch):
+    """A bad --out, PATH or --layer is reported without reading --weights (which can be a large file)."""
+    import cfcam_gpu.app.models as models
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the weights file was read")
+
+    monkeypatch.setattr(models, "load_weights", no_reading)
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    common = ["--model", "resnet18", "--weights", str(weights), "--workers", "0", "--quiet"]
+    cases = [([str(three_images), "--out", str(blocker / "out")], "--out"),
+             ([str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "PATH"),
+             ([str(three_images), "--out", str(tmp_path / "o"), "--layer", "layer9"], "--layer")]
+    for argv, option in cases:
+        assert main(["explain", *argv, *common]) == 2
+        assert capsys.readouterr().err.startswith(f"cfcam: error: {option}")
+        assert main(["evaluate", *argv, *common[:4], "--quiet"]) == 2
+        assert capsys.readouterr().err.startswith(f"cfcam: error: {option}")

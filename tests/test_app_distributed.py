@@ -1,4 +1,4 @@
-"""Several processes: ``cfcam_gpu.distributed`` helpers, and ``torchrun --nproc-per-node 2 -m cfcam_gpu
+"""Several processes: ``cfcam_gpu.app.distributed`` helpers, and ``torchrun --nproc-per-node 2 -m cfcam_gpu
 explain`` (CPU, gloo) against a one-process run of the same command: the same files, the same manifest
 rows in the same order, CAMs within 1e-5; a rank killed mid-run, then ``--resume``.
 

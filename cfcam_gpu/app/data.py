@@ -195,6 +195,7 @@ class Sample(NamedTuple):
     index: int
     ok: bool
     error: str  # "" when ok
+    original: torch.Tensor | None = None  # (3, H0, W0) uint8 at the file's own size (keep_original)
 
 
 class Batch(NamedTuple):
@@ -205,6 +206,7 @@ class Batch(NamedTuple):
     indices: torch.Tensor  # (B,) int64, positions in the dataset
     paths: list[Path]  # B paths
     failures: list[tuple[Path, str]]  # unreadable files and why
+    originals: list[torch.Tensor] | None = None  # B (3, H0, W0) uint8 images at their own sizes (keep_original)
 
 
 class ImageFolderDataset(Dataset):
@@ -220,11 +222,13 @@ class ImageFolderDataset(Dataset):
         size: int | tuple[int, int] = (224, 224),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        keep_original: bool = False,
     ):
         self.paths = [Path(p) for p in paths]
         self.size = _check_size(size)
         channel_stats(mean, std, torch.empty(0, 3, 1, 1))  # validate now, not in a worker
         self.mean, self.std = tuple(mean), tuple(std)
+        self.keep_original = keep_original  # Sample.original: the decoded image at its own size
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -241,7 +245,8 @@ class ImageFolderDataset(Dataset):
         display = _resize(image[None], self.size)  # (1, 3, H, W) in [0, 1]
         model_input = normalize(display, self.mean, self.std)[0]
         display_u8 = (display[0] * 255).round().clamp(0, 255).to(torch.uint8)
-        return Sample(model_input, display_u8, index, True, "")
+        original = (image * 255).round().clamp(0, 255).to(torch.uint8) if self.keep_original else None
+        return Sample(model_input, display_u8, index, True, "", original)
 
     def collate(self, samples: Sequence[Sample]) -> Batch:
         """Stack the good samples; list the bad ones as (path, error)."""
@@ -257,6 +262,7 @@ class ImageFolderDataset(Dataset):
             indices=torch.tensor([s.index for s in good], dtype=torch.int64),
             paths=[self.paths[s.index] for s in good],
             failures=[(self.paths[s.index], s.error) for s in samples if not s.ok],
+            originals=[s.original for s in good] if self.keep_original else None,
         )
 
 
@@ -265,15 +271,17 @@ class ArrayDataset(ImageFolderDataset):
     (``paths``) in batches and failures."""
 
     def __init__(self, keys: Sequence[str], arrays: Sequence[np.ndarray], size=(224, 224),
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        super().__init__([Path(k) for k in keys], size, mean, std)
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 keep_original: bool = False):
+        super().__init__([Path(k) for k in keys], size, mean, std, keep_original)
         self.arrays = list(arrays)
 
     def __getitem__(self, index: int) -> Sample:
         display = display_images([self.arrays[index]], self.size)  # (1, 3, H, W) in [0, 1], as the files
         model_input = normalize(display, self.mean, self.std)[0]
         display_u8 = (display[0] * 255).round().clamp(0, 255).to(torch.uint8)
-        return Sample(model_input, display_u8, index, True, "")
+        original = _to_chw(self.arrays[index], index).clone() if self.keep_original else None
+        return Sample(model_input, display_u8, index, True, "", original)
 
 
 def _open_problem(path: Path) -> str:

@@ -281,9 +281,10 @@ def _explain(job: Job, pending: list[int], quiet: bool) -> tuple[int, int]:
                           compile=args.compile)
     if job.arrays is not None:
         dataset = ArrayDataset([job.items[i].key for i in pending], [job.arrays[i] for i in pending],
-                               info.input_size, info.mean, info.std)
+                               info.input_size, info.mean, info.std, keep_original=True)
     else:
-        dataset = ImageFolderDataset([Path(job.items[i].key) for i in pending], **info.preprocess)
+        dataset = ImageFolderDataset([Path(job.items[i].key) for i in pending], **info.preprocess,
+                                     keep_original=True)  # overlays at each image's own size
     progress = tqdm(total=len(pending), file=sys.stderr, unit="img", dynamic_ncols=True,
                     desc=f"rank 0 of {ctx.world_size}" if ctx.distributed else None,
                     disable=quiet or not sys.stderr.isatty())
@@ -324,7 +325,7 @@ def _finish(job: Job, n_ok: int, n_failed: int, n_skipped: int, seconds: float, 
               f"cluster at layer {layer!r} has a positive weight with non-zero activations (e.g. only dead, "
               "all-zero channels clustered); try another --layer or --method gradcam", file=sys.stderr)
     if sheet_rows:
-        results.write_contact_sheet(out, sheet_rows)
+        results.write_contact_sheet(out, sheet_rows, job.info.input_size)
     summary = {"n_images": len(job.items), "n_ok": n_ok, "n_failed": n_failed, "n_skipped": n_skipped,
                "n_blank": n_blank,
                "seconds": round(seconds, 3), "images_per_s": round(n_ok / seconds, 2) if seconds > 0 else None,
@@ -391,7 +392,6 @@ def _explain_batch(job: Job, engine, batch, pending: list[int]):
         return rows, files
     batch_items = [job.items[pending[int(j)]] for j in batch.indices]
     images = batch.images.to(job.device, non_blocking=True)
-    displays = batch.displays.to(job.device, non_blocking=True)
     for where, result in _cams(engine, images, job.target, len(batch_items)):
         part = batch_items[where]
         if isinstance(result, Exception):
@@ -400,7 +400,8 @@ def _explain_batch(job: Job, engine, batch, pending: list[int]):
                 _warn(f"failed {_short(item.key)}: {message}")
                 rows.append({"path": item.key, "status": "error", "error": message})
             continue
-        part_rows, part_files = results.explained(result, displays[where], part, job.info, job.out, job.args.method)
+        part_rows, part_files = results.explained(result, batch.originals[where], part, job.info, job.out,
+                                                  job.args.method)
         rows += part_rows
         files += part_files
     rows.sort(key=lambda row: job.place.get(row["path"], len(job.place)))  # input order, failures too

@@ -63,7 +63,7 @@ class ModelInfo:
 
     @property
     def preprocess(self) -> dict:
-        """Keyword arguments for ``cfcam_gpu.data.preprocess``."""
+        """Keyword arguments for ``cfcam_gpu.app.data.preprocess``."""
         return {"size": self.input_size, "mean": self.mean, "std": self.std}
 
 

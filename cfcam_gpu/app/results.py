@@ -10,13 +10,20 @@ import torch
 from .outputs import CONTACT_SHEET
 
 
-def explained(result, displays, items, info, out, method):
-    """Manifest rows and (path, array) files for one CAMResult; arrays are on the CPU, ready to write."""
+def overlay_at_size(original: torch.Tensor, cam: torch.Tensor) -> np.ndarray:
+    """One overlay at the image's own size, as the seed draws it (the CAM upsampled bilinearly to the
+    original width and height, JET, 0.4 heat + 0.6 image): original (3, H0, W0) uint8, cam (h, w) ->
+    (H0, W0, 3) uint8, computed on the CAM's device and rounded there (as viz.to_uint8_image rounds)."""
     from .viz import overlay
 
-    overlays = overlay(displays, result.cams)  # bilinear to the display size, JET, 0.4 heat + 0.6 image
-    # to uint8 on the device (as viz.to_uint8_image rounds), then one copy of (B, H, W, 3) to the host
-    overlays = (overlays * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    blended = overlay(original[None].to(cam.device, non_blocking=True), cam[None])[0]
+    return (blended * 255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
+
+
+def explained(result, originals, items, info, out, method):
+    """Manifest rows and (path, array) files for one CAMResult; ``originals``: the images at their own
+    sizes, (3, H0, W0) uint8 each. The arrays are on the CPU, ready to write."""
+    overlays = [overlay_at_size(original, cam) for original, cam in zip(originals, result.cams)]
     probs = result.logits.float().softmax(dim=1)
     top_p, top_i = probs.max(dim=1)
     stats = {"top_i": top_i, "top_p": top_p, "target": result.targets,
@@ -26,7 +33,6 @@ def explained(result, displays, items, info, out, method):
         stats.update(n_clusters=result.n_clusters, noise=(result.labels < 0).sum(dim=1), eps=result.eps)
     stats = {key: value.cpu().tolist() for key, value in stats.items()}
     cams = result.cams.float().cpu().numpy()
-    overlays = overlays.cpu().numpy()
     rows, files = [], []
     for i, item in enumerate(items):
         overlay_name, cam_name = f"{item.name}_{method}.png", f"{item.name}_{method}.npy"
@@ -48,18 +54,22 @@ def explained(result, displays, items, info, out, method):
     return rows, files
 
 
-def write_contact_sheet(out: Path, rows: list[dict]) -> None:
+def write_contact_sheet(out: Path, rows: list[dict], size: tuple[int, int]) -> None:
     from PIL import Image
 
     from .viz import contact_sheet, save_png
 
     """The first explained images' overlays in a grid, labelled with the class, its probability, the target
-    when it is not the predicted class, and the output name -> DIR/contact_sheet.png."""
+    when it is not the predicted class, and the output name -> DIR/contact_sheet.png. Tiles are the
+    overlays resized to ``size`` (H, W), the model's input size."""
     tiles, labels = [], []
     for row in rows:
         try:
             with Image.open(out / row["files"]["overlay"]) as image:
-                tiles.append(np.asarray(image.convert("RGB")))
+                tile = image.convert("RGB")
+                if tile.size != (size[1], size[0]):
+                    tile = tile.resize((size[1], size[0]), Image.BILINEAR)
+                tiles.append(np.asarray(tile))
         except OSError:
             continue
         label = f"{row['predicted_name']} {row['probability']:.2f}"
