@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from .hooks import eval_mode
 from .metrics import _check_batch_size, _check_inputs, _upsample
 from .percentile import percentile
-from .targets import class_indices
 
 PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 
@@ -143,12 +142,12 @@ def road(model: nn.Module, images: Tensor, cams: Tensor, targets, percentiles: S
     """ROAD MoRF and LeRF score changes for every image and percentile, and their combination.
 
     images: (B, 3, H, W) model input; cams: (B, h, w) or (B, H, W) (upsampled bilinearly to the input,
-    as in ``metrics``); targets: an int or B class indices; ``noise`` (std of the Gaussian noise added
+    as in ``metrics``; NumPy maps accepted); targets: an int, B class indices or ClassifierOutputTargets; ``noise`` (std of the Gaussian noise added
     to imputed values; 0 for the deterministic imputation), ``generator`` for that noise; ``iterations``
     conjugate-gradient steps per level (``linear_impute``); ``batch_size`` images per model pass. Eval mode, no_grad, the model's
     train/eval state restored. No host read.
     """
-    t = _check_inputs(images, cams, targets)
+    cams, t = _check_inputs(images, cams, targets)
     _check_batch_size(batch_size)
     if score not in ("logit", "softmax"):
         raise ValueError(f"score: expected 'logit' or 'softmax', got {score!r}")
