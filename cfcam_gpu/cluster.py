@@ -13,7 +13,8 @@ Routes of the torch backend, chosen in ``_cluster_torch`` only:
 - CPU, float64 features: the batched float64 route in cache-sized groups.
 ``exclude_dead`` leaves all-zero channels out (label -1): on the CPU each image's alive channels go
 through the routes above; the sync-free route masks them with static shapes. Both give the clustering of
-the alive channels alone.
+the alive channels alone. The published CF-CAM (``published.py``) clusters a subset the same way
+(``subset_clusters``), with its own eps rule (``EpsRule``: off-diagonal percentile, floored).
 Shapes: B images, C channels, h x w feature map, N = h*w.
 """
 from __future__ import annotations
@@ -36,6 +37,19 @@ EPS_PERCENTILE = 25.0  # DBSCAN eps: this percentile of the (C, C) channel dista
 MIN_SAMPLES_FRACTION = 0.05  # DBSCAN min_samples: this fraction of the channels, at least 2
 FILTER_RADIUS_FRACTION = 0.25  # guided filter radius: int(sqrt(h w) * this)
 FILTER_EPS_FRACTION = 0.1  # guided filter eps: this fraction of the cluster mean's variance
+
+
+class EpsRule(NamedTuple):
+    """How DBSCAN's eps is read from the channel distances: the q-th percentile of the distance matrix
+    (``diagonal``: with its zero diagonal, as the seed; False: the off-diagonal entries only), at least
+    ``floor`` (rounded to the features' dtype)."""
+
+    q: float = EPS_PERCENTILE
+    diagonal: bool = True
+    floor: float = 0.0
+
+
+SEED_RULE = EpsRule()
 
 
 def seed_min_samples(C: int) -> int:
@@ -85,32 +99,34 @@ def screened_route(feats: Tensor, sync_free: bool) -> bool:
     return not sync_free and feats.dtype == torch.float32
 
 
-def _cluster_torch(feats: Tensor, sync_free: bool, alive: Tensor | None = None) -> ChannelClusters:
+def _cluster_torch(feats: Tensor, sync_free: bool, alive: Tensor | None = None,
+                   rule: EpsRule = SEED_RULE) -> ChannelClusters:
     """The route choice (module notes). feats: (B, C, N); alive: (B, C) bool or None (all channels)."""
     if sync_free:
-        return _cluster_float64(feats, ACCELERATOR_GROUP_BYTES, True, alive)
+        return _cluster_float64(feats, ACCELERATOR_GROUP_BYTES, True, alive, rule)
     if alive is not None:
-        return _cluster_alive_cpu(feats, alive)
+        return _cluster_alive_cpu(feats, alive, rule)
     if screened_route(feats, sync_free):
-        return _cluster_cpu_float32(feats)
-    return _cluster_float64(feats, CPU_GROUP_BYTES, False)
+        return _cluster_cpu_float32(feats, rule)
+    return _cluster_float64(feats, CPU_GROUP_BYTES, False, None, rule)
 
 
-def _cluster_float64(feats: Tensor, budget: int, sync_free: bool,
-                     alive: Tensor | None = None) -> ChannelClusters:
+def _cluster_float64(feats: Tensor, budget: int, sync_free: bool, alive: Tensor | None = None,
+                     rule: EpsRule = SEED_RULE) -> ChannelClusters:
     """The batched float64 route in groups of images whose (C, C) float64 matrices fit in ``budget``
     bytes (the group size follows from the shapes: no host sync)."""
     B, C, _ = feats.shape
     group = max(1, budget // (C * C * 8))
     if group >= B:
-        return _cluster_float64_batch(feats, sync_free, alive)
-    parts = [_cluster_float64_batch(feats[i:i + group], sync_free, None if alive is None else alive[i:i + group])
+        return _cluster_float64_batch(feats, sync_free, alive, rule)
+    parts = [_cluster_float64_batch(feats[i:i + group], sync_free, None if alive is None else alive[i:i + group],
+                                    rule)
              for i in range(0, B, group)]
     return ChannelClusters(torch.cat([p.labels for p in parts]), torch.cat([p.eps for p in parts]),
                            parts[0].min_samples)
 
 
-def _cluster_cpu_float32(feats: Tensor) -> ChannelClusters:
+def _cluster_cpu_float32(feats: Tensor, rule: EpsRule = SEED_RULE) -> ChannelClusters:
     """CPU, float32 features: image by image, eps and neighbours screened in float32 and refined exactly
     (``screened.py``), falling back to the float64 route for an image whose preconditions fail."""
     C = feats.shape[1]
@@ -118,9 +134,9 @@ def _cluster_cpu_float32(feats: Tensor) -> ChannelClusters:
     labels, eps = [], []
     buffer = feats.new_empty(C, C)  # d~, reused image after image
     for x in feats:
-        screened = screened_neighbours(x, EPS_PERCENTILE, buffer)
+        screened = screened_neighbours(x, rule.q, buffer, rule.diagonal, rule.floor)
         if screened is None:
-            part = _cluster_float64_batch(x[None], False)
+            part = _cluster_float64_batch(x[None], False, None, rule)
             labels.append(part.labels[0])
             eps.append(part.eps[0])
             continue
@@ -130,24 +146,30 @@ def _cluster_cpu_float32(feats: Tensor) -> ChannelClusters:
     return ChannelClusters(torch.stack(labels), torch.stack(eps), min_samples)
 
 
-def _cluster_alive_cpu(feats: Tensor, alive: Tensor) -> ChannelClusters:
-    """CPU, ``exclude_dead``: each image's alive channels alone through ``_cluster_torch``; dead -1."""
+def _cluster_alive_cpu(feats: Tensor, alive: Tensor, rule: EpsRule = SEED_RULE) -> ChannelClusters:
+    """CPU, a subset per image (``exclude_dead``, ``subset_clusters``): each image's alive channels alone
+    through ``_cluster_torch``; the others -1 (eps: 0 where none is alive)."""
     labels = torch.full(alive.shape, -1, dtype=torch.long, device=feats.device)
     eps = feats.new_zeros(feats.shape[0])
     for b in range(feats.shape[0]):
         keep = alive[b]
         if bool(keep.any()):
-            part = _cluster_torch(feats[b, keep][None], False)
+            part = _cluster_torch(feats[b, keep][None], False, None, rule)
             labels[b, keep] = part.labels[0]
             eps[b] = part.eps[0]
     return ChannelClusters(labels, eps, None)
 
 
-def _cluster_float64_batch(feats: Tensor, sync_free: bool, alive: Tensor | None = None) -> ChannelClusters:
+def _cluster_float64_batch(feats: Tensor, sync_free: bool, alive: Tensor | None = None,
+                           rule: EpsRule = SEED_RULE) -> ChannelClusters:
     C = feats.shape[1]
     d2 = squared_distances(feats, sync_free)  # (B, C, C) float64
     # The seed's eps: the percentile of the distance matrix in the features' dtype.
-    eps = percentile_from_squared(d2, EPS_PERCENTILE, feats.dtype, sync_free, alive)
+    eps = percentile_from_squared(d2, rule.q, feats.dtype, sync_free, alive, rule.diagonal)
+    if rule.floor:
+        eps = eps.clamp_min(rule.floor)
+        if alive is not None:  # as the CPU route: 0 where no channel is clustered
+            eps = torch.where(alive.any(dim=1), eps, torch.zeros_like(eps))
     # scikit-learn compares float64 squared distances with eps**2 computed in the features' dtype.
     threshold = (eps * eps).double()
     # The upper triangle is the distance matrix, as for the percentile: exactly symmetric neighbours.
@@ -219,6 +241,36 @@ def channel_clusters(activations: Tensor, backend: str = "torch", *, sync_free: 
     if backend == "torch":
         return _cluster_torch(feats, decide_sync_free(sync_free, feats))
     return {"sklearn": _cluster_sklearn, "cuml": _cluster_cuml}[backend](feats)
+
+
+def subset_clusters(activations: Tensor, keep: Tensor, rule: EpsRule, backend: str = "torch", *,
+                    sync_free: bool | None = None) -> ChannelClusters:
+    """DBSCAN on a subset of each image's channels, with min_samples = max(2, int(0.05 n)) for its n
+    channels and eps by ``rule``: the same as clustering each image's ``keep`` channels alone.
+
+    activations: (B, C, h, w); keep: (B, C) bool -> ChannelClusters(labels (B, C) int64, -1 = noise or
+    not kept, clusters numbered by their smallest channel index; eps (B,); min_samples None: it follows
+    each image's n). backend: "torch" (the routes of ``_cluster_torch``) or "sklearn" (per image, the
+    oracle: ``reference.subset_cluster_reference``).
+    """
+    check_tensor(activations, "activations")
+    feats = _features(activations)
+    if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != feats.shape[:2]:
+        raise ValueError(f"keep: expected a {tuple(feats.shape[:2])} bool tensor, got "
+                         f"{tuple(keep.shape) if isinstance(keep, Tensor) else type(keep).__name__}")
+    if backend == "torch":
+        return _cluster_torch(feats, decide_sync_free(sync_free, feats), keep, rule)
+    if backend != "sklearn":
+        raise ValueError(f"backend: expected 'torch' or 'sklearn' for a subset of channels, got {backend!r}")
+    from .reference import subset_cluster_reference
+
+    labels, eps = [], []
+    for f, k in zip(feats.detach().cpu().numpy(), keep.cpu().numpy()):
+        lab, e = subset_cluster_reference(f, k, rule.q, rule.diagonal, rule.floor)
+        labels.append(torch.from_numpy(lab).long())
+        eps.append(float(e))
+    return ChannelClusters(torch.stack(labels).to(feats.device),
+                           torch.tensor(eps, dtype=feats.dtype, device=feats.device), None)
 
 
 def cluster_channels(activations: Tensor, backend: str = "torch", **options) -> Tensor:

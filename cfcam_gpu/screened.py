@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .distance import exact_sqrt
-from .percentile import lerp, linear_rank, next_value, sampled_bracket
+from .percentile import lerp, matrix_rank, next_value, sampled_bracket
 
 MAX_NORM = 2.0**100  # squared norms above this could overflow float32 products: take the float64 route
 
@@ -103,11 +103,12 @@ class Screened(NamedTuple):
     Delta: float
 
 
-def screen(x: Tensor, q: float, out: Tensor | None = None) -> Screened | None:
+def screen(x: Tensor, q: float, out: Tensor | None = None, diagonal: bool = True) -> Screened | None:
     """Distances stage: d~ for one image and the bracket of its q-th percentile's order statistics.
 
     x: (C, N) float32 -> Screened, or None when a precondition fails (use the float64 route).
-    out: an optional (C, C) float32 buffer for d~ (the result refers to it).
+    out: an optional (C, C) float32 buffer for d~ (the result refers to it). ``diagonal``: as
+    ``percentile.matrix_rank`` (False: the percentile of the off-diagonal entries).
     """
     C, N = x.shape
     x64 = x.double()
@@ -117,7 +118,7 @@ def screen(x: Tensor, q: float, out: Tensor | None = None) -> Screened | None:
     flat = screened_squared_distances(x, norms, out).view(-1)
     top = norms.argmax()
     Delta = float(screening_bounds(norms, top, top, N))
-    lo, hi, _ = linear_rank(C * C, q)
+    lo, hi, _ = matrix_rank(C, q, diagonal)
     lo_v, hi_v = sampled_bracket(flat, (lo, hi), width=C)
     # 3 Delta more on each side: the windows of screened_percentile and screened_adjacency then fit
     # whenever the sample bracketed the ranks (module notes, 3 and 4).
@@ -128,10 +129,11 @@ def screen(x: Tensor, q: float, out: Tensor | None = None) -> Screened | None:
                     screening_bounds(norms, idx // C, idx % C, N), Delta)
 
 
-def screened_percentile(sc: Screened, q: float) -> Tensor | None:
+def screened_percentile(sc: Screened, q: float, diagonal: bool = True) -> Tensor | None:
     """Percentile stage: the q-th percentile (numpy's linear rule) of the C*C entries of sqrt(V) rounded
-    to float32, exactly (module notes, 3). -> () float32, or None (use the float64 route)."""
-    lo, hi, g = linear_rank(sc.flat.numel(), q)
+    to float32, exactly (module notes, 3); ``diagonal=False``: of the off-diagonal entries
+    (``percentile.matrix_rank``). -> () float32, or None (use the float64 route)."""
+    lo, hi, g = matrix_rank(sc.x64.shape[0], q, diagonal)
     below, vals, delta = sc.below, sc.vals, sc.delta
     if not (below <= lo and hi < below + vals.numel()):
         return None
@@ -169,14 +171,17 @@ def screened_adjacency(sc: Screened, eps: Tensor) -> Tensor | None:
     return adj
 
 
-def screened_neighbours(x: Tensor, q: float, out: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+def screened_neighbours(x: Tensor, q: float, out: Tensor | None = None, diagonal: bool = True,
+                        floor: float = 0.0) -> tuple[Tensor, Tensor] | None:
     """eps and the eps-neighbour relation of one image's channels, exact for V (see the module notes).
 
     x: (C, N) float32 -> (eps () float32, adj (C, C) bool); see ``screened_percentile`` and
-    ``screened_adjacency``; ``out`` as in ``screen``. None when a precondition fails: use the float64
-    route.
+    ``screened_adjacency``; ``out`` and ``diagonal`` as in ``screen``; eps is at least ``floor``
+    (rounded to float32). None when a precondition fails: use the float64 route.
     """
-    sc = screen(x, q, out)
-    eps = None if sc is None else screened_percentile(sc, q)
+    sc = screen(x, q, out, diagonal)
+    eps = None if sc is None else screened_percentile(sc, q, diagonal)
+    if eps is not None and floor:
+        eps = eps.clamp_min(floor)
     adj = None if eps is None else screened_adjacency(sc, eps)
     return None if adj is None else (eps, adj)

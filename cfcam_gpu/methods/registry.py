@@ -22,6 +22,19 @@ def cfcam_exclude_dead_from_features(activations: Tensor, gradients: Tensor,
                                **options)
 
 
+def cfcam_paper_from_features(activations: Tensor, gradients: Tensor, check_values: bool = True,
+                              **options) -> CAMResult:
+    """``cfcam_from_features(..., variant="paper")``: CF-CAM as published (``cfcam_gpu.published``)."""
+    return cfcam_from_features(activations, gradients, check_values=check_values, variant="paper", **options)
+
+
+class CFCAMPaper(CFCAM):
+    """``CFCAM(..., variant="paper")`` under its own name: CF-CAM as published (arXiv 2504.00060 v2)."""
+
+    def __init__(self, model: nn.Module, target_layer, **options):
+        super().__init__(model, target_layer, variant="paper", **options)
+
+
 class CFCAMExcludeDead(CFCAM):
     """``CFCAM(..., exclude_dead=True)`` under its own name (an evaluation variant; ``CFCAM`` stays the
     seed's method)."""
@@ -40,6 +53,7 @@ METHODS: dict[str, type] = {
     "scorecam": ScoreCAM,
     "ablationcam": AblationCAM,
     "cfcam_exclude_dead": CFCAMExcludeDead,
+    "cfcam-paper": CFCAMPaper,
 }
 
 _FROM_FEATURES: dict[str, Callable] = {
@@ -50,6 +64,7 @@ _FROM_FEATURES: dict[str, Callable] = {
     "layercam": layercam_from_features,
     "hirescam": hirescam_from_features,
     "cfcam_exclude_dead": cfcam_exclude_dead_from_features,
+    "cfcam-paper": cfcam_paper_from_features,
 }
 
 
