@@ -57,7 +57,7 @@ def nanmean(t: torch.Tensor) -> float:
     return float(t[torch.isfinite(t)].mean()) if torch.isfinite(t).any() else float("nan")
 
 
-def evaluate_layer(model, layer_name: str, images: torch.Tensor, curve_images: int) -> dict:
+def evaluate_layer(model, layer_name: str, images: torch.Tensor, curve_images: int, levels) -> dict:
     layer = resolve_layer(model, layer_name)
     acts, grads, targets = capture(model, layer, images)
     acts2, grads2, _ = capture(model, layer, images, rank=1)
@@ -75,9 +75,11 @@ def evaluate_layer(model, layer_name: str, images: torch.Tensor, curve_images: i
         row["increase_in_confidence_pct"] = 100 * float(drop.increase.double().mean())
         row["average_increase"] = nanmean(P.paper_average_increase(model, images, cams, targets).increase)
         n = min(curve_images, cams.shape[0])
-        curves = P.paper_deletion_insertion(model, images[:n], cams[:n], targets[:n], batch_size=128)
-        row["deletion_auc"], row["insertion_auc"] = nanmean(curves.deletion_auc), nanmean(curves.insertion_auc)
-        rob = P.paper_robustness(fn, acts, grads, size, generator=torch.Generator().manual_seed(0))
+        if n:
+            curves = P.paper_deletion_insertion(model, images[:n], cams[:n], targets[:n], batch_size=128)
+            row["deletion_auc"] = nanmean(curves.deletion_auc)
+            row["insertion_auc"] = nanmean(curves.insertion_auc)
+        rob = P.paper_robustness(fn, acts, grads, size, levels, generator=torch.Generator().manual_seed(0))
         row["robustness_ssim"] = {str(k): round(nanmean(v.ssim), 4) for k, v in rob.items()}
         row["robustness_mse"] = {str(k): round(nanmean(v.mse), 5) for k, v in rob.items()}
         if res.labels is not None:
@@ -93,7 +95,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", default="bn2,blocks.6")
     p.add_argument("--images", type=int, default=16)
-    p.add_argument("--curve-images", type=int, default=8)
+    p.add_argument("--curve-images", type=int, default=8, help="0: no deletion / insertion curves")
+    p.add_argument("--levels", default="1,2,3,4,5,6,7,8,9,10", help="robustness noise levels")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -101,10 +104,11 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     model = load_efficientnet_lite0("cpu")
     images, what = make_images(args.images, norm=(LITE0_MEAN, LITE0_STD))
-    result = {"images": what, "n_images": args.images, "curve_images": args.curve_images,
+    result = {"images": what, "n_images": args.images, "curve_images": args.curve_images, "levels": args.levels,
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     for layer in args.layers.split(","):
-        result[layer] = evaluate_layer(model, layer, images, args.curve_images)
+        result[layer] = evaluate_layer(model, layer, images, args.curve_images,
+                                       [float(v) for v in args.levels.split(",")])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -164,7 +164,7 @@ def _cluster_float64_batch(feats: Tensor, sync_free: bool, alive: Tensor | None 
                            rule: EpsRule = SEED_RULE) -> ChannelClusters:
     C = feats.shape[1]
     d2 = squared_distances(feats, sync_free)  # (B, C, C) float64
-    # The seed's eps: the percentile of the distance matrix in the features' dtype.
+    # eps by the rule (the seed's: the percentile of the whole distance matrix) in the features' dtype.
     eps = percentile_from_squared(d2, rule.q, feats.dtype, sync_free, alive, rule.diagonal)
     if rule.floor:
         eps = eps.clamp_min(rule.floor)
