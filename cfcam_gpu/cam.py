@@ -21,8 +21,8 @@ class CAMResult:
     """CAMs for a batch.
 
     cams: (B, h, w) float32 in [0, 1]; weights: (B, C) channel weights. CF-CAM also fills
-    labels: (B, C) int64 DBSCAN channel clusters (-1 = noise), n_clusters: (B,), eps: (B,) DBSCAN radius,
-    min_samples. peak: (B,) the maximum of relu(weighted sum) before the division (0 for an all-zero
+    labels: (B, C) int64 DBSCAN channel clusters (-1 = noise; -2 = an important channel of the published
+    variant), n_clusters: (B,), eps: (B,) DBSCAN radius, min_samples (None where it varies per image). peak: (B,) the maximum of relu(weighted sum) before the division (0 for an all-zero
     map), so ``cams * peak[:, None, None]`` is the unnormalised map. The engine adds targets: (B,) class
     indices (None for callable targets) and logits: the model output (B, L) (any structure the model
     returns, detached). With several target layers cams are the fused maps (B, H, W) at the input size,
@@ -55,8 +55,11 @@ class CAMResult:
 
     @property
     def all_noise(self) -> Tensor | None:
-        """(B,) bool: every channel was DBSCAN noise, so every weight is 0 and the CAM is all zeros."""
-        return None if self.n_clusters is None else self.n_clusters == 0
+        """(B,) bool: every channel was DBSCAN noise, so every weight is 0 and the CAM is all zeros (never
+        with the published variant, whose important channels, label -2, always count)."""
+        if self.n_clusters is None:
+            return None
+        return (self.n_clusters == 0) & ~(self.labels == -2).any(dim=1)
 
     def upsample(self, size) -> Tensor:
         """(B, h, w) -> (B, H, W) bilinear (align_corners=False), e.g. to the input image size."""
@@ -137,24 +140,48 @@ def cluster_weights(gradients: Tensor, labels: Tensor, *, sync_free: bool | None
     only the clusters that exist saves filtering C - K empty maps.
     """
     B, C, h, w = gradients.shape
-    K = C if decide_sync_free(sync_free, labels) else max(1, int(labels.max()) + 1)
-    grads = gradients.to(work_dtype(gradients)).flatten(2)  # (B, C, N)
-    scale = unit_scale(grads, (1, 2))  # (B, 1, 1)
-    grads = grads * scale
-    slot = torch.where(labels >= 0, labels, K)  # noise -> the spare slot K
-    sums = grads.new_zeros(B, K + 1, h * w).scatter_add_(1, slot[:, :, None].expand(-1, -1, h * w), grads)
-    counts = grads.new_zeros(B, K + 1).scatter_add_(1, slot, torch.ones_like(grads[:, :, 0]))
-    means = (sums[:, :K] / counts[:, :K, None].clamp_min(1)).reshape(B * K, 1, h, w)  # (B*K, 1, h, w)
+    K = n_cluster_slots(labels, decide_sync_free(sync_free, labels))
+    grads = gradients.to(work_dtype(gradients))
+    scale = unit_scale(grads, (1, 2, 3))  # (B, 1, 1, 1): nothing overflows when squared
+    means = cluster_means(grads * scale, labels, K).reshape(B * K, 1, h, w)  # (B*K, 1, h, w)
     eps = FILTER_EPS_FRACTION * means.flatten(1).var(dim=1, unbiased=False)
     filtered = guided_filter(means, means, seed_filter_radius(h, w), eps)
     cluster_w = filtered.mean(dim=(1, 2, 3)).reshape(B, K)  # (B, K)
-    cluster_w = (cluster_w.double() / scale[:, :, 0].double()).to(grads.dtype)  # exact, then rounded once
-    return torch.where(labels >= 0, cluster_w.gather(1, slot.clamp_max(K - 1)), 0.0)
+    cluster_w = (cluster_w.double() / scale.reshape(B, 1).double()).to(grads.dtype)  # exact, then rounded once
+    return spread_to_channels(cluster_w, labels)
+
+
+def n_cluster_slots(labels: Tensor, sync_free: bool) -> int:
+    """K, the clusters to make room for: C when sync-free (static shapes), else the largest label + 1
+    (one host read). labels: (B, C)."""
+    return labels.shape[1] if sync_free else max(1, int(labels.max()) + 1)
+
+
+def cluster_means(gradients: Tensor, labels: Tensor, K: int) -> Tensor:
+    """Mean gradient of each cluster. gradients: (B, C, h, w); labels: (B, C) int64 (< 0: in no cluster)
+    -> (B, K, h, w) float32 (float64 for float64 gradients), zero for an empty cluster."""
+    B, C, h, w = gradients.shape
+    grads = gradients.to(work_dtype(gradients)).flatten(2)  # (B, C, N)
+    slot = torch.where(labels >= 0, labels, K)  # noise -> the spare slot K
+    sums = grads.new_zeros(B, K + 1, h * w).scatter_add_(1, slot[:, :, None].expand(-1, -1, h * w), grads)
+    counts = grads.new_zeros(B, K + 1).scatter_add_(1, slot, torch.ones_like(grads[:, :, 0]))
+    return (sums[:, :K] / counts[:, :K, None].clamp_min(1)).reshape(B, K, h, w)
+
+
+def spread_to_channels(cluster_values: Tensor, labels: Tensor) -> Tensor:
+    """Each channel gets its cluster's value, 0 outside every cluster. cluster_values: (B, K);
+    labels: (B, C) -> (B, C)."""
+    K = cluster_values.shape[1]
+    slot = torch.where(labels >= 0, labels, 0).clamp_max(K - 1)
+    return torch.where(labels >= 0, cluster_values.gather(1, slot), 0.0)
+
+
+VARIANTS = ("seed", "paper")
 
 
 def cfcam_from_features(activations: Tensor, gradients: Tensor, backend: str = "torch",
                         check_values: bool = True, *, sync_free: bool | None = None,
-                        exclude_dead: bool = False) -> CAMResult:
+                        exclude_dead: bool = False, variant: str = "seed") -> CAMResult:
     """CF-CAM for a batch from target-layer activations and gradients.
 
     activations, gradients: (B, C, h, w) -> CAMResult with cams (B, h, w) in [0, 1], labels (B, C),
@@ -163,7 +190,18 @@ def cfcam_from_features(activations: Tensor, gradients: Tensor, backend: str = "
     ``sync_free``: None decides by the device (no host read between the features and the CAMs on
     accelerators); True runs that path on any device. ``exclude_dead``: all-zero channels are left out
     of the clustering (weight 0), the same as running each image's alive channels alone.
+    ``variant``: "seed" (the description above, the default) or "paper": CF-CAM as published
+    (``published.cfcam_paper_from_features``; exclude_dead does not apply).
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    if variant == "paper":
+        if exclude_dead:
+            raise ValueError("exclude_dead: expected False with variant='paper' (the published variant "
+                             "has its own channel selection), got True")
+        from .published import cfcam_paper_from_features
+
+        return cfcam_paper_from_features(activations, gradients, backend, check_values, sync_free=sync_free)
     validate_features(activations, gradients, check_values)
     sync_free = decide_sync_free(sync_free, activations)
     clusters = channel_clusters(activations, backend, sync_free=sync_free, exclude_dead=exclude_dead)

@@ -20,7 +20,8 @@ underflows, and eps**2 (in the features' dtype) neither overflows to inf (every 
 underflows to 0 (only duplicates neighbours). Inside those ranges nothing is scaled.
 ``exclude_dead`` leaves all-zero channels out (label -1): on the CPU each image's alive channels go
 through the routes above; the sync-free route masks them with static shapes. Both give the clustering of
-the alive channels alone.
+the alive channels alone. The published CF-CAM (``published.py``) clusters a subset the same way
+(``subset_clusters``), with its own eps rule (``EpsRule``: off-diagonal percentile, floored).
 Shapes: B images, C channels, h x w feature map, N = h*w.
 """
 from __future__ import annotations
@@ -43,6 +44,19 @@ EPS_PERCENTILE = 25.0  # DBSCAN eps: this percentile of the (C, C) channel dista
 MIN_SAMPLES_FRACTION = 0.05  # DBSCAN min_samples: this fraction of the channels, at least 2
 FILTER_RADIUS_FRACTION = 0.25  # guided filter radius: int(sqrt(h w) * this)
 FILTER_EPS_FRACTION = 0.1  # guided filter eps: this fraction of the cluster mean's variance
+
+
+class EpsRule(NamedTuple):
+    """How DBSCAN's eps is read from the channel distances: the q-th percentile of the distance matrix
+    (``diagonal``: with its zero diagonal, as the seed; False: the off-diagonal entries only), at least
+    ``floor`` (rounded to the features' dtype)."""
+
+    q: float = EPS_PERCENTILE
+    diagonal: bool = True
+    floor: float = 0.0
+
+
+SEED_RULE = EpsRule()
 
 
 def seed_min_samples(C: int) -> int:
@@ -96,10 +110,15 @@ def screened_route(feats: Tensor, sync_free: bool) -> bool:
     return not sync_free
 
 
-def _cluster_torch(feats: Tensor, sync_free: bool, alive: Tensor | None = None) -> ChannelClusters:
-    """The route choice (module notes). feats: (B, C, N); alive: (B, C) bool or None (all channels)."""
+def _cluster_torch(feats: Tensor, sync_free: bool, alive: Tensor | None = None,
+                   rule: EpsRule = SEED_RULE) -> ChannelClusters:
+    """The route choice (module notes). feats: (B, C, N); alive: (B, C) bool or None (all channels);
+    rule: how eps is read off the distances. A rule with a floor (the published variant's 1e-5) is
+    stated in the features' own units, so those features are not rescaled."""
+    if rule.floor:
+        return _cluster_torch_unscaled(feats, sync_free, alive, rule)
     feats, scale = _power_of_two_range(feats)
-    part = _cluster_torch_unscaled(feats, sync_free, alive)
+    part = _cluster_torch_unscaled(feats, sync_free, alive, rule)
     eps = (part.eps.double() * scale).to(part.eps.dtype)  # exact (inf only beyond the dtype's range)
     return ChannelClusters(part.labels, eps, part.min_samples)
 
@@ -116,31 +135,33 @@ def _power_of_two_range(feats: Tensor) -> tuple[Tensor, Tensor]:
     return feats * down[:, None, None], torch.ldexp(torch.ones_like(top, dtype=torch.float64), k)
 
 
-def _cluster_torch_unscaled(feats: Tensor, sync_free: bool,
-                            alive: Tensor | None = None) -> ChannelClusters:
+def _cluster_torch_unscaled(feats: Tensor, sync_free: bool, alive: Tensor | None = None,
+                            rule: EpsRule = SEED_RULE) -> ChannelClusters:
     """The routes proper, on features already in range (see ``_cluster_torch``)."""
     if sync_free:
-        return _cluster_float64(feats, True, alive)
+        return _cluster_float64(feats, True, alive, rule)
     if alive is not None:
-        return _cluster_alive_cpu(feats, alive)
-    return _cluster_cpu(feats)
+        return _cluster_alive_cpu(feats, alive, rule)
+    return _cluster_cpu(feats, rule)
 
 
-def _cluster_float64(feats: Tensor, sync_free: bool, alive: Tensor | None = None) -> ChannelClusters:
+def _cluster_float64(feats: Tensor, sync_free: bool, alive: Tensor | None = None,
+                     rule: EpsRule = SEED_RULE) -> ChannelClusters:
     """The all-pairs route: V for every pair, in groups of images whose (C, C) float64 matrices fit in
     ``ACCELERATOR_GROUP_BYTES`` (the group size follows from the shapes: no host sync)."""
     B, C, _ = feats.shape
     budget = ACCELERATOR_GROUP_BYTES
     group = max(1, budget // (C * C * 8))
     if group >= B:
-        return _cluster_float64_batch(feats, sync_free, alive)
-    parts = [_cluster_float64_batch(feats[i:i + group], sync_free,
-                                    None if alive is None else alive[i:i + group]) for i in range(0, B, group)]
+        return _cluster_float64_batch(feats, sync_free, alive, rule)
+    parts = [_cluster_float64_batch(feats[i:i + group], sync_free, None if alive is None else alive[i:i + group],
+                                    rule)
+             for i in range(0, B, group)]
     return ChannelClusters(torch.cat([p.labels for p in parts]), torch.cat([p.eps for p in parts]),
                            parts[0].min_samples)
 
 
-def _cluster_cpu(feats: Tensor) -> ChannelClusters:
+def _cluster_cpu(feats: Tensor, rule: EpsRule = SEED_RULE) -> ChannelClusters:
     """CPU: image by image, eps and neighbours screened and refined exactly (``screened.py``): float32
     features by a float32 screen, then (declined, or float64 features) by a float64 screen, then (both
     declined) V for every pair."""
@@ -152,14 +173,14 @@ def _cluster_cpu(feats: Tensor) -> ChannelClusters:
     def neighbours(x: Tensor, precision: torch.dtype):
         if precision not in buffers:
             buffers[precision] = feats.new_empty(C, C, dtype=precision)
-        return screened_neighbours(x, EPS_PERCENTILE, buffers[precision], precision)
+        return screened_neighbours(x, rule.q, buffers[precision], precision, rule.diagonal, rule.floor)
 
     for x in feats:
         screened = neighbours(x, torch.float32) if feats.dtype == torch.float32 else None
         if screened is None:
             screened = neighbours(x, torch.float64)
         if screened is None:
-            part = _cluster_float64_batch(x[None], False)
+            part = _cluster_float64_batch(x[None], False, None, rule)
             labels.append(part.labels[0])
             eps.append(part.eps[0])
             continue
@@ -169,24 +190,30 @@ def _cluster_cpu(feats: Tensor) -> ChannelClusters:
     return ChannelClusters(torch.stack(labels), torch.stack(eps), min_samples)
 
 
-def _cluster_alive_cpu(feats: Tensor, alive: Tensor) -> ChannelClusters:
-    """CPU, ``exclude_dead``: each image's alive channels alone through ``_cluster_torch``; dead -1."""
+def _cluster_alive_cpu(feats: Tensor, alive: Tensor, rule: EpsRule = SEED_RULE) -> ChannelClusters:
+    """CPU, a subset per image (``exclude_dead``, ``subset_clusters``): each image's alive channels alone
+    through ``_cluster_torch``; the others -1 (eps: 0 where none is alive)."""
     labels = torch.full(alive.shape, -1, dtype=torch.long, device=feats.device)
     eps = feats.new_zeros(feats.shape[0])
     for b in range(feats.shape[0]):
         keep = alive[b]
         if bool(keep.any()):
-            part = _cluster_torch_unscaled(feats[b, keep][None], False)
+            part = _cluster_torch_unscaled(feats[b, keep][None], False, None, rule)
             labels[b, keep] = part.labels[0]
             eps[b] = part.eps[0]
     return ChannelClusters(labels, eps, None)
 
 
-def _cluster_float64_batch(feats: Tensor, sync_free: bool, alive: Tensor | None = None) -> ChannelClusters:
+def _cluster_float64_batch(feats: Tensor, sync_free: bool, alive: Tensor | None = None,
+                           rule: EpsRule = SEED_RULE) -> ChannelClusters:
     C = feats.shape[1]
     d2 = squared_distances(feats, sync_free)  # (B, C, C) float64, exact V
-    # The seed's eps: the percentile of the distance matrix in the features' dtype.
-    eps = percentile_from_squared(d2, EPS_PERCENTILE, feats.dtype, sync_free, alive)
+    # eps by the rule (the seed's: the percentile of the whole distance matrix) in the features' dtype.
+    eps = percentile_from_squared(d2, rule.q, feats.dtype, sync_free, alive, rule.diagonal)
+    if rule.floor:
+        eps = eps.clamp_min(rule.floor)
+        if alive is not None:  # as the CPU route: 0 where no channel is clustered
+            eps = torch.where(alive.any(dim=1), eps, torch.zeros_like(eps))
     # scikit-learn compares float64 squared distances with eps**2 computed in the features' dtype.
     threshold = (eps * eps).double()
     adj = d2 <= threshold[:, None, None]  # V is exactly symmetric: so is adj
@@ -257,6 +284,36 @@ def channel_clusters(activations: Tensor, backend: str = "torch", *, sync_free: 
     if backend == "torch":
         return _cluster_torch(feats, decide_sync_free(sync_free, feats))
     return {"sklearn": _cluster_sklearn, "cuml": _cluster_cuml}[backend](feats)
+
+
+def subset_clusters(activations: Tensor, keep: Tensor, rule: EpsRule, backend: str = "torch", *,
+                    sync_free: bool | None = None) -> ChannelClusters:
+    """DBSCAN on a subset of each image's channels, with min_samples = max(2, int(0.05 n)) for its n
+    channels and eps by ``rule``: the same as clustering each image's ``keep`` channels alone.
+
+    activations: (B, C, h, w); keep: (B, C) bool -> ChannelClusters(labels (B, C) int64, -1 = noise or
+    not kept, clusters numbered by their smallest channel index; eps (B,); min_samples None: it follows
+    each image's n). backend: "torch" (the routes of ``_cluster_torch``) or "sklearn" (per image, the
+    oracle: ``reference.subset_cluster_reference``).
+    """
+    check_tensor(activations, "activations")
+    feats = _features(activations)
+    if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != feats.shape[:2]:
+        raise ValueError(f"keep: expected a {tuple(feats.shape[:2])} bool tensor, got "
+                         f"{tuple(keep.shape) if isinstance(keep, Tensor) else type(keep).__name__}")
+    if backend == "torch":
+        return _cluster_torch(feats, decide_sync_free(sync_free, feats), keep, rule)
+    if backend != "sklearn":
+        raise ValueError(f"backend: expected 'torch' or 'sklearn' for a subset of channels, got {backend!r}")
+    from .reference import subset_cluster_reference
+
+    labels, eps = [], []
+    for f, k in zip(feats.detach().cpu().numpy(), keep.cpu().numpy()):
+        lab, e = subset_cluster_reference(f, k, rule.q, rule.diagonal, rule.floor)
+        labels.append(torch.from_numpy(lab).long())
+        eps.append(float(e))
+    return ChannelClusters(torch.stack(labels).to(feats.device),
+                           torch.tensor(eps, dtype=feats.dtype, device=feats.device), None)
 
 
 def cluster_channels(activations: Tensor, backend: str = "torch", **options) -> Tensor:

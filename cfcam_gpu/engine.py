@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_floating, check_ndim
-from .cam import CAMResult, cfcam_from_features, gradcam_from_features
+from .cam import VARIANTS, CAMResult, cfcam_from_features, gradcam_from_features
 from .fuse import fuse_cams
 from .hooks import LeafCapture, PipelineCapture, capture_hook, eval_mode, forward_hook
 from .layers import resolve_layer
@@ -324,22 +324,29 @@ def check_not_inference_mode() -> None:
 class CFCAM(_CAMEngine):
     """CF-CAM: DBSCAN-clustered, guided-filtered Grad-CAM, for a whole batch in one call.
 
-    ``CFCAM(model, target_layer, backend="torch", exclude_dead=False, sync_free=None, **options)``
-    (``exclude_dead`` and ``sync_free`` as ``cfcam_from_features``; options: see ``_CAMEngine``);
+    ``CFCAM(model, target_layer, backend="torch", exclude_dead=False, sync_free=None, variant="seed",
+    **options)`` (``exclude_dead``, ``sync_free`` and ``variant`` ("seed", or "paper": CF-CAM as published)
+    as ``cfcam_from_features``; options: see ``_CAMEngine``);
     ``cam(images, targets)`` -> CAMResult; ``with CFCAM(...) as cam: cam.explain(model(x))``.
     """
 
     def __init__(self, model: nn.Module, target_layer, backend: str = "torch", exclude_dead: bool = False,
-                 sync_free: bool | None = None, **options):
+                 sync_free: bool | None = None, variant: str = "seed", **options):
         super().__init__(model, target_layer, **options)
-        if exclude_dead and backend != "torch":
-            raise ValueError(f"backend: exclude_dead supports only backend='torch', got {backend!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+        if exclude_dead and (backend != "torch" or variant != "seed"):
+            raise ValueError(f"exclude_dead: supported only with backend='torch' and variant='seed', got "
+                             f"backend={backend!r}, variant={variant!r}")
+        if variant == "paper" and backend not in ("torch", "sklearn"):
+            raise ValueError(f"backend: variant='paper' supports 'torch' and 'sklearn', got {backend!r}")
         self.backend, self.exclude_dead, self.sync_free = backend, exclude_dead, sync_free
+        self.variant = variant
 
     def _from_features(self, activations, gradients):
         return cfcam_from_features(activations, gradients, backend=self.backend,
                                    check_values=self.check_values, sync_free=self.sync_free,
-                                   exclude_dead=self.exclude_dead)
+                                   exclude_dead=self.exclude_dead, variant=self.variant)
 
 
 class GradCAM(_CAMEngine):

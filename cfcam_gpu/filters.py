@@ -1,4 +1,5 @@
-"""Box and guided filters with OpenCV's symmetric border (``BORDER_REFLECT``: ``cba|abcd|dcb``).
+"""Box and guided filters with OpenCV's symmetric border (``BORDER_REFLECT``: ``cba|abcd|dcb``), and the
+"bilateral" filter of the published CF-CAM (arXiv 2504.00060 v2), as its authors' code computes it.
 
 Shapes: M maps (e.g. B*K cluster means), P planes per map, h x w.
 """
@@ -96,3 +97,57 @@ def _unit_scale(x: Tensor) -> Tensor:
     (1 for an all-zero map; at most 2**1000 for tiny maps)."""
     e = torch.frexp(x.abs().amax(dim=(2, 3), keepdim=True)).exponent.clamp_min(-1000)
     return torch.ldexp(torch.ones(e.shape, dtype=x.dtype, device=x.device), -e)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The published CF-CAM's filter: not a textbook bilateral filter. Each map g gets ONE kernel the size of
+# the map, spatial weights around (h/2, w/2) (half a pixel off the centre for odd sizes) times range
+# weights around the map's mean, normalised by (sum + offset), and the map is correlated with it under
+# zero padding (torch's conv2d padding="same": (k-1)//2 before, the rest after).
+
+def published_kernel(g: Tensor, sigma_spatial: float = 5.0, sigma_range: float = 0.1,
+                     offset: float = 1e-6) -> Tensor:
+    """(M, h, w) maps -> (M, h, w) kernels: exp(-((i - h/2)^2 + (j - w/2)^2) / (2 sigma_spatial^2)) x
+    exp(-(g_ij - mean(g))^2 / (2 sigma_range^2)), divided by (its sum + offset)."""
+    check_ndim(g, 3, "g", "(M, h, w)")
+    check_floating(g, "g")
+    H, W = g.shape[-2:]
+    i = torch.arange(H, device=g.device, dtype=g.dtype)[:, None] - H / 2
+    j = torch.arange(W, device=g.device, dtype=g.dtype)[None, :] - W / 2
+    spatial = torch.exp(-(i * i + j * j) / (2 * sigma_spatial ** 2))
+    diff = g - g.mean(dim=(1, 2), keepdim=True)
+    kernel = spatial * torch.exp(-(diff * diff) / (2 * sigma_range ** 2))
+    return kernel / (kernel.sum(dim=(1, 2), keepdim=True) + offset)
+
+
+def published_filter(g: Tensor, **kernel_options) -> Tensor:
+    """The published filter: (M, h, w) -> (M, h, w), each map correlated with its own ``published_kernel``
+    (one grouped conv2d, padding "same")."""
+    kernel = published_kernel(g, **kernel_options)
+    N, H, W = g.shape
+    top, left = (H - 1) // 2, (W - 1) // 2  # conv2d's padding="same", without its even-size warning
+    padded = F.pad(g[None], (left, W - 1 - left, top, H - 1 - top))
+    return F.conv2d(padded, kernel[:, None], groups=N)[0]
+
+
+def _window_rows(n: int, device, dtype) -> Tensor:
+    """(n, n): row u marks the input positions that kernel tap u reads over all n outputs of a "same"
+    correlation with an n-tap kernel (zero padding (n-1)//2 before)."""
+    before = (n - 1) // 2
+    u = torch.arange(n, device=device)[:, None]
+    i = torch.arange(n, device=device)[None, :]
+    return ((i >= u - before) & (i <= u - before + n - 1)).to(dtype)
+
+
+def published_filter_mean(g: Tensor, **kernel_options) -> Tensor:
+    """Spatial mean of ``published_filter(g)`` without the H W x H W correlation: (M, h, w) -> (M,).
+
+    The mean over the outputs of a correlation is sum_uv kernel[u, v] S[u, v] / (H W), S[u, v] the sum of
+    the map over the rows and columns tap (u, v) ever reads: S = R g C^T with the 0/1 window matrices of
+    ``_window_rows``. Equal in exact arithmetic; O(H W (H + W)) per map instead of O(H^2 W^2).
+    """
+    kernel = published_kernel(g, **kernel_options)
+    H, W = g.shape[-2:]
+    rows, cols = _window_rows(H, g.device, g.dtype), _window_rows(W, g.device, g.dtype)
+    reads = rows @ g @ cols.T  # (M, h, w)
+    return (kernel * reads).sum(dim=(1, 2)) / (H * W)

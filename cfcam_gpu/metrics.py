@@ -177,11 +177,13 @@ def gaussian_blur(images: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> 
 
 def deletion_insertion(model: nn.Module, images: Tensor, cams: Tensor, targets, steps: int = 100,
                        baseline: str = "zero", curves: Sequence[str] = ("deletion", "insertion"),
-                       batch_size: int = 64) -> DeletionInsertion:
+                       batch_size: int = 64, pixels_per_step: int | None = None) -> DeletionInsertion:
     """RISE deletion / insertion: probability of the target as the most salient pixels are removed or added.
 
     Pixels are ranked by the upsampled CAM (descending, ties by position). At step k = 0..steps the top
-    round(k H W / steps) pixels are replaced by the baseline (deletion: curve starts at p(image)) or
+    round(k H W / steps) pixels (``pixels_per_step`` p: k p pixels, and all of them at the last step,
+    as the CF-CAM authors with p = H W // 100) are replaced by the baseline (deletion: curve starts at
+    p(image)) or
     copied into the baseline (insertion: ends at p(image)). ``baseline``: "zero" (zeros of the model
     input, i.e. the normalisation mean colour, RISE's deletion substrate) or "blur" (``gaussian_blur`` of
     the image, RISE's insertion substrate). Low deletion AUC and high insertion AUC are better.
@@ -202,7 +204,13 @@ def deletion_insertion(model: nn.Module, images: Tensor, cams: Tensor, targets, 
     saliency = _upsample(cams.to(images.device), (H, W)).flatten(1)  # (B, N)
     order = torch.argsort(saliency, dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=images.device).expand(B, N))
-    counts = torch.round(torch.arange(steps + 1, device=images.device, dtype=torch.float64) * N / steps).long()
+    k = torch.arange(steps + 1, device=images.device)
+    if pixels_per_step is None:
+        counts = torch.round(k.double() * N / steps).long()
+    else:
+        if isinstance(pixels_per_step, bool) or not isinstance(pixels_per_step, int) or pixels_per_step < 0:
+            raise ValueError(f"pixels_per_step: expected None or an int >= 0, got {pixels_per_step!r}")
+        counts = torch.where(k == steps, N, (k * pixels_per_step).clamp_max(N))
     base = torch.zeros_like(images) if baseline == "zero" else gaussian_blur(images)
     targets_rep = t.repeat_interleave(steps + 1)
 
@@ -228,46 +236,56 @@ def deletion_insertion(model: nn.Module, images: Tensor, cams: Tensor, targets, 
 # SSIM and robustness.
 
 def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, sigma: float = 1.5, K1: float = 0.01,
-         K2: float = 0.03) -> Tensor:
+         K2: float = 0.03, window: str = "gaussian") -> Tensor:
     """Mean SSIM of each pair of maps with a Gaussian window (Wang et al. 2004), batched.
 
     x, y: (B, H, W) -> (B,). Equals ``skimage.metrics.structural_similarity(x[b], y[b],
     gaussian_weights=True, sigma=sigma, use_sample_covariance=False, data_range=data_range)``: window
     radius int(3.5 sigma + 0.5) (11 taps for sigma 1.5), SSIM averaged over the pixels at least one
     radius from the border (so the padding never matters). Float32 unless the input is float64.
+    ``window="uniform"``: scikit-image's defaults instead (``structural_similarity(x, y,
+    data_range=...)``: a 7 x 7 mean, sample covariance; what the CF-CAM authors' robustness test uses).
     """
+    if window not in ("gaussian", "uniform"):
+        raise ValueError(f"window: expected 'gaussian' or 'uniform', got {window!r}")
     check_ndim(x, 3, "x", "(B, H, W)")
     check_ndim(y, 3, "y", "(B, H, W)")
     if x.shape != y.shape:
         raise ValueError(f"y: expected shape {tuple(x.shape)} like x, got {tuple(y.shape)}")
-    r = int(3.5 * sigma + 0.5)
+    r = int(3.5 * sigma + 0.5) if window == "gaussian" else 3
     if min(x.shape[-2:]) < 2 * r + 1:
-        raise ValueError(f"x: SSIM's {2 * r + 1}x{2 * r + 1} Gaussian window (sigma {sigma}) exceeds the "
+        raise ValueError(f"x: SSIM's {2 * r + 1}x{2 * r + 1} {window} window (sigma {sigma}) exceeds the "
                          f"{tuple(x.shape[-2:])} maps; upsample them (robustness(size=...)) or lower sigma")
     dtype = torch.float64 if x.dtype == torch.float64 or y.dtype == torch.float64 else torch.float32
     x, y = x.to(dtype)[:, None], y.to(dtype)[:, None]
-    k = _gaussian_kernel1d(sigma, r, dtype, x.device)
+    if window == "gaussian":
+        k, cov_norm = _gaussian_kernel1d(sigma, r, dtype, x.device), 1.0
+    else:
+        n = (2 * r + 1) ** 2  # sample covariance over the 7 x 7 window
+        k, cov_norm = torch.full((2 * r + 1,), 1 / (2 * r + 1), dtype=dtype, device=x.device), n / (n - 1)
     kx, ky = k.view(1, 1, 1, -1), k.view(1, 1, -1, 1)
 
     def filt(z):  # "valid" separable Gaussian: only the cropped interior is ever used
         return F.conv2d(F.conv2d(z, kx), ky)
 
     ux, uy = filt(x), filt(y)
-    vx = filt(x * x) - ux * ux
-    vy = filt(y * y) - uy * uy
-    vxy = filt(x * y) - ux * uy
+    vx = (filt(x * x) - ux * ux) * cov_norm
+    vy = (filt(y * y) - uy * uy) * cov_norm
+    vxy = (filt(x * y) - ux * uy) * cov_norm
     C1, C2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
     s = ((2 * ux * uy + C1) * (2 * vxy + C2)) / ((ux * ux + uy * uy + C1) * (vx + vy + C2))
     return s.flatten(1).double().mean(dim=1)
 
 
 def robustness(cam_fn_from_features: Callable, acts: Tensor, grads: Tensor, sigmas: Sequence[float],
-               generator: torch.Generator | None = None, size=None) -> dict[float, Robustness]:
+               generator: torch.Generator | None = None, size=None, relative: bool = True,
+               window: str = "gaussian") -> dict[float, Robustness]:
     """Stability of a gradient CAM under noise on the target-layer gradients.
 
     For each sigma: noisy gradients = grads + N(0, (sigma * std_b)^2), std_b the standard deviation of
-    image b's gradients (over C, h, w); the CAM is recomputed from (acts, noisy grads) and compared with
-    the clean CAM: SSIM (``ssim``, data_range 1) and MSE, per image. ``cam_fn_from_features``:
+    image b's gradients (over C, h, w) (``relative=False``: N(0, sigma^2), the CF-CAM authors' absolute
+    levels); the CAM is recomputed from (acts, noisy grads) and compared with the clean CAM: SSIM
+    (``ssim`` with ``window``, data_range 1) and MSE, per image. ``cam_fn_from_features``:
     (acts, grads) -> CAMResult (e.g. ``cfcam_from_features``). ``size``: (H, W) to upsample both CAMs to
     first (bilinear), e.g. the input size; None compares them at the layer's resolution (SSIM then needs
     maps of at least 11 x 11). ``generator``: a torch.Generator on the gradients' device, for
@@ -278,13 +296,16 @@ def robustness(cam_fn_from_features: Callable, acts: Tensor, grads: Tensor, sigm
         size = (size, size) if isinstance(size, int) else tuple(size)
         clean = _upsample(clean, size)
     scale = grads.flatten(1).float().std(dim=1).to(grads.dtype)[:, None, None, None]  # (B, 1, 1, 1)
+    if not relative:
+        scale = torch.ones_like(scale)
     out = {}
     for sigma in sigmas:
         noise = torch.randn(grads.shape, generator=generator, device=grads.device, dtype=grads.dtype)
         noisy = cam_fn_from_features(acts, grads + noise * (float(sigma) * scale)).cams
         if size is not None:
             noisy = _upsample(noisy, size)
-        out[sigma] = Robustness(ssim(clean, noisy), ((clean.double() - noisy.double()) ** 2).flatten(1).mean(1))
+        out[sigma] = Robustness(ssim(clean, noisy, window=window),
+                                ((clean.double() - noisy.double()) ** 2).flatten(1).mean(1))
     return out
 
 

@@ -2,7 +2,9 @@
 
 ``percentile`` equals ``numpy.percentile`` (the default linear rule) bit for bit. The seed's eps is a
 percentile over all C*C entries of a symmetric, zero-diagonal distance matrix; it is selected on the
-strict upper triangle of the squared distances and only the two selected values are rooted.
+strict upper triangle of the squared distances and only the two selected values are rooted. The
+published CF-CAM (``published.py``) takes it over the C*(C-1) off-diagonal entries instead
+(``diagonal=False``): the same order statistics, the ranks shifted past the C zeros (``matrix_rank``).
 Shapes: B images (rows), M values per row, C channels.
 """
 from __future__ import annotations
@@ -22,6 +24,20 @@ def linear_rank(n: int, q: float) -> tuple[int, int, float]:
     lo = int(math.floor(virtual))
     hi = min(lo + 1, n - 1)
     return lo, hi, virtual - lo
+
+
+def matrix_rank(n: int, q: float, diagonal: bool = True) -> tuple[int, int, float]:
+    """numpy's linear rule for the q-th percentile of a symmetric, zero-diagonal n x n matrix: the two
+    0-based ranks to read in the order of all n*n entries (n zeros first, then every off-diagonal value
+    twice) and the interpolation weight. ``diagonal=False``: the percentile of the n(n-1) off-diagonal
+    entries alone (their order is the same one past the n zeros); with fewer than two entries there are
+    none, and the ranks point at a zero (the percentile is 0)."""
+    if diagonal:
+        return linear_rank(n * n, q)
+    if n < 2:
+        return 0, 0, 0.0
+    lo, hi, g = linear_rank(n * (n - 1), q)
+    return lo + n, hi + n, g
 
 
 def lerp(a: Tensor, b: Tensor, g: float) -> Tensor:
@@ -137,7 +153,7 @@ def _symmetric_order_stats(m: Tensor, lo: int, hi: int, sync_free: bool) -> tupl
 
 
 def percentile_from_squared(d2: Tensor, q: float, dtype: torch.dtype, sync_free: bool,
-                            alive: Tensor | None = None) -> Tensor:
+                            alive: Tensor | None = None, diagonal: bool = True) -> Tensor:
     """Percentile of the distance matrices sqrt(d2) rounded to ``dtype``, without forming them.
 
     d2: (B, C, C) float64 squared distances -> (B,) in ``dtype``. Equals
@@ -145,30 +161,38 @@ def percentile_from_squared(d2: Tensor, q: float, dtype: torch.dtype, sync_free:
     statistics are selected on d2 and only the two selected values are rooted and rounded. Only the upper
     triangle (diagonal included) is read. ``alive`` (B, C) bool: the percentile of each image's
     alive x alive block instead (0 where no channel is alive; see ``_masked_percentile``).
+    ``diagonal=False``: the percentile of the off-diagonal entries only (``matrix_rank``; 0 where there
+    are none).
     """
     if alive is not None:
-        return _masked_percentile(d2, alive, q, dtype)
-    lo, hi, g = linear_rank(d2.shape[1] ** 2, float(q))
+        return _masked_percentile(d2, alive, q, dtype, diagonal)
+    lo, hi, g = matrix_rank(d2.shape[1], float(q), diagonal)
     a, b = _symmetric_order_stats(d2, lo, hi, sync_free)
     a, b = exact_sqrt(a).to(dtype), exact_sqrt(b).to(dtype)
     return a if g == 0.0 else lerp(a, b, g)
 
 
-def _masked_percentile(d2: Tensor, alive: Tensor, q: float, dtype: torch.dtype) -> Tensor:
+def _masked_percentile(d2: Tensor, alive: Tensor, q: float, dtype: torch.dtype,
+                       diagonal: bool = True) -> Tensor:
     """Per image, numpy's linear percentile of sqrt(d2) (rounded to ``dtype``) over the n x n block of
     the n alive channels (diagonal included), with static shapes: the other entries become +inf and sort
     last, and the ranks are tensors. The block sorted is n zeros, then every value of its strict upper
     triangle twice. d2: (B, C, C) float64; alive: (B, C) bool -> (B,), 0 where n = 0. One sort of the
-    upper triangle: for the sync-free route (accelerators)."""
+    upper triangle: for the sync-free route (accelerators). ``diagonal=False``: over the block's n(n-1)
+    off-diagonal entries (``matrix_rank``), 0 where n < 2."""
     inf = torch.full((), math.inf, dtype=d2.dtype, device=d2.device)
     pair = alive[:, :, None] & alive[:, None, :]
     values = upper_triangle(torch.where(pair, d2, inf)).sort(dim=1).values  # (B, C(C-1)/2)
     n = alive.sum(dim=1)
-    n2 = n * n
+    n2 = n * n if diagonal else n * (n - 1)  # entries the percentile is taken over
     virtual = (n2 - 1).clamp_min(0).double() * (q / 100.0)  # numpy's rule, in float64 as numpy
     lo = virtual.floor().long()
     hi = torch.minimum(lo + 1, (n2 - 1).clamp_min(0))
-    g = (virtual - lo.double()).to(dtype)
+    g64 = virtual - lo.double()  # numpy's weight, in float64; 1 - g is formed there too (as ``lerp``)
+    g, rest = g64.to(dtype), (1 - g64).to(dtype)
+    if not diagonal:  # past the n zeros of the diagonal; no entries (n < 2): a zero
+        offset = torch.where(n2 > 0, n, 0)
+        lo, hi = lo + offset, hi + offset
 
     def order_stat(rank: Tensor) -> Tensor:
         k = ((rank - n) // 2).clamp(0, max(values.shape[1] - 1, 0))
@@ -177,5 +201,5 @@ def _masked_percentile(d2: Tensor, alive: Tensor, q: float, dtype: torch.dtype) 
 
     a, b = order_stat(lo), order_stat(hi)
     diff = b - a
-    out = torch.where(g >= 0.5, b - diff * (1 - g), a + diff * g)
+    out = torch.where(g64 >= 0.5, b - diff * rest, a + diff * g)
     return torch.where(n > 0, out, torch.zeros_like(out))

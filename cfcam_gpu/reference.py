@@ -92,3 +92,89 @@ def gradcam_reference(activation: np.ndarray, gradient: np.ndarray) -> np.ndarra
     weights = np.mean(np.asarray(gradient, dtype=np.float32), axis=(1, 2))
     cam = np.maximum(np.sum(weights[:, None, None] * act, axis=0), 0)
     return (cam / cam.max() if cam.max() > 0 else cam).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CF-CAM as published (arXiv 2504.00060 v2 and the authors' cfcam.py), written from its description.
+# Deliberate differences from the authors' script, as for the seed: distances in float64 rounded once to
+# the features' dtype (theirs: a float32 broadcast), channel norms in float64, DBSCAN with
+# algorithm="brute", and a subset of fewer than two channels has eps = the floor (theirs: an error).
+
+def subset_cluster_reference(features: np.ndarray, keep: np.ndarray, q: float = 25.0, diagonal: bool = True,
+                             floor: float = 0.0) -> tuple[np.ndarray, np.floating]:
+    """DBSCAN on the ``keep`` channels of one image. features: (C, N); keep: (C,) bool -> (labels (C,)
+    int64, -1 = noise or not kept; eps: the q-th percentile of the kept channels' distance matrix (without
+    its diagonal when ``diagonal`` is False; 0 if that leaves nothing), at least ``floor``; 0 when no
+    channel is kept). min_samples = max(2, int(0.05 n)) for the n kept channels."""
+    from scipy.spatial.distance import cdist
+
+    cluster = _require("sklearn.cluster")
+    dtype = np.float64 if features.dtype == np.float64 else np.float32
+    labels = np.full(features.shape[0], -1, dtype=np.int64)
+    idx = np.flatnonzero(keep)
+    n = idx.size
+    if n == 0:
+        return labels, dtype(0)
+    sub = features[idx].astype(dtype, copy=False)
+    dist = cdist(sub.astype(np.float64), sub.astype(np.float64)).astype(dtype)
+    values = dist.ravel() if diagonal else dist[~np.eye(n, dtype=bool)]
+    eps = np.percentile(values, q) if values.size else dtype(0)
+    eps = dtype(max(eps, floor))
+    min_samples = max(2, int(0.05 * n))
+    if eps > 0:
+        sub_labels = cluster.DBSCAN(eps=eps, min_samples=min_samples, algorithm="brute").fit(sub).labels_
+    else:  # neighbours = exact duplicates (as cluster_reference)
+        sub_labels = cluster.DBSCAN(eps=0.5, min_samples=min_samples, metric="precomputed").fit(
+            (dist != 0).astype(np.float64)).labels_
+    labels[idx] = sub_labels
+    return labels, eps
+
+
+def published_filter_reference(grad: np.ndarray, sigma_spatial: float = 5.0, sigma_range: float = 0.1,
+                               offset: float = 1e-6) -> np.ndarray:
+    """The published "bilateral" filter of one (h, w) map, in float64: one map-sized kernel, spatial
+    weights around (h/2, w/2) times range weights around the map's mean, normalised by (sum + offset),
+    correlated with the map under zero padding of (k-1)//2 before and the rest after (torch's
+    ``conv2d(padding="same")``)."""
+    g = np.asarray(grad, dtype=np.float64)
+    h, w = g.shape
+    i, j = np.mgrid[0:h, 0:w].astype(np.float64)
+    spatial = np.exp(-((i - h / 2) ** 2 + (j - w / 2) ** 2) / (2 * sigma_spatial ** 2))
+    kernel = spatial * np.exp(-((g - g.mean()) ** 2) / (2 * sigma_range ** 2))
+    kernel = kernel / (kernel.sum() + offset)
+    top, left = (h - 1) // 2, (w - 1) // 2
+    padded = np.pad(g, ((top, h - 1 - top), (left, w - 1 - left)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w))  # (h, w, h, w)
+    return np.einsum("yxuv,uv->yx", windows, kernel)
+
+
+def cfcam_paper_reference(activation: np.ndarray, gradient: np.ndarray) -> SimpleNamespace:
+    """CF-CAM as published, for one image.
+
+    activation, gradient: (C, h, w) -> namespace with cam (h, w) float32 in [0, 1] (divided by its max at
+    the layer's resolution), labels (C,) (-2 important, -1 noise, k >= 0 cluster), important (C,) bool,
+    raw (C,) the weights before the softmax, weights (C,) the softmax weights (0 for noise), n_clusters,
+    eps, min_samples.
+    """
+    act = np.asarray(activation, dtype=np.float32)
+    grad = np.asarray(gradient, dtype=np.float32)
+    C, h, w = act.shape
+    feats = act.reshape(C, h * w)
+    norms = np.sqrt(np.sum(feats.astype(np.float64) ** 2, axis=1))
+    important = norms >= np.percentile(norms, 75)
+    labels, eps = subset_cluster_reference(feats, ~important, q=25.0, diagonal=False, floor=1e-5)
+    n_clusters = int(labels.max()) + 1 if labels.size else 0
+    raw = np.zeros(C, dtype=np.float64)
+    raw[important] = grad[important].mean(axis=(1, 2))
+    for k in range(n_clusters):
+        raw[labels == k] = published_filter_reference(grad[labels == k].mean(axis=0)).mean()
+    kept = important | (labels >= 0)
+    z = np.exp(raw[kept] - raw[kept].max())
+    weights = np.zeros(C, dtype=np.float64)
+    weights[kept] = z / z.sum()
+    cam = np.maximum(np.tensordot(weights, act.astype(np.float64), axes=1), 0)
+    if cam.max() > 0:
+        cam = cam / cam.max()
+    return SimpleNamespace(cam=cam.astype(np.float32), labels=np.where(important, -2, labels), important=important,
+                           raw=raw, weights=weights, n_clusters=n_clusters, eps=eps,
+                           min_samples=max(2, int(0.05 * int((~important).sum()))))

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from .distance import exact_sqrt, sum_squared_differences
-from .percentile import lerp, linear_rank, next_value, sampled_bracket
+from .percentile import lerp, matrix_rank, next_value, sampled_bracket
 
 # Squared norms above this could overflow the screen's products: decline (the caller goes on).
 MAX_NORM = {torch.float32: 2.0**100, torch.float64: 2.0**1000}
@@ -119,12 +119,13 @@ class Screened(NamedTuple):
 
 
 def screen(x: Tensor, q: float, out: Tensor | None = None,
-           precision: torch.dtype | None = None) -> Screened | None:
+           precision: torch.dtype | None = None, diagonal: bool = True) -> Screened | None:
     """Distances stage: d~ for one image and the bracket of its q-th percentile's order statistics.
 
     x: (C, N) float32 or float64 -> Screened, or None when a precondition fails (the caller goes on).
     out: an optional (C, C) buffer in ``precision`` for d~ (the result refers to it). precision: the
-    screen's dtype, float32 or float64 (None: x's dtype).
+    screen's dtype, float32 or float64 (None: x's dtype). ``diagonal``: as ``percentile.matrix_rank``
+    (False: the percentile of the off-diagonal entries).
     """
     C, N = x.shape
     precision = x.dtype if precision is None else precision
@@ -137,7 +138,7 @@ def screen(x: Tensor, q: float, out: Tensor | None = None,
     flat = screened_squared_distances(x.to(precision), norms, out).view(-1)
     top = norms.argmax()
     Delta = float(screening_bounds(norms, top, top, N, precision))
-    lo, hi, _ = linear_rank(C * C, q)
+    lo, hi, _ = matrix_rank(C, q, diagonal)
     lo_v, hi_v = sampled_bracket(flat, (lo, hi), width=C)
     # 3 Delta more on each side: the windows of screened_percentile and screened_adjacency then fit
     # whenever the sample bracketed the ranks (module notes, 3 and 4).
@@ -148,10 +149,11 @@ def screen(x: Tensor, q: float, out: Tensor | None = None,
                     screening_bounds(norms, idx // C, idx % C, N, precision), Delta)
 
 
-def screened_percentile(sc: Screened, q: float) -> Tensor | None:
+def screened_percentile(sc: Screened, q: float, diagonal: bool = True) -> Tensor | None:
     """Percentile stage: the q-th percentile (numpy's linear rule) of the C*C entries of sqrt(V) rounded
-    to the features' dtype, exactly (module notes, 3). -> () in that dtype, or None (decline)."""
-    lo, hi, g = linear_rank(sc.flat.numel(), q)
+    to the features' dtype, exactly (module notes, 3); ``diagonal=False``: of the off-diagonal entries
+    (``percentile.matrix_rank``). -> () in that dtype, or None (decline)."""
+    lo, hi, g = matrix_rank(sc.x64.shape[0], q, diagonal)
     below, vals, delta = sc.below, sc.vals, sc.delta
     if not (below <= lo and hi < below + vals.numel()):
         return None
@@ -190,14 +192,18 @@ def screened_adjacency(sc: Screened, eps: Tensor) -> Tensor | None:
 
 
 def screened_neighbours(x: Tensor, q: float, out: Tensor | None = None,
-                        precision: torch.dtype | None = None) -> tuple[Tensor, Tensor] | None:
+                        precision: torch.dtype | None = None, diagonal: bool = True,
+                        floor: float = 0.0) -> tuple[Tensor, Tensor] | None:
     """eps and the eps-neighbour relation of one image's channels, exact for V (see the module notes).
 
     x: (C, N) float32 or float64 -> (eps () in x's dtype, adj (C, C) bool); see ``screened_percentile``
-    and ``screened_adjacency``; ``out`` and ``precision`` as in ``screen``. None when a precondition
-    fails: the caller goes on (a float64 screen, then every pair exactly).
+    and ``screened_adjacency``; ``out``, ``precision`` and ``diagonal`` as in ``screen``; eps is at least
+    ``floor`` (rounded to x's dtype). None when a precondition fails: the caller goes on (a float64
+    screen, then every pair exactly).
     """
-    sc = screen(x, q, out, precision)
-    eps = None if sc is None else screened_percentile(sc, q)
+    sc = screen(x, q, out, precision, diagonal)
+    eps = None if sc is None else screened_percentile(sc, q, diagonal)
+    if eps is not None and floor:
+        eps = eps.clamp_min(floor)
     adj = None if eps is None else screened_adjacency(sc, eps)
     return None if adj is None else (eps, adj)

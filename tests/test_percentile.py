@@ -135,3 +135,28 @@ def test_masked_percentile_is_the_percentile_of_the_alive_block(device, rng, syn
                 block = np.sqrt(d2[b].cpu().numpy()[np.ix_(keep, keep)]).astype(np.float32)
                 expected = np.percentile(block, q) if keep.any() else 0.0
                 assert got[b].item() == expected, (C, q, b)
+
+
+def _off_diagonal(block: np.ndarray) -> np.ndarray:
+    return block[~np.eye(block.shape[0], dtype=bool)]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_percentile_without_the_diagonal(device, rng, ties, sync_free):
+    """diagonal=False (the published CF-CAM's eps): numpy's percentile of the C(C-1) off-diagonal entries,
+    0 where there are none (C = 1); unmasked and masked."""
+    for C in [1, 2, 3, 4, 5, 8, 9, 31, 64]:
+        d2 = torch.from_numpy(_symmetric_distances(rng, 3, C, np.float64, ties) ** 2).to(device)
+        alive = torch.from_numpy(rng.random(size=(3, C)) < 0.7).to(device)
+        alive[0] = False
+        for q in QS:
+            got = percentile_from_squared(d2, q, torch.float32, sync_free, diagonal=False)
+            got_masked = percentile_from_squared(d2, q, torch.float32, sync_free, alive, diagonal=False)
+            for b in range(3):
+                full = np.sqrt(d2[b].cpu().numpy()).astype(np.float32)
+                values = _off_diagonal(full)
+                assert got[b].item() == (np.percentile(values, q) if values.size else 0.0), (C, q, b)
+                keep = alive[b].cpu().numpy()
+                values = _off_diagonal(full[np.ix_(keep, keep)])
+                assert got_masked[b].item() == (np.percentile(values, q) if values.size else 0.0), (C, q, b)

@@ -157,3 +157,17 @@ def test_adversarial_cases_without_host_reads(monkeypatch, rng, scale):
         assert torch.equal(cfcam_from_features(acts, grads, sync_free=True).eps, expected.eps)
         assert torch.isfinite(got.cams).all() and torch.isfinite(got.weights).all()
         torch.testing.assert_close(got.cams, expected.cams, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["bn2", "blocks.-1"])
+def test_published_variant_sync_free_equals_cpu_route(lite0_features, monkeypatch, layer):
+    """variant="paper": important channels, the masked clustering of the rest (off-diagonal eps, floor),
+    the K = C filtered cluster means and the softmax, with no host read; equal to the CPU route."""
+    acts, grads = lite0_features[layer][0][:3], lite0_features[layer][1][:3]
+    expected = cfcam_from_features(acts, grads, variant="paper")
+    with no_host_reads(monkeypatch):
+        got = cfcam_from_features(acts, grads, check_values=False, sync_free=True, variant="paper")
+    assert torch.equal(got.labels, expected.labels) and torch.equal(got.eps, expected.eps)
+    assert torch.equal(got.n_clusters, expected.n_clusters)
+    torch.testing.assert_close(got.weights, expected.weights, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(got.cams, expected.cams, rtol=0, atol=1e-5)

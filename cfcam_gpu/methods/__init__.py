@@ -4,7 +4,7 @@
 - ``perturbation``: Score-CAM, Ablation-CAM (extra forward passes);
 - ``eigen``: EigenCAM, EigenGradCAM, KPCA-CAM and the batched (kernel) principal-component projections;
 - ``fullgrad``: FullGrad (bias gradients of every layer);
-- ``registry``: ``METHODS``, ``build_method``, ``from_features_fn`` (and the exclude-dead CF-CAM name).
+- ``registry``: ``METHODS``, ``build_method``, ``from_features_fn`` (and the names of the CF-CAM variants: exclude-dead, as published).
 """
 from ..cluster import dead_channels
 from .gradient import (GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM, elementwise_cam, gradcampp_from_features,
@@ -13,12 +13,13 @@ from .eigen import (KPCACAM, EigenCAM, EigenGradCAM, eigencam_from_features, eig
                     kernel_pca_projection, kpcacam_from_features, pca_projection)
 from .fullgrad import FullGrad, fullgrad_from_gradients
 from .perturbation import AblationCAM, ScoreCAM, head_after
-from .registry import (METHODS, CFCAMExcludeDead, build_method, cfcam_exclude_dead_from_features,
-                       from_features_fn)
+from .registry import (METHODS, CFCAMExcludeDead, CFCAMPaper, build_method, cfcam_exclude_dead_from_features,
+                       cfcam_paper_from_features, from_features_fn)
 
 __all__ = [
-    "AblationCAM", "CFCAMExcludeDead", "EigenCAM", "EigenGradCAM", "FullGrad", "GradCAMPlusPlus", "HiResCAM",
-    "KPCACAM", "LayerCAM", "METHODS", "ScoreCAM", "XGradCAM", "build_method", "cfcam_exclude_dead_from_features", "dead_channels", "elementwise_cam",
+    "AblationCAM", "CFCAMExcludeDead", "CFCAMPaper", "EigenCAM", "EigenGradCAM", "FullGrad", "GradCAMPlusPlus",
+    "HiResCAM", "KPCACAM", "LayerCAM", "METHODS", "ScoreCAM", "XGradCAM", "build_method",
+    "cfcam_exclude_dead_from_features", "cfcam_paper_from_features", "dead_channels", "elementwise_cam",
     "from_features_fn", "gradcampp_from_features", "head_after", "hirescam_from_features",
     "layercam_from_features", "xgradcam_from_features", "eigencam_from_features", "eigengradcam_from_features",
     "kpcacam_from_features", "pca_projection", "kernel_pca_projection", "fullgrad_from_gradients",

@@ -25,6 +25,19 @@ def cfcam_exclude_dead_from_features(activations: Tensor, gradients: Tensor,
                                **options)
 
 
+def cfcam_paper_from_features(activations: Tensor, gradients: Tensor, check_values: bool = True,
+                              **options) -> CAMResult:
+    """``cfcam_from_features(..., variant="paper")``: CF-CAM as published (``cfcam_gpu.published``)."""
+    return cfcam_from_features(activations, gradients, check_values=check_values, variant="paper", **options)
+
+
+class CFCAMPaper(CFCAM):
+    """``CFCAM(..., variant="paper")`` under its own name: CF-CAM as published (arXiv 2504.00060 v2)."""
+
+    def __init__(self, model: nn.Module, target_layer, **options):
+        super().__init__(model, target_layer, variant="paper", **options)
+
+
 class CFCAMExcludeDead(CFCAM):
     """``CFCAM(..., exclude_dead=True)`` under its own name (an evaluation variant; ``CFCAM`` stays the
     seed's method)."""
@@ -47,6 +60,7 @@ METHODS: dict[str, type] = {
     "eigengradcam": EigenGradCAM,
     "kpcacam": KPCACAM,
     "fullgrad": FullGrad,
+    "cfcam-paper": CFCAMPaper,
 }
 
 _FROM_FEATURES: dict[str, Callable] = {
@@ -60,6 +74,7 @@ _FROM_FEATURES: dict[str, Callable] = {
     "eigencam": eigencam_from_features,
     "eigengradcam": eigengradcam_from_features,
     "kpcacam": kpcacam_from_features,
+    "cfcam-paper": cfcam_paper_from_features,
 }
 
 
