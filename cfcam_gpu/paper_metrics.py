@@ -80,7 +80,7 @@ def paper_average_increase(model: nn.Module, images: Tensor, cams: Tensor, targe
     """The authors' "Average Increase" (module notes): pixels with map > ``threshold`` pasted onto the
     constant model input ``fill`` (one value per colour channel, in the model's input space).
     images: (B, 3, H, W); cams: (B, h, w) -> PaperIncrease."""
-    t = _check_inputs(images, cams, targets)
+    cams, t = _check_inputs(images, cams, targets)
     batch_size = _check_batch_size(batch_size)
     fill_t = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
     if fill_t.shape != (images.shape[1],):

@@ -237,9 +237,9 @@ def test_float32_image_declined_takes_the_float64_screen(resnet50_features, monk
     precisions = []
     real = screened.screened_neighbours
 
-    def spy(x, q, out=None, precision=None):
+    def spy(x, q, out=None, precision=None, *rule):
         precisions.append(precision)
-        return None if precision == torch.float32 else real(x, q, out, precision)
+        return None if precision == torch.float32 else real(x, q, out, precision, *rule)
 
     monkeypatch.setattr(cluster, "screened_neighbours", spy)
     got = channel_clusters(acts)
