@@ -107,7 +107,6 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model, source = common.load_model(args.model)
     model.eval()
-    from cfcam_gpu import cluster
     from cfcam_gpu.layers import resolve_layer
 
     images, _ = common.make_images(args.batch)

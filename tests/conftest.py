@@ -33,6 +33,13 @@ def photos() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
+def x3(photos) -> torch.Tensor:
+    """(3, 3, 96, 96): chelsea, coffee, astronaut at 96 px, ImageNet normalisation (small and fast; a
+    test module may define its own ``x3`` at another size)."""
+    return torch.stack([preprocess(photos[n], size=96) for n in ("chelsea", "coffee", "astronaut")])
+
+
+@pytest.fixture(scope="session")
 def image_batch(photos) -> torch.Tensor:
     """(6, 3, 224, 224) float32, ImageNet mean/std, in PHOTO_NAMES order (chelsea first)."""
     return torch.stack([preprocess(photos[name]) for name in PHOTO_NAMES])

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cfcam_gpu import (CAMResult, cfcam_from_features, cluster_weights, gradcam_from_features,
+from cfcam_gpu import (cfcam_from_features, cluster_weights, gradcam_from_features,
                        weighted_cam)
 from cfcam_gpu.reference import cfcam_reference, gradcam_reference
 from helpers import assert_matches_reference, make_features, ximgproc

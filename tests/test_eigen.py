@@ -15,14 +15,9 @@ from cfcam_gpu.methods import METHODS, build_method, from_features_fn
 from cfcam_gpu.methods.eigen import (EigenCAM, EigenGradCAM, KPCACAM, eigencam_from_features,
                                      kernel_pca_projection, pca_projection, top_eigenpair)
 
-from helpers import capture_features, patch_pgc_sign, preprocess, refuse_host_reads, upsampled_rescaled
+from helpers import capture_features, patch_pgc_sign, refuse_host_reads, upsampled_rescaled
 
 SIZE = 96
-
-
-@pytest.fixture(scope="module")
-def x3(photos):
-    return torch.stack([preprocess(photos[n], size=SIZE) for n in ("chelsea", "coffee", "astronaut")])
 
 
 @pytest.fixture(scope="module")

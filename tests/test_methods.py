@@ -22,12 +22,6 @@ from helpers import make_features, preprocess
 SIZE = 96
 
 
-@pytest.fixture(scope="module")
-def x3(photos):
-    """chelsea, coffee, astronaut at 96 px, ImageNet normalisation."""
-    return torch.stack([preprocess(photos[n], size=SIZE) for n in ("chelsea", "coffee", "astronaut")])
-
-
 def top1(model, x):
     with torch.no_grad():
         return model(x).argmax(1)

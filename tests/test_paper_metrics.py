@@ -14,7 +14,6 @@ from torch import nn
 from cfcam_gpu import CAMResult, cfcam_from_features, gradcam_from_features
 from cfcam_gpu import metrics as M
 from cfcam_gpu import paper_metrics as P
-from helpers import make_features
 
 S, R = 20, 5  # image size; the toy model reads the top-left R x R region
 

@@ -15,14 +15,9 @@ from cfcam_gpu import CFCAM, GradCAM
 from cfcam_gpu.methods import AblationCAM, EigenCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from cfcam_gpu.smoothing import augment, augmentations, deaugment_mean, eigen_smooth
 
-from helpers import capture_features, patch_pgc_sign, preprocess, refuse_host_reads, upsampled_rescaled
+from helpers import capture_features, patch_pgc_sign, refuse_host_reads, upsampled_rescaled
 
 SIZE = 96
-
-
-@pytest.fixture(scope="module")
-def x3(photos):
-    return torch.stack([preprocess(photos[n], size=SIZE) for n in ("chelsea", "coffee", "astronaut")])
 
 
 @pytest.fixture(scope="module")
