@@ -522,3 +522,34 @@ def test_usage_errors_come_before_the_weights_are_read(three_images, tmp_path, c
         assert capsys.readouterr().err.startswith(f"cfcam: error: {option}")
         assert main(["evaluate", *argv, *common[:4], "--quiet"]) == 2
         assert capsys.readouterr().err.startswith(f"cfcam: error: {option}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every registry method, smoothing, transformers.
+
+def test_method_choices_come_from_the_registry_at_run_time(monkeypatch, capsys):
+    import cfcam_gpu.methods as methods_mod
+    from cfcam_gpu.methods import METHODS
+
+    assert main(["explain", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in METHODS)
+    monkeypatch.setitem(methods_mod.METHODS, "newcam", METHODS["gradcam"])  # a method merged later
+    args = cli.build_parser().parse_args(["explain", "x.png", "--method", "newcam"])
+    assert args.method == "newcam"
+
+
+def test_fullgrad_maps_at_the_input_size(three_images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["explain", str(three_images / "chelsea.png"), "--out", str(out), "--method", "fullgrad",
+                 *FAST]) == 0
+    (row,) = manifest(out)
+    cam = np.load(out / row["files"]["cam"])
+    assert row["files"]["cam"] == "chelsea_fullgrad.npy" and cam.shape == (224, 224) == tuple(row["cam_shape"])
+    assert np.isfinite(cam).all() and cam.max() == pytest.approx(1.0)
+    assert np.asarray(Image.open(out / row["files"]["overlay"])).shape == (96, 96, 3)
+    assert json.loads((out / "run.json").read_text())["layer"] is None
+    assert (out / "contact_sheet.png").is_file()
+    assert main(["explain", str(three_images / "chelsea.png"), "--out", str(tmp_path / "o2"), "--method",
+                 "fullgrad", "--layer", "layer4", *FAST]) == 2
+    assert "--layer" in capsys.readouterr().err

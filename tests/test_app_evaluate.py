@@ -115,3 +115,23 @@ def test_a_used_output_folder_needs_overwrite_and_skipped_images_are_recorded(tm
     assert evaluate.main([*args, "--overwrite"]) == 1
     assert (out / "metrics.json").stat().st_mtime_ns != before
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG" and (out / "robustness.png").is_file()
+
+
+def test_every_registry_method_is_accepted_and_robustness_is_na_without_layer_gradients(tmp_path, photos):
+    from cfcam_gpu.methods import METHODS
+
+    assert evaluate.parse_methods(",".join(METHODS)) == list(METHODS)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photos["chelsea"][:96, :96]).save(folder / "chelsea.png")
+    out = tmp_path / "eval"
+    code = evaluate.main([str(folder), "--model", "resnet18", "--methods", "eigencam,fullgrad,eigengradcam",
+                          "--steps", "1", "--sigmas", "0.5", "--device", "cpu", "--grid-images", "1", "--quiet",
+                          "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["eigencam"]["robustness"] is None and summary["fullgrad"]["robustness"] is None
+    assert summary["eigengradcam"]["robustness"]["0.5"]
+    assert all(math.isfinite(summary["fullgrad"][k]["mean"]) for k in SCALARS)
+    md = (out / "metrics.md").read_text()
+    assert "| Eigen-CAM | n/a (gradient-free)" in md and "| FullGrad | n/a (no target-layer gradients)" in md

@@ -37,7 +37,7 @@ from . import distributed, outputs
 from .options import (PATH_HELP, CLIError, add_model_arguments, check_model_arguments, input_paths,
                       load_model, resolve_device)
 from .report import FILES, write_report
-from .scores import ALL_METHODS, EXTRA_METHODS, SCALARS
+from .scores import DEFAULT_METHODS, SCALARS, known_methods
 
 DEFAULT_SIGMAS = "0.25,0.5,1,2,4"
 HELP = "compare CAM methods: Average Drop/Increase, deletion/insertion AUC, robustness"
@@ -57,9 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="*", metavar="PATH", help=PATH_HELP)
     parser.add_argument("--demo", action="store_true",
                         help="use efficientnet_lite0 and the photos bundled with scikit-image/scikit-learn")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS), metavar="LIST",
-                        help=f"comma-separated, from {', '.join(ALL_METHODS + EXTRA_METHODS)} "
-                             f"(default: {','.join(ALL_METHODS)})")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="LIST",
+                        help=f"comma-separated, from {', '.join(known_methods())} "
+                             f"(default: {','.join(DEFAULT_METHODS)})")
     add_model_arguments(parser)
     group = parser.add_argument_group("evaluation")
     group.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per CAM batch (default 8)")
@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_methods(spec: str) -> list[str]:
     names = [m.strip().lower() for m in spec.split(",") if m.strip()]
-    known = ALL_METHODS + EXTRA_METHODS
+    known = known_methods()
     bad = [m for m in names if m not in known]
     if bad or not names:
         raise CLIError(f"--methods: unknown method(s) {bad or spec!r}; expected names from {', '.join(known)}")

@@ -22,18 +22,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..engine import CFCAM, GradCAM
 from . import distributed, outputs, results
 from .options import (PATH_HELP, PROG, CLIError, add_data_arguments, add_model_arguments,
-                      check_data_arguments, check_model_arguments, input_paths, load_model, make_loader, option_message,
-                      resolve_device)
+                      check_data_arguments, check_model_arguments, input_paths, load_model, make_loader, method_names,
+                      option_message, resolve_device, uses_layer)
 
-HELP = "explain images with CF-CAM / Grad-CAM heatmaps"
+HELP = "explain images with CF-CAM / Grad-CAM / other CAM heatmaps"
 DESCRIPTION = """\
-Explain images with CF-CAM (or Grad-CAM). For each image DIR gets NAME_cfcam.png (the heatmap over the
-resized image), NAME_cfcam.npy (the raw CAM, float32 in [0, 1], at the layer's resolution) and a row in
-DIR/manifest.jsonl; DIR/contact_sheet.png shows the overlays. NAME is the input's file stem (with a short
-hash when two inputs share a stem).
+Explain images with CF-CAM (or another CAM method, --method). For each image DIR gets NAME_METHOD.png (the
+heatmap over the image), NAME_METHOD.npy (the raw CAM, float32 in [0, 1], at the layer's resolution, or at
+the model's input size for fullgrad and --aug-smooth) and a row in DIR/manifest.jsonl;
+DIR/contact_sheet.png shows the overlays. NAME is the input's file stem (with a short hash when two inputs
+share a stem).
 
 examples:
   cfcam explain --demo --out demo
@@ -55,8 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "...) instead of PATHs")
     add_model_arguments(parser)
     group = parser.add_argument_group("CAM")
-    group.add_argument("--method", choices=("cfcam", "gradcam"), default="cfcam",
-                       help="cfcam (default) or plain gradcam")
+    group.add_argument("--method", choices=method_names(), default="cfcam", metavar="NAME",
+                       help=f"CAM method: {', '.join(method_names())} (default cfcam); fullgrad uses no "
+                            "target layer")
     group.add_argument("--target", default="top1", metavar="top1|INT",
                        help="class to explain: 'top1' (each image's predicted class, the default) or a "
                             "class index for every image")
@@ -239,7 +240,11 @@ def _check(args: argparse.Namespace, ctx: distributed.Context) -> Job:
                   "num_classes": args.num_classes, "layer": args.layer, "method": args.method,
                   "target": "top1" if target is None else target, "amp": args.amp}
         job = Job(args, ctx, items, arrays, target, device, out, config, started=started)
+        if args.layer and not uses_layer(args.method):
+            raise CLIError(f"--layer: --method {args.method} uses no target layer; omit --layer")
         job.model, job.info, job.layer = load_model(args, device)
+        if not uses_layer(args.method):
+            job.layer = None
         config["layer"] = job.layer
         if target is not None and target >= job.info.num_classes:
             raise CLIError(f"--target: expected 'top1' or a class index in [0, {job.info.num_classes}) for "
@@ -275,10 +280,11 @@ def _explain(job: Job, pending: list[int], quiet: bool) -> tuple[int, int]:
     """Explain this rank's ``pending`` inputs into its manifest -> (n ok, n failed) over every rank."""
     from .data import ArrayDataset, ImageFolderDataset
 
+    from ..methods import build_method
+
     args, ctx, info = job.args, job.ctx, job.info
-    engine_class = CFCAM if args.method == "cfcam" else GradCAM
-    engine = engine_class(job.model, job.layer, amp=AMP_CHOICES[args.amp], channels_last=args.channels_last,
-                          compile=args.compile)
+    engine = build_method(args.method, job.model, job.layer, amp=AMP_CHOICES[args.amp],
+                          channels_last=args.channels_last, compile=args.compile)
     if job.arrays is not None:
         dataset = ArrayDataset([job.items[i].key for i in pending], [job.arrays[i] for i in pending],
                                info.input_size, info.mean, info.std, keep_original=True)
@@ -321,9 +327,10 @@ def _finish(job: Job, n_ok: int, n_failed: int, n_skipped: int, seconds: float, 
     sheet_rows = ok_rows[:SHEET_MAX_TILES]
     n_blank = sum(bool(row.get("blank")) for row in ok_rows)
     if n_blank:
-        print(f"{PROG}: warning: {n_blank} of {len(ok_rows)} CAMs are all zero (blank heatmaps): no channel "
-              f"cluster at layer {layer!r} has a positive weight with non-zero activations (e.g. only dead, "
-              "all-zero channels clustered); try another --layer or --method gradcam", file=sys.stderr)
+        why = (": no channel cluster has a positive weight with non-zero activations (e.g. only dead, all-zero "
+               "channels clustered)" if args.method == "cfcam" else "")
+        print(f"{PROG}: warning: {n_blank} of {len(ok_rows)} CAMs are all zero (blank heatmaps) at layer "
+              f"{layer!r}{why}; try another --layer or --method", file=sys.stderr)
     if sheet_rows:
         results.write_contact_sheet(out, sheet_rows, job.info.input_size)
     summary = {"n_images": len(job.items), "n_ok": n_ok, "n_failed": n_failed, "n_skipped": n_skipped,

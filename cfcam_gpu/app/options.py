@@ -9,6 +9,7 @@ Heavy libraries (timm, torchvision's model zoo) are imported by ``load_model``, 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import warnings
 from pathlib import Path
@@ -43,6 +44,39 @@ def option_message(error: BaseException) -> str:
     if sep and head in _OPTION_FOR_PARAMETER:
         return f"{_OPTION_FOR_PARAMETER[head]}: {rest}"
     return message
+
+
+# ---------------------------------------------------------------------------------------------------
+# CAM methods: the names and what they need, read from the core's registry at run time.
+
+def method_names() -> tuple[str, ...]:
+    """Every name of ``cfcam_gpu.methods.METHODS``, in the registry's order."""
+    from ..methods import METHODS
+
+    return tuple(METHODS)
+
+
+def uses_layer(name: str) -> bool:
+    """False for a method whose engine takes no target layer (its ``target_layer`` defaults to None, e.g.
+    fullgrad, which uses every bias layer and returns maps at the input size)."""
+    from ..methods import METHODS
+
+    parameter = inspect.signature(METHODS[name].__init__).parameters.get("target_layer")
+    return parameter is None or parameter.default is not None
+
+
+def uses_gradients(name: str) -> bool:
+    """True when the method's map is a function of the target layer's gradients (its pure
+    (activations, gradients) function needs them): what evaluate's gradient-noise robustness measures.
+    Methods with no such function (scorecam, ablationcam, fullgrad) or whose function ignores the gradients
+    (``gradients=None`` by default: eigencam, kpcacam) -> False."""
+    from ..methods import from_features_fn
+
+    fn = from_features_fn(name)
+    if fn is None:
+        return False
+    parameter = inspect.signature(fn).parameters.get("gradients")
+    return parameter is not None and parameter.default is not None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 
 from .. import metrics as M
 from .outputs import write_atomic, write_text_atomic
-from .scores import LABELS, SCALARS
+from .scores import LABELS, SCALARS, robustness_free
 
 FILES = ("metrics.json", "metrics.md", "per_image.json", "curves.npz", "deletion_insertion.png", "robustness.png",
          "comparison.png")
@@ -77,7 +77,7 @@ def markdown(summary: dict, result: dict, context: dict) -> str:
         for name in methods:
             rob = summary[name]["robustness"]
             if rob is None:
-                cells = ["n/a (gradient-free)"] + ["—"] * (2 * len(sigmas) - 1)
+                cells = [f"n/a ({robustness_free(name)})"] + ["—"] * (2 * len(sigmas) - 1)
                 lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
                 continue
             lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(_pm(rob[s]["ssim"], 3) for s in sigmas) + " | "

@@ -14,13 +14,28 @@ from ..hooks import LeafCapture, eval_mode, forward_hook
 from ..layers import resolve_layer
 from ..methods import ScoreCAM, build_method, dead_channels, from_features_fn
 from ..targets import resolve_targets
+from .options import method_names, uses_gradients, uses_layer
 
-ALL_METHODS = ("cfcam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "ablationcam")
-EXTRA_METHODS = ("cfcam_exclude_dead", "scorecam_logit")
+DEFAULT_METHODS = ("cfcam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "ablationcam")
+VARIANTS = ("scorecam_logit",)  # evaluation variants of registry methods; the rest: cfcam_gpu.methods.METHODS
+# Display names (a method without one is shown by its registry name).
 LABELS = {"cfcam": "CF-CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
           "layercam": "LayerCAM", "hirescam": "HiResCAM", "scorecam": "Score-CAM",
           "ablationcam": "Ablation-CAM", "cfcam_exclude_dead": "CF-CAM (dead excl.)",
-          "scorecam_logit": "Score-CAM (logit)"}
+          "scorecam_logit": "Score-CAM (logit)", "eigencam": "Eigen-CAM", "eigengradcam": "EigenGrad-CAM",
+          "kpcacam": "KPCA-CAM", "fullgrad": "FullGrad"}
+
+
+def known_methods() -> tuple[str, ...]:
+    """Every name ``evaluate --methods`` accepts: the core registry's (at run time) and VARIANTS."""
+    return method_names() + VARIANTS
+
+
+def robustness_free(name: str) -> str | None:
+    """Why the gradient-noise robustness does not apply to a method (None when it does)."""
+    if name in VARIANTS or not uses_gradients(name):
+        return "no target-layer gradients" if name not in VARIANTS and not uses_layer(name) else "gradient-free"
+    return None
 SCALARS = ("average_drop", "increase_in_confidence", "average_drop_threshold",
            "increase_in_confidence_threshold", "deletion_auc", "insertion_auc")
 
@@ -33,11 +48,12 @@ def _engine(name: str, model, layer, forward_batch_size: int):
         options["score_batch_size"] = forward_batch_size
     if name == "ablationcam":
         options["ablation_batch_size"] = max(forward_batch_size, 256)
-    return build_method(name, model, layer, **options)
+    return build_method(name, model, layer if uses_layer(name) else None, **options)
 
 
 def _fn(name: str):
-    return None if name == "scorecam_logit" else from_features_fn(name)
+    """The (activations, gradients) function the robustness metric perturbs; None where it does not apply."""
+    return None if robustness_free(name) else from_features_fn(name)
 
 
 def features(model, layer, images: torch.Tensor):
