@@ -553,3 +553,18 @@ def test_fullgrad_maps_at_the_input_size(three_images, tmp_path, capsys):
     assert main(["explain", str(three_images / "chelsea.png"), "--out", str(tmp_path / "o2"), "--method",
                  "fullgrad", "--layer", "layer4", *FAST]) == 2
     assert "--layer" in capsys.readouterr().err
+
+
+def test_smoothing_flags_reach_the_engine_and_are_recorded(three_images, tmp_path, capsys):
+    image = str(three_images / "chelsea.png")
+    plain, eigen, aug = tmp_path / "plain", tmp_path / "eigen", tmp_path / "aug"
+    assert main(["explain", image, "--out", str(plain), "--method", "gradcam", *FAST]) == 0
+    assert main(["explain", image, "--out", str(eigen), "--method", "gradcam", "--eigen-smooth", *FAST]) == 0
+    assert main(["explain", image, "--out", str(aug), "--method", "gradcam", "--aug-smooth", *FAST]) == 0
+    cams = {d.name: np.load(d / manifest(d)[0]["files"]["cam"]) for d in (plain, eigen, aug)}
+    assert cams["plain"].shape == cams["eigen"].shape == (7, 7) and cams["aug"].shape == (224, 224)
+    assert not np.allclose(cams["plain"], cams["eigen"])
+    config = json.loads((eigen / "run.json").read_text())
+    assert config["eigen_smooth"] is True and config["aug_smooth"] is False
+    assert main(["explain", image, "--out", str(eigen), "--resume", "--method", "gradcam", *FAST]) == 2
+    assert "eigen_smooth" in capsys.readouterr().err

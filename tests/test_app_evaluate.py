@@ -135,3 +135,20 @@ def test_every_registry_method_is_accepted_and_robustness_is_na_without_layer_gr
     assert all(math.isfinite(summary["fullgrad"][k]["mean"]) for k in SCALARS)
     md = (out / "metrics.md").read_text()
     assert "| Eigen-CAM | n/a (gradient-free)" in md and "| FullGrad | n/a (no target-layer gradients)" in md
+
+
+def test_smoothing_flags_change_the_maps_and_are_recorded(tmp_path, photos):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photos["chelsea"][:96, :96]).save(folder / "chelsea.png")
+    curves = {}
+    for flag in ("", "--aug-smooth", "--eigen-smooth"):
+        out = tmp_path / ("eval" + flag)
+        argv = [str(folder), "--model", "resnet18", "--methods", "gradcam", "--steps", "4", "--sigmas", "0.5",
+                "--device", "cpu", "--grid-images", "1", "--quiet", "--out", str(out)] + ([flag] if flag else [])
+        assert evaluate.main(argv) == 0
+        curves[flag] = np.load(out / "curves.npz")["gradcam__deletion"]
+        if flag:
+            assert flag in (out / "metrics.md").read_text()
+    assert not np.allclose(curves[""], curves["--aug-smooth"])
+    assert not np.allclose(curves[""], curves["--eigen-smooth"])

@@ -35,7 +35,7 @@ import torch
 
 from . import distributed, outputs
 from .options import (PATH_HELP, CLIError, add_model_arguments, check_model_arguments, input_paths,
-                      load_model, resolve_device)
+                      load_model, resolve_device, smoothing, add_smoothing_arguments)
 from .report import FILES, write_report
 from .scores import DEFAULT_METHODS, SCALARS, known_methods
 
@@ -74,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grid-images", type=int, default=6, metavar="N",
                        help="rows of comparison.png (default 6)")
     group.add_argument("--seed", type=int, default=0, help="seed of the gradient noise (default 0)")
+    add_smoothing_arguments(group)
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the evaluation DIR already holds (without it, such a DIR is refused)")
@@ -193,7 +194,7 @@ def _evaluate_share(args, model, info, layer, images, displays, names, positions
                 "seconds": {name: {"cam": 0.0, "metrics": 0.0} for name in methods}, "clusters": {}, "grid": {}}
     result = score_methods(model, layer, images.to(device), methods, info.mean, info.std, positions, total,
                            steps=args.steps, sigmas=sigmas, batch_size=args.batch_size,
-                           forward_batch_size=forward_batch_size, seed=args.seed, log=log)
+                           forward_batch_size=forward_batch_size, seed=args.seed, log=log, **smoothing(args))
     return {"positions": positions, "names": names, "targets": result["targets"].tolist(),
             "probs": result["probs"].tolist(), "per_image": result["per_image"], "curves": result["curves"],
             "seconds": result["seconds"], "clusters": result["clusters"],

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import distributed, outputs, results
 from .options import (PATH_HELP, PROG, CLIError, add_data_arguments, add_model_arguments,
                       check_data_arguments, check_model_arguments, input_paths, load_model, make_loader, method_names,
-                      option_message, resolve_device, uses_layer)
+                      option_message, resolve_device, smoothing, uses_layer, add_smoothing_arguments)
 
 HELP = "explain images with CF-CAM / Grad-CAM / other CAM heatmaps"
 DESCRIPTION = """\
@@ -61,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target", default="top1", metavar="top1|INT",
                        help="class to explain: 'top1' (each image's predicted class, the default) or a "
                             "class index for every image")
+    add_smoothing_arguments(group)
     group = parser.add_argument_group("speed")
     group.add_argument("--amp", choices=tuple(AMP_CHOICES), default="off",
                        help="autocast the model pass to bf16 or fp16 (clustering and filtering stay float32 "
@@ -238,7 +239,7 @@ def _check(args: argparse.Namespace, ctx: distributed.Context) -> Job:
         outputs.check_output_folder(out)
         config = {"model": args.model, "weights": os.path.abspath(args.weights) if args.weights else None,
                   "num_classes": args.num_classes, "layer": args.layer, "method": args.method,
-                  "target": "top1" if target is None else target, "amp": args.amp}
+                  "target": "top1" if target is None else target, "amp": args.amp, **smoothing(args)}
         job = Job(args, ctx, items, arrays, target, device, out, config, started=started)
         if args.layer and not uses_layer(args.method):
             raise CLIError(f"--layer: --method {args.method} uses no target layer; omit --layer")
@@ -367,12 +368,12 @@ def _is_config_error(error: Exception) -> bool:
         ("target_layer:", "model:", "targets:"))
 
 
-def _cams(engine, images: torch.Tensor, target, n: int) -> list[tuple[slice, object]]:
+def _cams(engine, images: torch.Tensor, target, n: int, options: dict) -> list[tuple[slice, object]]:
     """[(rows, CAMResult or the exception)]: the whole batch, or, if it fails as a whole (a NaN in one
     image, out of memory), image by image so that only the culprits fail. Configuration errors (the
     layer does not output a feature map, ...) stop the run with exit 2."""
     try:
-        return [(slice(0, n), engine(images, target))]
+        return [(slice(0, n), engine(images, target, **options))]
     except Exception as error:  # noqa: BLE001 - retried per image below
         if _is_config_error(error):
             raise CLIError(_config_message(error)) from None
@@ -381,7 +382,7 @@ def _cams(engine, images: torch.Tensor, target, n: int) -> list[tuple[slice, obj
     groups = []
     for i in range(n):
         try:
-            groups.append((slice(i, i + 1), engine(images[i:i + 1], target)))
+            groups.append((slice(i, i + 1), engine(images[i:i + 1], target, **options)))
         except Exception as single_error:  # noqa: BLE001 - reported in the manifest
             if _is_config_error(single_error):
                 raise CLIError(_config_message(single_error)) from None
@@ -399,7 +400,7 @@ def _explain_batch(job: Job, engine, batch, pending: list[int]):
         return rows, files
     batch_items = [job.items[pending[int(j)]] for j in batch.indices]
     images = batch.images.to(job.device, non_blocking=True)
-    for where, result in _cams(engine, images, job.target, len(batch_items)):
+    for where, result in _cams(engine, images, job.target, len(batch_items), smoothing(job.args)):
         part = batch_items[where]
         if isinstance(result, Exception):
             message = f"{type(result).__name__}: {str(result).strip().splitlines()[0] if str(result) else ''}"

@@ -79,6 +79,19 @@ def uses_gradients(name: str) -> bool:
     return parameter is not None and parameter.default is not None
 
 
+def add_smoothing_arguments(group) -> None:
+    group.add_argument("--aug-smooth", action="store_true",
+                       help="average the maps of flipped and rescaled copies of each image (6x the work; maps "
+                            "at the input size)")
+    group.add_argument("--eigen-smooth", action="store_true",
+                       help="the first principal component of the weighted activations instead of their sum")
+
+
+def smoothing(args: argparse.Namespace) -> dict:
+    """--aug-smooth / --eigen-smooth as the engines' keyword arguments (they change the maps)."""
+    return {"aug_smooth": bool(args.aug_smooth), "eigen_smooth": bool(args.eigen_smooth)}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Model and device.
 

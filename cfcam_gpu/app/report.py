@@ -59,7 +59,8 @@ def markdown(summary: dict, result: dict, context: dict) -> str:
              f"{context['n_images']} images ({context['source']}), each explained for the model's top-1 class; "
              f"mean ± 95% CI half-width (Student t). Deletion: zero (mean-colour) baseline; insertion: blurred "
              f"image; {context['steps']} steps. Robustness: Gaussian noise of sigma x std(gradients) on the "
-             f"target-layer gradients, CAMs compared at the input size (SSIM: Gaussian window 1.5).", "",
+             f"target-layer gradients, CAMs compared at the input size (SSIM: Gaussian window 1.5)"
+             + ("; of the maps without --aug-smooth / --eigen-smooth" if context.get("smoothed") else "") + ".", "",
              "| Method | Avg Drop % ↓ | Increase % ↑ | Avg Drop % (CAM>0.5) ↓ | Increase % (CAM>0.5) ↑ "
              "| Deletion AUC ↓ | Insertion AUC ↑ | s / image |",
              "|---|---|---|---|---|---|---|---|"]
@@ -198,13 +199,15 @@ def write_report(out, args, methods, sigmas, result, names, displays, info, laye
     grid = comparison_grid(displays, result["cams"], names, classes, result["probs"].tolist(), args.grid_images)
     save_png(grid, out / "comparison.png")
     context = {"model": info.name, "layer": layer, "n_images": len(names),
+               "smoothed": args.aug_smooth or args.eigen_smooth,
                "source": "bundled scikit-image / scikit-learn photos" if args.demo else "PATHs",
                "steps": args.steps, "device": str(device) + processes, "threads": torch.get_num_threads(),
                "seconds": time.perf_counter() - t_start,
                "options": f"--methods {','.join(methods)} --steps {args.steps} "
                           f"--sigmas {','.join(f'{s:g}' for s in sigmas)} "
                           f"--batch-size {args.batch_size} --forward-batch-size {forward_batch_size} --seed {args.seed}"
-                          + (f" --max-images {args.max_images}" if args.max_images else "")}
+                          + (f" --max-images {args.max_images}" if args.max_images else "")
+                          + (" --aug-smooth" if args.aug_smooth else "") + (" --eigen-smooth" if args.eigen_smooth else "")}
     write_text_atomic(out / "metrics.md", markdown(summary, result, context))
     log(f"wrote {out}/metrics.json, metrics.md, per_image.json, curves.npz, deletion_insertion.png, "
         f"robustness.png, comparison.png in {context['seconds']:.0f} s")

@@ -108,13 +108,16 @@ def _sync(device: torch.device) -> None:
 
 def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], mean, std, positions: Sequence[int],
                   total: int, steps: int = 50, sigmas: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
-                  batch_size: int = 8, forward_batch_size: int = 64, seed: int = 0, log=None) -> dict:
+                  batch_size: int = 8, forward_batch_size: int = 64, seed: int = 0, log=None,
+                  aug_smooth: bool = False, eigen_smooth: bool = False) -> dict:
     """Per-image metrics of every method on ``images`` (N, 3, H, W) for the model's top-1 classes.
 
     ``images`` are the images at places ``positions`` (ascending) of a list of ``total`` (all of them in
     one process; one rank's share under torchrun). They are batched as that whole list is (batch k:
     places [k * batch_size, (k + 1) * batch_size)) and each image gets the gradient noise it gets when the
     whole list is evaluated in one process, so every per-image value is the one-process value.
+    ``aug_smooth`` / ``eigen_smooth`` go to every engine call (the robustness metric perturbs the method's
+    plain (activations, gradients) function: it measures the map without smoothing).
 
     Returns {"targets", "probs", "per_image": {method: {metric: list}}, "curves": {method: {...}},
     "seconds": {method: {"cam", "metrics"}}, "cams": {method: (N, h, w) CPU tensor}, "clusters": {...}}.
@@ -140,7 +143,7 @@ def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], me
         for (i, j, (batch, rows, size)), (acts, grads, tgt, _) in zip(spans, feats):
             x = images[i:j]
             t0 = time.perf_counter()
-            res = engine(x, tgt)
+            res = engine(x, tgt, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
             cams = res.cams
             _sync(x.device)
             t1 = time.perf_counter()
