@@ -48,7 +48,7 @@ def test_demo_end_to_end(tmp_path):
     curves = np.load(out / "curves.npz")
     assert curves["gradcam__deletion"].shape == (2, 4) and np.isfinite(curves["gradcam__insertion"]).all()
     md = (out / "metrics.md").read_text()
-    assert "| CF-CAM |" in md and "Grad-CAM++" in md and "±" in md
+    assert "| CF-CAM |" in md and "Grad-CAM++" in md and "percentile-bootstrap" in md and "±" not in md
     grid = np.asarray(Image.open(out / "comparison.png"))
     assert grid.shape[0] > 2 * 224 and grid.shape[1] > 4 * 224  # 2 rows; input + 3 methods
 
@@ -152,3 +152,22 @@ def test_smoothing_flags_change_the_maps_and_are_recorded(tmp_path, photos):
             assert flag in (out / "metrics.md").read_text()
     assert not np.allclose(curves[""], curves["--aug-smooth"])
     assert not np.allclose(curves[""], curves["--eigen-smooth"])
+
+
+def test_intervals_stay_within_each_quantity_range():
+    from cfcam_gpu.app import report
+
+    ones = [1.0] * 7 + [0.1]  # SSIM-like values near 1: a t interval exceeds 1
+    result = {"targets": [0] * 8, "seconds": {"m": {"cam": 1.0}}, "per_image": {"m": {
+        "average_drop": [0.0] * 7 + [100.0], "increase_in_confidence": [0.0] * 7 + [100.0],
+        "average_drop_threshold": [0.0] * 7 + [100.0], "increase_in_confidence_threshold": [100.0] * 7 + [0.0],
+        "deletion_auc": [0.0] * 7 + [1.0], "insertion_auc": ones,
+        "robustness": {0.5: {"ssim": ones, "mse": [0.0] * 7 + [0.3]}}}}}
+    entry = report.summarize(result, ["m"])["m"]
+    bounds = {"average_drop": (0, 100), "increase_in_confidence": (0, 100), "average_drop_threshold": (0, 100),
+              "increase_in_confidence_threshold": (0, 100), "deletion_auc": (0, 1), "insertion_auc": (0, 1)}
+    stats = [(entry[k], b) for k, b in bounds.items()]
+    stats += [(entry["robustness"]["0.5"]["ssim"], (-1, 1)), (entry["robustness"]["0.5"]["mse"], (0, math.inf))]
+    for stat, (low, high) in stats:
+        assert low <= stat["ci95"][0] <= stat["mean"] <= stat["ci95"][1] <= high, stat
+    assert report.summarize(result, ["m"]) == report.summarize(result, ["m"])  # seeded

@@ -9,8 +9,9 @@ from ``report``:
   metrics.json      {method: {"average_drop", "increase_in_confidence", "average_drop_threshold",
                     "increase_in_confidence_threshold", "deletion_auc", "insertion_auc": {"mean", "ci95"},
                     "robustness": {sigma: {"ssim", "mse"}} (null for gradient-free methods),
-                    "n_images", "seconds_per_image"}}; ci95 = [low, high], Student-t interval of the mean
-  metrics.md        the same as markdown tables (mean +- 95% CI half-width)
+                    "n_images", "seconds_per_image"}}; ci95 = [low, high], 95% percentile-bootstrap interval of
+                    the mean (2000 resamples, seeded), always within the quantity's possible range
+  metrics.md        the same as markdown tables (mean [low, high])
   per_image.json    every per-image value, the targets and class names, CF-CAM's cluster counts
   curves.npz        deletion / insertion curves per method, (N, steps + 1)
   deletion_insertion.png, robustness.png   matplotlib plots (Agg)

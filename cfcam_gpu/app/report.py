@@ -21,8 +21,14 @@ FILES = ("metrics.json", "metrics.md", "per_image.json", "curves.npz", "deletion
          "comparison.png")
 
 
+RESAMPLES = 2000  # percentile-bootstrap resamples of every interval (seeded: the same files for the same values)
+INTERVAL = f"95% percentile-bootstrap interval of the mean ({RESAMPLES} resamples, seeded)"
+
+
 def _stat(values) -> dict:
-    m, lo, hi = M.mean_ci(values)
+    """{"mean", "ci95": [low, high]}: the interval lies within the values' range, so within the
+    quantity's possible one (percentages in [0, 100], AUCs in [0, 1], SSIM in [-1, 1], MSE >= 0)."""
+    m, lo, hi = M.mean_ci(values, method="bootstrap", resamples=RESAMPLES, seed=0)
     clean = lambda v: None if not math.isfinite(v) else v  # noqa: E731
     return {"mean": clean(m), "ci95": [clean(lo), clean(hi)]}
 
@@ -50,14 +56,14 @@ def _pm(stat: dict, digits: int = 2) -> str:
         return "n/a"
     if lo is None or hi is None:
         return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {(hi - lo) / 2:.{digits}f}"
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def markdown(summary: dict, result: dict, context: dict) -> str:
     methods = list(summary)
     lines = [f"# CAM evaluation: {context['model']} / {context['layer']}", "",
              f"{context['n_images']} images ({context['source']}), each explained for the model's top-1 class; "
-             f"mean ± 95% CI half-width (Student t). Deletion: zero (mean-colour) baseline; insertion: blurred "
+             f"mean [{INTERVAL}]. Deletion: zero (mean-colour) baseline; insertion: blurred "
              f"image; {context['steps']} steps. Robustness: Gaussian noise of sigma x std(gradients) on the "
              f"target-layer gradients, CAMs compared at the input size (SSIM: Gaussian window 1.5)"
              + ("; of the maps without --aug-smooth / --eigen-smooth" if context.get("smoothed") else "") + ".", "",
@@ -128,7 +134,8 @@ def _plots(out: Path, summary: dict, result: dict, steps: int) -> None:
         for ax, key in zip(axes, ("ssim", "mse")):
             stats = [e["robustness"][s][key] for s in e["robustness"]]
             mean = np.array([s["mean"] for s in stats], dtype=float)
-            err = np.array([(s["ci95"][1] - s["ci95"][0]) / 2 if s["ci95"][0] is not None else 0 for s in stats])
+            err = np.array([[s["mean"] - s["ci95"][0], s["ci95"][1] - s["mean"]] if s["ci95"][0] is not None
+                            else [0, 0] for s in stats]).T  # (2, n): the asymmetric bootstrap interval
             ax.errorbar(sig, mean, yerr=err, marker="o", capsize=3, label=LABELS.get(name, name))
     for ax, title in zip(axes, ("SSIM(clean, noisy CAM) ↑", "MSE(clean, noisy CAM) ↓")):
         ax.set_title(title)
