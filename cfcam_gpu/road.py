@@ -148,7 +148,7 @@ def road(model: nn.Module, images: Tensor, cams: Tensor, targets, percentiles: S
     conjugate-gradient steps per level (``linear_impute``); ``batch_size`` images per model pass. Eval mode, no_grad, the model's
     train/eval state restored. No host read.
     """
-    t = _check_inputs(images, cams, targets)
+    cams, t = _check_inputs(images, cams, targets)  # cams: a tensor (NumPy maps accepted)
     _check_batch_size(batch_size)
     if score not in ("logit", "softmax"):
         raise ValueError(f"score: expected 'logit' or 'softmax', got {score!r}")
