@@ -171,3 +171,55 @@ def test_intervals_stay_within_each_quantity_range():
     for stat, (low, high) in stats:
         assert low <= stat["ci95"][0] <= stat["mean"] <= stat["ci95"][1] <= high, stat
     assert report.summarize(result, ["m"]) == report.summarize(result, ["m"])  # seeded
+
+
+def test_road_is_optional_and_reported_per_method(tmp_path, photos, monkeypatch):
+    import cfcam_gpu.road as road_module
+
+    real_road, calls = road_module.road, []
+
+    def quick_road(*args, **kwargs):  # the full imputation takes ~40 s per image on a CPU core
+        calls.append(kwargs)
+        return real_road(*args, **kwargs, iterations=2, percentiles=(30, 70))
+
+    monkeypatch.setattr(road_module, "road", quick_road)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("chelsea", "coffee"):
+        Image.fromarray(photos[name][:96, :96]).save(folder / f"{name}.png")
+    base = [str(folder), "--model", "resnet18", "--methods", "gradcam,eigencam", "--steps", "1", "--sigmas", "0.5",
+            "--device", "cpu", "--grid-images", "1", "--quiet", "--batch-size", "1"]
+    assert evaluate.main([*base, "--out", str(tmp_path / "plain")]) == 0 and not calls  # off by default
+    assert "road_combined" not in json.loads((tmp_path / "plain" / "metrics.json").read_text())["gradcam"]
+    assert evaluate.main([*base, "--metrics", "road", "--out", str(tmp_path / "road")]) == 0
+    assert len(calls) == 4 and all(c["noise"] == 0.01 for c in calls)  # 2 methods x 2 batches
+    summary = json.loads((tmp_path / "road" / "metrics.json").read_text())
+    per_image = json.loads((tmp_path / "road" / "per_image.json").read_text())
+    for method in ("gradcam", "eigencam"):
+        for key in ("road_combined", "road_morf", "road_lerf"):
+            assert _finite_stat(summary[method][key]), (method, key)
+            assert len(per_image["methods"][method][key]) == 2
+        values = per_image["methods"][method]
+        assert summary[method]["road_combined"]["mean"] == pytest.approx(
+            np.mean(np.subtract(values["road_lerf"], values["road_morf"]) / 2))
+    md = (tmp_path / "road" / "metrics.md").read_text()
+    assert "| Method | ROAD combined ↑ | MoRF ↓ | LeRF ↑ |" in md and "--metrics road" in md
+    assert evaluate.main([*base, "--metrics", "roads", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_road_of_a_share_of_a_batch_equals_the_whole_batch_value():
+    """Under torchrun a rank holds some rows of a global batch: each gets its one-process ROAD value."""
+    import torch
+    import torchvision
+
+    from cfcam_gpu.app.scores import _road
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    x, cams, tgt = torch.randn(3, 3, 32, 32), torch.rand(3, 4, 4), torch.tensor([0, 3, 1])
+    whole = _road(model, x, cams, tgt, [0, 1, 2], 3, seed=4, batch=2, batch_size=8)
+    share = _road(model, x[1:], cams[1:], tgt[1:], [1, 2], 3, seed=4, batch=2, batch_size=8)
+    for key, values in share.items():
+        assert values == pytest.approx(whole[key][1:], abs=1e-5), key
+    other = _road(model, x, cams, tgt, [0, 1, 2], 3, seed=4, batch=3, batch_size=8)
+    assert other["road_combined"] != whole["road_combined"]  # the noise depends on the batch

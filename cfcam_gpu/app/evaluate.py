@@ -11,6 +11,7 @@ from ``report``:
                     "robustness": {sigma: {"ssim", "mse"}} (null for gradient-free methods),
                     "n_images", "seconds_per_image"}}; ci95 = [low, high], 95% percentile-bootstrap interval of
                     the mean (2000 resamples, seeded), always within the quantity's possible range
+                    with --metrics road also "road_combined", "road_morf", "road_lerf"
   metrics.md        the same as markdown tables (mean [low, high])
   per_image.json    every per-image value, the targets and class names, CF-CAM's cluster counts
   curves.npz        deletion / insertion curves per method, (N, steps + 1)
@@ -38,7 +39,7 @@ from . import distributed, outputs
 from .options import (PATH_HELP, CLIError, add_model_arguments, check_model_arguments, input_paths,
                       load_model, resolve_device, smoothing, add_smoothing_arguments)
 from .report import FILES, write_report
-from .scores import DEFAULT_METHODS, SCALARS, known_methods
+from .scores import DEFAULT_METHODS, EXTRA_METRICS, known_methods, scalar_keys
 
 DEFAULT_SIGMAS = "0.25,0.5,1,2,4"
 HELP = "compare CAM methods: Average Drop/Increase, deletion/insertion AUC, robustness"
@@ -61,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="LIST",
                         help=f"comma-separated, from {', '.join(known_methods())} "
                              f"(default: {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--metrics", default="", metavar="LIST",
+                        help=f"optional metrics to add, comma-separated: {', '.join(EXTRA_METRICS)} (ROAD, "
+                             "RemOve And Debias: slow on the CPU); default none")
     add_model_arguments(parser)
     group = parser.add_argument_group("evaluation")
     group.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per CAM batch (default 8)")
@@ -89,6 +93,15 @@ def parse_methods(spec: str) -> list[str]:
     if bad or not names:
         raise CLIError(f"--methods: unknown method(s) {bad or spec!r}; expected names from {', '.join(known)}")
     return list(dict.fromkeys(names))
+
+
+def parse_metrics(spec: str) -> list[str]:
+    names = list(dict.fromkeys(m.strip().lower() for m in spec.split(",") if m.strip()))
+    bad = [m for m in names if m not in EXTRA_METRICS]
+    if bad:
+        raise CLIError(f"--metrics: unknown metric(s) {bad}; expected names from {', '.join(EXTRA_METRICS)} "
+                       "(the standard metrics are always computed)")
+    return names
 
 
 def parse_sigmas(spec: str) -> list[float]:
@@ -137,6 +150,7 @@ def _run(args, ctx) -> int:
     t_start = time.perf_counter()
     check_arguments(args)
     methods, sigmas = parse_methods(args.methods), parse_sigmas(args.sigmas)
+    args.metrics = parse_metrics(args.metrics) if isinstance(args.metrics, str) else list(args.metrics)
     paths = None if args.demo else input_paths(args.paths)
     out = Path(args.out)
     outputs.check_output_folder(out)
@@ -174,7 +188,7 @@ def _run(args, ctx) -> int:
     # gradient-free methods have robustness None on every rank; the others on the ranks with images
     sigmas_present = {name: next((list(p["per_image"][name]["robustness"]) for p in parts
                                   if p["per_image"][name]["robustness"] is not None), None) for name in methods}
-    result, names, grid_displays = _merge(parts, methods, sigmas_present)
+    result, names, grid_displays = _merge(parts, methods, sigmas_present, scalar_keys(args.metrics))
     write_report(out, args, methods, sigmas, result, names, grid_displays, info, layer, device,
                  forward_batch_size, t_start, log, processes=processes, skipped=failures)
     distributed.barrier()
@@ -189,13 +203,14 @@ def _evaluate_share(args, model, info, layer, images, displays, names, positions
     rows = min(args.grid_images, total)
     if not positions:  # nothing to do here (fewer images than ranks)
         return {"positions": [], "names": [], "targets": [], "probs": [],
-                "per_image": {name: {**{k: [] for k in SCALARS}, "robustness": None} for name in methods},
+                "per_image": {name: {**{k: [] for k in scalar_keys(args.metrics)}, "robustness": None}
+                              for name in methods},
                 "curves": {name: {k: np.zeros((0, args.steps + 1), np.float32) for k in ("deletion", "insertion")}
                            for name in methods},
                 "seconds": {name: {"cam": 0.0, "metrics": 0.0} for name in methods}, "clusters": {}, "grid": {}}
     result = score_methods(model, layer, images.to(device), methods, info.mean, info.std, positions, total,
                            steps=args.steps, sigmas=sigmas, batch_size=args.batch_size,
-                           forward_batch_size=forward_batch_size, seed=args.seed, log=log, **smoothing(args))
+                           forward_batch_size=forward_batch_size, seed=args.seed, log=log, metrics=args.metrics, **smoothing(args))
     return {"positions": positions, "names": names, "targets": result["targets"].tolist(),
             "probs": result["probs"].tolist(), "per_image": result["per_image"], "curves": result["curves"],
             "seconds": result["seconds"], "clusters": result["clusters"],
@@ -253,7 +268,7 @@ def _load_shard(args, paths, info, ctx):
     return images, displays, [mine[i][2] for i in kept], [place[i] for i in kept], len(readable), failures
 
 
-def _merge(parts: list[dict], methods, sigmas_present: dict) -> tuple[dict, list, torch.Tensor]:
+def _merge(parts: list[dict], methods, sigmas_present: dict, keys) -> tuple[dict, list, torch.Tensor]:
     """Every rank's share of ``evaluate``'s result -> the result for all images in list order (cams and
     displays: the grid rows only), names, displays."""
     positions = [p for part in parts for p in part["positions"]]
@@ -269,7 +284,7 @@ def _merge(parts: list[dict], methods, sigmas_present: dict) -> tuple[dict, list
     names = cat([part["names"] for part in parts])
     for name in methods:
         pers = [part["per_image"][name] for part in parts]
-        per = {k: cat([p[k] for p in pers]) for k in SCALARS}
+        per = {k: cat([p[k] for p in pers]) for k in keys}
         if sigmas_present[name]:
             per["robustness"] = {s: {m: cat([p["robustness"][s][m] for p in pers]) for m in ("ssim", "mse")}
                                  for s in sigmas_present[name]}

@@ -15,7 +15,7 @@ import torch
 
 from .. import metrics as M
 from .outputs import write_atomic, write_text_atomic
-from .scores import LABELS, SCALARS, robustness_free
+from .scores import LABELS, ROAD_SCALARS, SCALARS, robustness_free
 
 FILES = ("metrics.json", "metrics.md", "per_image.json", "curves.npz", "deletion_insertion.png", "robustness.png",
          "comparison.png")
@@ -39,7 +39,7 @@ def summarize(result: dict, methods: Sequence[str]) -> dict:
     N = len(result["targets"])
     for name in methods:
         per = result["per_image"][name]
-        entry = {k: _stat(per[k]) for k in SCALARS}
+        entry = {k: _stat(per[k]) for k in SCALARS + ROAD_SCALARS if k in per}
         rob = per["robustness"]
         entry["robustness"] = None if rob is None else {
             f"{s:g}": {"ssim": _stat(v["ssim"]), "mse": _stat(v["mse"])} for s, v in rob.items()}
@@ -75,6 +75,15 @@ def markdown(summary: dict, result: dict, context: dict) -> str:
         lines.append(f"| {LABELS.get(name, name)} | {_pm(e['average_drop'])} | {_pm(e['increase_in_confidence'])} "
                      f"| {_pm(e['average_drop_threshold'])} | {_pm(e['increase_in_confidence_threshold'])} "
                      f"| {_pm(e['deletion_auc'], 3)} | {_pm(e['insertion_auc'], 3)} | {e['seconds_per_image']:.3f} |")
+    if all("road_combined" in e for e in summary.values()):
+        lines += ["", "ROAD (RemOve And Debias, noisy linear imputation, noise 0.01; percentiles 10, 20, ..., 90): "
+                  "change of the target logit when the most (MoRF ↓) or least (LeRF ↑) relevant pixels are "
+                  "imputed; combined = (LeRF - MoRF) / 2 ↑:", "",
+                  "| Method | ROAD combined ↑ | MoRF ↓ | LeRF ↑ |", "|---|---|---|---|"]
+        for name in methods:
+            e = summary[name]
+            lines.append(f"| {LABELS.get(name, name)} | {_pm(e['road_combined'], 3)} | {_pm(e['road_morf'], 3)} "
+                         f"| {_pm(e['road_lerf'], 3)} |")
     sigmas = next((list(e["robustness"]) for e in summary.values() if e["robustness"]), [])
     if sigmas:
         lines += ["", "Robustness to gradient noise (SSIM ↑ / MSE ↓ between the clean and the noisy CAM):", "",
@@ -214,6 +223,7 @@ def write_report(out, args, methods, sigmas, result, names, displays, info, laye
                           f"--sigmas {','.join(f'{s:g}' for s in sigmas)} "
                           f"--batch-size {args.batch_size} --forward-batch-size {forward_batch_size} --seed {args.seed}"
                           + (f" --max-images {args.max_images}" if args.max_images else "")
+                          + (f" --metrics {','.join(args.metrics)}" if args.metrics else "")
                           + (" --aug-smooth" if args.aug_smooth else "") + (" --eigen-smooth" if args.eigen_smooth else "")}
     write_text_atomic(out / "metrics.md", markdown(summary, result, context))
     log(f"wrote {out}/metrics.json, metrics.md, per_image.json, curves.npz, deletion_insertion.png, "

@@ -38,6 +38,13 @@ def robustness_free(name: str) -> str | None:
     return None
 SCALARS = ("average_drop", "increase_in_confidence", "average_drop_threshold",
            "increase_in_confidence_threshold", "deletion_auc", "insertion_auc")
+EXTRA_METRICS = ("road",)  # evaluate --metrics: optional, slow ones
+ROAD_SCALARS = ("road_combined", "road_morf", "road_lerf")
+
+
+def scalar_keys(metrics: Sequence[str] = ()) -> tuple[str, ...]:
+    """The per-image scalar metrics of an evaluation with the optional ``metrics``."""
+    return SCALARS + (ROAD_SCALARS if "road" in metrics else ())
 
 
 def _engine(name: str, model, layer, forward_batch_size: int):
@@ -101,6 +108,35 @@ def _robustness(fn, acts, grads, sigmas, generator, size, rows: list[int], n: in
     return {s: M.Robustness(r.ssim[index], r.mse[index]) for s, r in result.items()}
 
 
+def _padded(rows: list[int], n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A share of a batch of ``n`` (its rows ``rows``) padded to the whole batch with copies of its first
+    row, so that random draws over the batch are those of the whole batch."""
+    if rows == list(range(n)):
+        return tensors
+    index = torch.as_tensor(rows, device=tensors[0].device)
+    out = []
+    for t in tensors:
+        full = t[:1].repeat(n, *([1] * (t.ndim - 1)))
+        full[index] = t
+        out.append(full)
+    return tuple(out)
+
+
+def _road(model, x, cams, tgt, rows: list[int], n: int, seed: int, batch: int, batch_size: int) -> dict:
+    """ROAD (``cfcam_gpu.road``, noise 0.01, the default percentiles) for the rows ``rows`` of global batch
+    ``batch`` (of ``n`` images): its noise is seeded by (seed, batch) and drawn for the whole batch, so each
+    image gets its one-process value under torchrun. -> {road_combined, road_morf, road_lerf: lists}
+    (MoRF / LeRF: the mean over the percentiles of the target logit's change)."""
+    from .. import road as road_module
+
+    generator = torch.Generator(x.device).manual_seed(seed * 1_000_003 + batch)
+    images, maps, targets = _padded(rows, n, x, cams.float(), tgt)
+    result = road_module.road(model, images, maps, targets, noise=0.01, generator=generator, batch_size=batch_size)
+    keep = torch.as_tensor(rows, device=x.device) if rows != list(range(n)) else slice(None)
+    return {"road_combined": result.combined[keep].tolist(), "road_morf": result.morf[keep].mean(1).tolist(),
+            "road_lerf": result.lerf[keep].mean(1).tolist()}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -109,7 +145,7 @@ def _sync(device: torch.device) -> None:
 def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], mean, std, positions: Sequence[int],
                   total: int, steps: int = 50, sigmas: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
                   batch_size: int = 8, forward_batch_size: int = 64, seed: int = 0, log=None,
-                  aug_smooth: bool = False, eigen_smooth: bool = False) -> dict:
+                  aug_smooth: bool = False, eigen_smooth: bool = False, metrics: Sequence[str] = ()) -> dict:
     """Per-image metrics of every method on ``images`` (N, 3, H, W) for the model's top-1 classes.
 
     ``images`` are the images at places ``positions`` (ascending) of a list of ``total`` (all of them in
@@ -117,7 +153,8 @@ def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], me
     places [k * batch_size, (k + 1) * batch_size)) and each image gets the gradient noise it gets when the
     whole list is evaluated in one process, so every per-image value is the one-process value.
     ``aug_smooth`` / ``eigen_smooth`` go to every engine call (the robustness metric perturbs the method's
-    plain (activations, gradients) function: it measures the map without smoothing).
+    plain (activations, gradients) function: it measures the map without smoothing). ``metrics``: the
+    optional ones (EXTRA_METRICS) to add, e.g. ("road",).
 
     Returns {"targets", "probs", "per_image": {method: {metric: list}}, "curves": {method: {...}},
     "seconds": {method: {"cam", "metrics"}}, "cams": {method: (N, h, w) CPU tensor}, "clusters": {...}}.
@@ -134,7 +171,7 @@ def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], me
            "cams": {}, "clusters": {}}
     for name in methods:
         engine = _engine(name, model, layer, forward_batch_size)
-        per, curves = {k: [] for k in SCALARS}, {"deletion": [], "insertion": []}
+        per, curves = {k: [] for k in scalar_keys(metrics)}, {"deletion": [], "insertion": []}
         robust = {s: {"ssim": [], "mse": []} for s in sigmas}
         cams_all, clusters, t_cam, t_metrics = [], {"n_clusters": [], "noise": [], "dead": []}, 0.0, 0.0
         fn = _fn(name)
@@ -159,6 +196,9 @@ def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], me
             per["increase_in_confidence_threshold"] += (hard.increase.double() * 100).tolist()
             per["deletion_auc"] += dele.deletion_auc.tolist()
             per["insertion_auc"] += ins.insertion_auc.tolist()
+            if "road" in metrics:
+                for key, values in _road(model, x, cams, tgt, rows, size, seed, batch, fb).items():
+                    per[key] += values
             curves["deletion"].append(dele.deletion_curve.cpu())
             curves["insertion"].append(ins.insertion_curve.cpu())
             if fn is not None:
