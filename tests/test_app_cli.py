@@ -138,15 +138,18 @@ def test_a_failing_image_does_not_sink_its_batch(three_images, tmp_path, monkeyp
     """When the engine raises for a batch (say a NaN in one image), its images are retried one by one."""
     Image.new("RGB", (64, 64), (255, 255, 255)).save(three_images / "blank.png")
 
-    class PickyCFCAM(explain.CFCAM):
-        def __call__(self, images, targets=None):
+    from cfcam_gpu.engine import CFCAM
+    from cfcam_gpu.methods import METHODS
+
+    class PickyCFCAM(CFCAM):
+        def __call__(self, images, targets=None, **options):
             flat = images.flatten(2).std(dim=2).amax(dim=1) < 1e-6  # a one-colour image
             if bool(flat.any()):
                 raise ValueError(f"activations: expected finite values, got NaN or inf in image index "
                                  f"{int(flat.nonzero()[0])}")
-            return super().__call__(images, targets)
+            return super().__call__(images, targets, **options)
 
-    monkeypatch.setattr(explain, "CFCAM", PickyCFCAM)
+    monkeypatch.setitem(METHODS, "cfcam", PickyCFCAM)
     out = tmp_path / "out"
     assert main(["explain", str(three_images), "--out", str(out), "--batch-size", "4", *FAST]) == 1
     assert "blank.png" in capsys.readouterr().err
@@ -200,12 +203,15 @@ def test_resume_recomputes_only_what_is_missing(three_images, tmp_path, monkeypa
 
     explained = []
 
-    class CountingCFCAM(explain.CFCAM):
-        def __call__(self, images, targets=None):
-            explained.append(images.shape[0])
-            return super().__call__(images, targets)
+    from cfcam_gpu.engine import CFCAM
+    from cfcam_gpu.methods import METHODS
 
-    monkeypatch.setattr(explain, "CFCAM", CountingCFCAM)
+    class CountingCFCAM(CFCAM):
+        def __call__(self, images, targets=None, **options):
+            explained.append(images.shape[0])
+            return super().__call__(images, targets, **options)
+
+    monkeypatch.setitem(METHODS, "cfcam", CountingCFCAM)
     assert main(args) == 2  # neither --resume nor --overwrite: refuses
     assert main([*args, "--resume"]) == 0
     assert explained == [1]  # only rocket
@@ -568,3 +574,38 @@ def test_smoothing_flags_reach_the_engine_and_are_recorded(three_images, tmp_pat
     assert config["eigen_smooth"] is True and config["aug_smooth"] is False
     assert main(["explain", image, "--out", str(eigen), "--resume", "--method", "gradcam", *FAST]) == 2
     assert "eigen_smooth" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model,layer", [("timm:vit_tiny_patch16_224", "blocks.-1.norm1"),
+                                         ("timm:swin_tiny_patch4_window7_224", "layers.-1")])
+def test_transformers_get_their_default_layer_and_token_reshape(three_images, tmp_path, model, layer):
+    out = tmp_path / "out"
+    images = [str(three_images / "chelsea.png"), str(three_images / "coffee.png")]
+    assert main(["explain", *images, "--out", str(out), "--model", model, "--method", "gradcam",
+                 "--workers", "0", "--quiet", "--device", "cpu"]) == 0
+    assert json.loads((out / "run.json").read_text())["layer"] == layer
+    for row in manifest(out):
+        cam = np.load(out / row["files"]["cam"])
+        assert cam.shape == (7, 7) if "swin" in model else cam.shape == (14, 14)
+        assert np.isfinite(cam).all() and not row["blank"] and cam.max() == pytest.approx(1.0)
+
+
+def test_a_layer_named_on_a_transformer_gets_the_reshape_and_token_models_need_a_layer(three_images, tmp_path,
+                                                                                     capsys, monkeypatch):
+    image = str(three_images / "chelsea.png")
+    out = tmp_path / "named"
+    assert main(["explain", image, "--out", str(out), "--model", "timm:vit_tiny_patch16_224", "--layer",
+                 "blocks.5.norm1", "--method", "gradcam", "--workers", "0", "--quiet", "--device", "cpu"]) == 0
+    (row,) = manifest(out)
+    assert np.load(out / row["files"]["cam"]).shape == (14, 14) and not row["blank"]
+    # a token model of a family without a preset: no silent blank map at the patch embedding
+    import cfcam_gpu.reshape as reshape_mod
+
+    def unknown(model):
+        raise ValueError("model: no default target layer")
+
+    monkeypatch.setattr(reshape_mod, "default_target", unknown)
+    assert main(["explain", image, "--out", str(tmp_path / "o2"), "--model", "timm:vit_tiny_patch16_224",
+                 "--workers", "0", "--quiet", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--layer" in err and "(B, C, h, w)" in err

@@ -223,3 +223,17 @@ def test_road_of_a_share_of_a_batch_equals_the_whole_batch_value():
         assert values == pytest.approx(whole[key][1:], abs=1e-5), key
     other = _road(model, x, cams, tgt, [0, 1, 2], 3, seed=4, batch=3, batch_size=8)
     assert other["road_combined"] != whole["road_combined"]  # the noise depends on the batch
+
+
+def test_a_vision_transformer_is_evaluated_at_its_default_layer_with_the_token_reshape(tmp_path, photos):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photos["chelsea"][:96, :96]).save(folder / "chelsea.png")
+    out = tmp_path / "eval"
+    assert evaluate.main([str(folder), "--model", "timm:vit_tiny_patch16_224", "--methods", "gradcam,cfcam",
+                          "--steps", "1", "--sigmas", "0.5", "--device", "cpu", "--grid-images", "1", "--quiet",
+                          "--out", str(out)]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert all(_finite_stat(summary[m]["deletion_auc"]) for m in ("gradcam", "cfcam"))
+    assert summary["gradcam"]["robustness"]["0.5"]["ssim"]["mean"] is not None
+    assert "blocks.-1.norm1" in (out / "metrics.md").read_text()

@@ -165,7 +165,7 @@ def _run(args, ctx) -> int:
         lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True))
     if args.demo:
         args.model = "efficientnet_lite0"
-    model, info, layer = load_model(args, device)
+    model, info, layer, reshape = load_model(args, device)
     distributed.init(device)
     if ctx.distributed and args.weights is None:
         distributed.broadcast_module(model)  # random weights: every rank uses rank 0's
@@ -178,8 +178,8 @@ def _run(args, ctx) -> int:
             print(f"cfcam evaluate: skipped {path}: {error}", file=sys.stderr)
     log(f"{total} images, model {info.name}, layer {layer}, methods {','.join(methods)}, device {device}"
         + processes)
-    part = _evaluate_share(args, model, info, layer, images, displays, names, positions, total, methods, sigmas,
-                           forward_batch_size, device, log)
+    part = _evaluate_share(args, model, info, (layer, reshape), images, displays, names, positions, total,
+                           methods, sigmas, forward_batch_size, device, log)
     parts = distributed.all_gather_object(part)
     code = 1 if failures else 0
     if not ctx.is_main:
@@ -195,11 +195,13 @@ def _run(args, ctx) -> int:
     return code
 
 
-def _evaluate_share(args, model, info, layer, images, displays, names, positions, total, methods, sigmas,
+def _evaluate_share(args, model, info, target, images, displays, names, positions, total, methods, sigmas,
                     forward_batch_size, device, log) -> dict:
-    """This rank's share of the per-image values (and its rows of the comparison grid)."""
+    """This rank's share of the per-image values (and its rows of the comparison grid); ``target``:
+    (layer, reshape_transform or None)."""
     from .scores import score_methods
 
+    layer, reshape = target
     rows = min(args.grid_images, total)
     if not positions:  # nothing to do here (fewer images than ranks)
         return {"positions": [], "names": [], "targets": [], "probs": [],
@@ -210,7 +212,8 @@ def _evaluate_share(args, model, info, layer, images, displays, names, positions
                 "seconds": {name: {"cam": 0.0, "metrics": 0.0} for name in methods}, "clusters": {}, "grid": {}}
     result = score_methods(model, layer, images.to(device), methods, info.mean, info.std, positions, total,
                            steps=args.steps, sigmas=sigmas, batch_size=args.batch_size,
-                           forward_batch_size=forward_batch_size, seed=args.seed, log=log, metrics=args.metrics, **smoothing(args))
+                           forward_batch_size=forward_batch_size, seed=args.seed, log=log, metrics=args.metrics, reshape_transform=reshape,
+                           **smoothing(args))
     return {"positions": positions, "names": names, "targets": result["targets"].tolist(),
             "probs": result["probs"].tolist(), "per_image": result["per_image"], "curves": result["curves"],
             "seconds": result["seconds"], "clusters": result["clusters"],

@@ -193,6 +193,7 @@ class Job:
     model: torch.nn.Module = None
     info: object = None
     layer: str = ""
+    reshape: object = None  # the layer's reshape_transform (transformer tokens) or None
     started: float = 0.0
 
     @property
@@ -243,7 +244,7 @@ def _check(args: argparse.Namespace, ctx: distributed.Context) -> Job:
         job = Job(args, ctx, items, arrays, target, device, out, config, started=started)
         if args.layer and not uses_layer(args.method):
             raise CLIError(f"--layer: --method {args.method} uses no target layer; omit --layer")
-        job.model, job.info, job.layer = load_model(args, device)
+        job.model, job.info, job.layer, job.reshape = load_model(args, device)
         if not uses_layer(args.method):
             job.layer = None
         config["layer"] = job.layer
@@ -284,8 +285,9 @@ def _explain(job: Job, pending: list[int], quiet: bool) -> tuple[int, int]:
     from ..methods import build_method
 
     args, ctx, info = job.args, job.ctx, job.info
+    options = {} if job.reshape is None or job.layer is None else {"reshape_transform": job.reshape}
     engine = build_method(args.method, job.model, job.layer, amp=AMP_CHOICES[args.amp],
-                          channels_last=args.channels_last, compile=args.compile)
+                          channels_last=args.channels_last, compile=args.compile, **options)
     if job.arrays is not None:
         dataset = ArrayDataset([job.items[i].key for i in pending], [job.arrays[i] for i in pending],
                                info.input_size, info.mean, info.std, keep_original=True)
@@ -365,7 +367,7 @@ def _config_message(error: Exception) -> str:
 
 def _is_config_error(error: Exception) -> bool:
     return isinstance(error, (ValueError, TypeError)) and str(error).startswith(
-        ("target_layer:", "model:", "targets:"))
+        ("target_layer:", "model:", "targets:", "reshape_transform:"))
 
 
 def _cams(engine, images: torch.Tensor, target, n: int, options: dict) -> list[tuple[slice, object]]:

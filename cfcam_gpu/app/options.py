@@ -136,12 +136,26 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         raise CLIError(f"--weights: no such file: {args.weights!r}")
 
 
+def default_target(model: torch.nn.Module, info) -> tuple[str | None, object]:
+    """(default layer, reshape_transform or None): ``cfcam_gpu.reshape.default_target`` for the families
+    it knows (ViT/DeiT/Swin get their token reshape), else the probed last (B, C, h, w) feature map
+    (``ModelInfo.default_layer``; None for a model whose last layers output tokens)."""
+    from ..reshape import default_target as family_target
+
+    try:
+        layer, transform = family_target(model)
+    except ValueError:
+        return info.default_layer, None
+    return layer, transform
+
+
 def load_model(args: argparse.Namespace, device: torch.device):
-    """--model/--weights/--num-classes/--layer -> (model, ModelInfo, layer name).
+    """--model/--weights/--num-classes/--layer -> (model, ModelInfo, layer name, reshape_transform).
 
     The architecture is built (random, or the packaged efficientnet_lite0 weights) and the layer checked
-    before ``--weights`` is read. CLIError on unknown names, TorchScript models (CAMs need forward hooks),
-    unknown layers and missing or mismatched weights.
+    before ``--weights`` is read. The default layer and the reshape (``default_target``); a --layer of a
+    transformer family gets the family's reshape too. CLIError on unknown names, TorchScript models (CAMs
+    need forward hooks), unknown layers, no default layer, and missing or mismatched weights.
     """
     from ..layers import resolve_layer
     from .models import build_model, load_weights
@@ -157,10 +171,12 @@ def load_model(args: argparse.Namespace, device: torch.device):
             "layer and TorchScript modules do not support hooks (register_forward_hook is not supported "
             "on ScriptModules). Save the eager model's state_dict() instead and pass "
             "--model ARCH --weights FILE")
-    layer = args.layer or info.default_layer
+    default_layer, transform = default_target(model, info)
+    layer = args.layer or default_layer
     if layer is None:
-        raise CLIError(f"--layer: no default target layer found for {args.model!r} (no module outputs a "
-                       "(B, C, h, w) feature map); name one with --layer")
+        raise CLIError(f"--layer: no default target layer found for {args.model!r} (its last layers do not "
+                       "output a (B, C, h, w) feature map; token layouts are reshaped for ViT, DeiT and Swin "
+                       "only); name a layer that outputs (B, C, h, w) with --layer")
     try:
         resolve_layer(model, layer)
     except (ValueError, TypeError) as error:
@@ -172,7 +188,7 @@ def load_model(args: argparse.Namespace, device: torch.device):
                 load_weights(model, args.weights)
         except (ValueError, TypeError, FileNotFoundError) as error:
             raise CLIError(option_message(error)) from None
-    return model, info, layer
+    return model, info, layer, transform
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -47,10 +47,10 @@ def scalar_keys(metrics: Sequence[str] = ()) -> tuple[str, ...]:
     return SCALARS + (ROAD_SCALARS if "road" in metrics else ())
 
 
-def _engine(name: str, model, layer, forward_batch_size: int):
+def _engine(name: str, model, layer, forward_batch_size: int, reshape_transform=None):
+    options = {} if reshape_transform is None or not uses_layer(name) else {"reshape_transform": reshape_transform}
     if name == "scorecam_logit":
-        return ScoreCAM(model, layer, score="logit", score_batch_size=forward_batch_size)
-    options = {}
+        return ScoreCAM(model, layer, score="logit", score_batch_size=forward_batch_size, **options)
     if name == "scorecam":
         options["score_batch_size"] = forward_batch_size
     if name == "ablationcam":
@@ -63,19 +63,25 @@ def _fn(name: str):
     return None if robustness_free(name) else from_features_fn(name)
 
 
-def features(model, layer, images: torch.Tensor):
+def features(model, layer, images: torch.Tensor, reshape_transform=None):
     """The target layer's activations and gradients (B, C, h, w) for the top-1 logits, the top-1 classes
-    (B,) and the logits (B, L): one forward pass (eval mode, no graph below the layer), one backward."""
+    (B,) and the logits (B, L): one forward pass (eval mode, no graph below the layer), one backward.
+    ``reshape_transform`` maps the layer's output and its gradient to (B, C, h, w) (transformer tokens)."""
     capture = LeafCapture()
     with forward_hook(resolve_layer(model, layer), capture), eval_mode(model):
         with torch.no_grad():
             logits = model(images)
-        if capture.output is None or capture.output.ndim != 4:
-            raise ValueError("target_layer: expected the layer to run and output a (B, C, h, w) feature map")
+        if capture.output is None:
+            raise ValueError("target_layer: expected the layer to run in the model's forward pass")
         targets = resolve_targets(None, logits)
         with torch.enable_grad():
             (grads,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), capture.output)
-    return capture.output.detach(), grads, targets, logits.detach()
+    acts = capture.output.detach()
+    if reshape_transform is not None:
+        acts, grads = reshape_transform(acts), reshape_transform(grads)
+    if acts.ndim != 4:
+        raise ValueError("target_layer: expected the layer to output a (B, C, h, w) feature map")
+    return acts, grads, targets, logits.detach()
 
 
 def global_spans(positions: Sequence[int], batch_size: int, total: int) -> list:
@@ -145,7 +151,8 @@ def _sync(device: torch.device) -> None:
 def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], mean, std, positions: Sequence[int],
                   total: int, steps: int = 50, sigmas: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
                   batch_size: int = 8, forward_batch_size: int = 64, seed: int = 0, log=None,
-                  aug_smooth: bool = False, eigen_smooth: bool = False, metrics: Sequence[str] = ()) -> dict:
+                  aug_smooth: bool = False, eigen_smooth: bool = False, metrics: Sequence[str] = (),
+                  reshape_transform=None) -> dict:
     """Per-image metrics of every method on ``images`` (N, 3, H, W) for the model's top-1 classes.
 
     ``images`` are the images at places ``positions`` (ascending) of a list of ``total`` (all of them in
@@ -154,7 +161,8 @@ def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], me
     whole list is evaluated in one process, so every per-image value is the one-process value.
     ``aug_smooth`` / ``eigen_smooth`` go to every engine call (the robustness metric perturbs the method's
     plain (activations, gradients) function: it measures the map without smoothing). ``metrics``: the
-    optional ones (EXTRA_METRICS) to add, e.g. ("road",).
+    optional ones (EXTRA_METRICS) to add, e.g. ("road",). ``reshape_transform``: the layer's (tokens ->
+    (B, C, h, w)), for the engines and the captured features.
 
     Returns {"targets", "probs", "per_image": {method: {metric: list}}, "curves": {method: {...}},
     "seconds": {method: {"cam", "metrics"}}, "cams": {method: (N, h, w) CPU tensor}, "clusters": {...}}.
@@ -163,14 +171,14 @@ def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], me
     N, _, H, W = images.shape
     fb = forward_batch_size
     spans = global_spans(positions, batch_size, total)
-    feats = [features(model, layer, images[i:j]) for i, j, _ in spans]
+    feats = [features(model, layer, images[i:j], reshape_transform) for i, j, _ in spans]
     targets = torch.cat([f[2] for f in feats])
     probs = torch.cat([f[3].float().softmax(1).gather(1, f[2][:, None])[:, 0] for f in feats])
     generator = torch.Generator(images.device)
     out = {"targets": targets.cpu(), "probs": probs.cpu(), "per_image": {}, "curves": {}, "seconds": {},
            "cams": {}, "clusters": {}}
     for name in methods:
-        engine = _engine(name, model, layer, forward_batch_size)
+        engine = _engine(name, model, layer, forward_batch_size, reshape_transform)
         per, curves = {k: [] for k in scalar_keys(metrics)}, {"deletion": [], "insertion": []}
         robust = {s: {"ssim": [], "mse": []} for s in sigmas}
         cams_all, clusters, t_cam, t_metrics = [], {"n_clusters": [], "noise": [], "dead": []}, 0.0, 0.0
