@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import distributed, outputs, results
 from .options import (PATH_HELP, PROG, CLIError, add_data_arguments, add_model_arguments,
                       check_data_arguments, check_model_arguments, input_paths, load_model, make_loader, method_names,
-                      option_message, resolve_device, smoothing, uses_layer, add_smoothing_arguments)
+                      resolve_device, smoothing, uses_layer, add_smoothing_arguments)
 
 HELP = "explain images with CF-CAM / Grad-CAM / other CAM heatmaps"
 DESCRIPTION = """\
@@ -357,41 +357,6 @@ def _finish(job: Job, n_ok: int, n_failed: int, n_skipped: int, seconds: float, 
 # ---------------------------------------------------------------------------------------------------
 # One batch.
 
-def _config_message(error: Exception) -> str:
-    message = option_message(error)
-    if "for transformer tokens" in message:  # the library's reshape_transform hint: no CLI option for it
-        message = message.split("; for transformer tokens")[0] + (
-            "; pick a layer that outputs a spatial feature map (B, C, h, w), e.g. the default (omit --layer)")
-    return message
-
-
-def _is_config_error(error: Exception) -> bool:
-    return isinstance(error, (ValueError, TypeError)) and str(error).startswith(
-        ("target_layer:", "model:", "targets:", "reshape_transform:"))
-
-
-def _cams(engine, images: torch.Tensor, target, n: int, options: dict) -> list[tuple[slice, object]]:
-    """[(rows, CAMResult or the exception)]: the whole batch, or, if it fails as a whole (a NaN in one
-    image, out of memory), image by image so that only the culprits fail. Configuration errors (the
-    layer does not output a feature map, ...) stop the run with exit 2."""
-    try:
-        return [(slice(0, n), engine(images, target, **options))]
-    except Exception as error:  # noqa: BLE001 - retried per image below
-        if _is_config_error(error):
-            raise CLIError(_config_message(error)) from None
-        if n == 1:
-            return [(slice(0, 1), error)]
-    groups = []
-    for i in range(n):
-        try:
-            groups.append((slice(i, i + 1), engine(images[i:i + 1], target, **options)))
-        except Exception as single_error:  # noqa: BLE001 - reported in the manifest
-            if _is_config_error(single_error):
-                raise CLIError(_config_message(single_error)) from None
-            groups.append((slice(i, i + 1), single_error))
-    return groups
-
-
 def _explain_batch(job: Job, engine, batch, pending: list[int]):
     """One data.Batch -> (manifest rows, [(path, array) to write])."""
     rows = [{"path": str(path), "status": "error", "error": message} for path, message in batch.failures]
@@ -402,7 +367,8 @@ def _explain_batch(job: Job, engine, batch, pending: list[int]):
         return rows, files
     batch_items = [job.items[pending[int(j)]] for j in batch.indices]
     images = batch.images.to(job.device, non_blocking=True)
-    for where, result in _cams(engine, images, job.target, len(batch_items), smoothing(job.args)):
+    for where, result in results.cams_by_group(engine, images, job.target, len(batch_items),
+                                               smoothing(job.args)):
         part = batch_items[where]
         if isinstance(result, Exception):
             message = f"{type(result).__name__}: {str(result).strip().splitlines()[0] if str(result) else ''}"
