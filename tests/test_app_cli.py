@@ -609,3 +609,11 @@ def test_a_layer_named_on_a_transformer_gets_the_reshape_and_token_models_need_a
                  "--workers", "0", "--quiet", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--layer" in err and "(B, C, h, w)" in err
+
+
+def test_contact_sheet_names_keep_method_names_with_underscores():
+    from cfcam_gpu.app.results import output_name
+
+    row = {"files": {"overlay": "my_cat_cfcam_exclude_dead.png"}}
+    assert output_name(row, "cfcam_exclude_dead") == "my_cat"
+    assert output_name({"files": {"overlay": "a_b_cfcam.png"}}, "cfcam") == "a_b"

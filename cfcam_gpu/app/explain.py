@@ -335,7 +335,7 @@ def _finish(job: Job, n_ok: int, n_failed: int, n_skipped: int, seconds: float, 
         print(f"{PROG}: warning: {n_blank} of {len(ok_rows)} CAMs are all zero (blank heatmaps) at layer "
               f"{layer!r}{why}; try another --layer or --method", file=sys.stderr)
     if sheet_rows:
-        results.write_contact_sheet(out, sheet_rows, job.info.input_size)
+        results.write_contact_sheet(out, sheet_rows, job.info.input_size, args.method)
     summary = {"n_images": len(job.items), "n_ok": n_ok, "n_failed": n_failed, "n_skipped": n_skipped,
                "n_blank": n_blank,
                "seconds": round(seconds, 3), "images_per_s": round(n_ok / seconds, 2) if seconds > 0 else None,

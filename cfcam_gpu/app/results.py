@@ -91,7 +91,13 @@ def explained(result, originals, items, info, out, method):
     return rows, files
 
 
-def write_contact_sheet(out: Path, rows: list[dict], size: tuple[int, int]) -> None:
+def output_name(row: dict, method: str) -> str:
+    """A manifest row's output NAME: its overlay file NAME_METHOD.png less the method (which may hold '_')."""
+    stem, suffix = Path(row["files"]["overlay"]).stem, f"_{method}"
+    return stem[: -len(suffix)] if stem.endswith(suffix) else stem
+
+
+def write_contact_sheet(out: Path, rows: list[dict], size: tuple[int, int], method: str) -> None:
     from PIL import Image
 
     from .viz import contact_sheet, save_png
@@ -112,7 +118,7 @@ def write_contact_sheet(out: Path, rows: list[dict], size: tuple[int, int]) -> N
         label = f"{row['predicted_name']} {row['probability']:.2f}"
         if row.get("target") != row.get("predicted"):
             label += f" -> {row['target_name']}"
-        name = Path(row["files"]["overlay"]).stem.rsplit("_", 1)[0]
+        name = output_name(row, method)
         labels.append(f"{label} | {name}")
     if tiles and len({tile.shape for tile in tiles}) == 1:
         save_png(contact_sheet(tiles, labels), out / CONTACT_SHEET)
