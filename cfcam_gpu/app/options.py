@@ -81,8 +81,8 @@ def uses_gradients(name: str) -> bool:
 
 def add_smoothing_arguments(group) -> None:
     group.add_argument("--aug-smooth", action="store_true",
-                       help="average the maps of flipped and rescaled copies of each image (6x the work; maps "
-                            "at the input size)")
+                       help="average the maps of 6 copies of each image (mirrored or not, x 0.9, 1.0, 1.1 "
+                            "intensity), as pytorch-grad-cam: 6x the work; maps at the input size")
     group.add_argument("--eigen-smooth", action="store_true",
                        help="the first principal component of the weighted activations instead of their sum")
 
