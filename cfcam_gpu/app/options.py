@@ -107,7 +107,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layer", metavar="NAME",
                        help="dotted target layer, e.g. 'layer4', 'layer4.-1', 'features.8' "
                             "(default: the model's last spatial feature map, e.g. 'layer4' for ResNets; "
-                            "'blocks.6' for efficientnet_lite0)")
+                            "'blocks.6' for efficientnet_lite0; for ViT/DeiT the last block's norm1 and for Swin "
+                            "the last stage, their tokens laid on the patch grid, also for a --layer you name)")
     group.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
                        help="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N' (default auto)")
 
