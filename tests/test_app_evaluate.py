@@ -120,7 +120,12 @@ def test_a_used_output_folder_needs_overwrite_and_skipped_images_are_recorded(tm
 def test_every_registry_method_is_accepted_and_robustness_is_na_without_layer_gradients(tmp_path, photos):
     from cfcam_gpu.methods import METHODS
 
+    from cfcam_gpu.app.scores import robustness_free
+
     assert evaluate.parse_methods(",".join(METHODS)) == list(METHODS)
+    free = {name for name in METHODS if robustness_free(name)}
+    assert {"scorecam", "ablationcam", "eigencam", "kpcacam", "fullgrad"} <= free
+    assert not free & {"cfcam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigengradcam"}
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.fromarray(photos["chelsea"][:96, :96]).save(folder / "chelsea.png")

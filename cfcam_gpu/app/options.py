@@ -75,8 +75,8 @@ def uses_gradients(name: str) -> bool:
     fn = from_features_fn(name)
     if fn is None:
         return False
-    parameter = inspect.signature(fn).parameters.get("gradients")
-    return parameter is not None and parameter.default is not None
+    parameters = list(inspect.signature(fn).parameters.values())  # (activations, gradients, ...)
+    return len(parameters) > 1 and parameters[1].default is not None
 
 
 def add_smoothing_arguments(group) -> None:
