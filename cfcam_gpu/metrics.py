@@ -6,7 +6,7 @@
 - ``robustness``: SSIM and MSE between a gradient CAM and the CAM recomputed with Gaussian noise on the
   target-layer gradients; ``ssim`` is a batched, gaussian-window SSIM equal to scikit-image's
   ``structural_similarity(gaussian_weights=True, use_sample_covariance=False, data_range=...)``.
-- ``mean_ci``: mean and Student-t 95% confidence interval of per-image values.
+- ``mean_ci``: mean and a 95% confidence interval of per-image values (Student t or percentile bootstrap).
 
 Every model pass runs in eval mode under ``no_grad`` (the model's train/eval state is restored) in chunks
 of ``batch_size`` images; there is no per-image Python loop. CAMs may be given at the layer's resolution
@@ -312,13 +312,21 @@ def robustness(cam_fn_from_features: Callable, acts: Tensor, grads: Tensor, sigm
 # ----------------------------------------------------------------------------------------------------
 # Summary statistics.
 
-def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): Student-t confidence interval of the mean of the finite values.
+def mean_ci(values, confidence: float = 0.95, method: str = "t", resamples: int = 2000,
+            seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): a confidence interval of the mean of the finite values.
 
+    ``method="t"``: Student t (symmetric, can leave the values' possible range for skewed or bounded
+    data); ``"bootstrap"``: percentile bootstrap, ``resamples`` resamples drawn by NumPy's generator
+    seeded with ``seed`` (reproducible), the interval clipped to [min, max] of the values (where every
+    resampled mean lies; only rounding can step outside) and widened to hold the mean, so it stays within
+    any bounds the values respect (a percentage in [0, 100], an SSIM in [-1, 1], an MSE >= 0).
     low = high = mean for a single value; all NaN for none.
     """
-    from scipy import stats
-
+    if method not in ("t", "bootstrap"):
+        raise ValueError(f"method: expected 't' or 'bootstrap', got {method!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence: expected a value in (0, 1), got {confidence!r}")
     v = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
     v = v[torch.isfinite(v)]
     n = v.numel()
@@ -327,5 +335,23 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     m = float(v.mean())
     if n == 1:
         return m, m, m
+    if method == "bootstrap":
+        return (m, *_bootstrap_interval(v.numpy(), m, confidence, resamples, seed))
+    from scipy import stats
+
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(v.std(unbiased=True)) / math.sqrt(n)
     return m, m - half, m + half
+
+
+def _bootstrap_interval(v: np.ndarray, m: float, confidence: float, resamples: int,
+                        seed: int) -> tuple[float, float]:
+    """Percentile bootstrap of the mean of v (n,), in chunks of at most ~4M drawn indices."""
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples: expected an int >= 1, got {resamples!r}")
+    rng = np.random.default_rng(seed)
+    n, chunk = v.size, max(1, 4_000_000 // v.size)
+    means = np.concatenate([v[rng.integers(0, n, size=(min(chunk, resamples - i), n))].mean(axis=1)
+                            for i in range(0, resamples, chunk)])
+    lo, hi = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    lo, hi = float(np.clip(lo, v.min(), v.max())), float(np.clip(hi, v.min(), v.max()))
+    return min(lo, m), max(hi, m)

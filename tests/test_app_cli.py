@@ -138,15 +138,18 @@ def test_a_failing_image_does_not_sink_its_batch(three_images, tmp_path, monkeyp
     """When the engine raises for a batch (say a NaN in one image), its images are retried one by one."""
     Image.new("RGB", (64, 64), (255, 255, 255)).save(three_images / "blank.png")
 
-    class PickyCFCAM(explain.CFCAM):
-        def __call__(self, images, targets=None):
+    from cfcam_gpu.engine import CFCAM
+    from cfcam_gpu.methods import METHODS
+
+    class PickyCFCAM(CFCAM):
+        def __call__(self, images, targets=None, **options):
             flat = images.flatten(2).std(dim=2).amax(dim=1) < 1e-6  # a one-colour image
             if bool(flat.any()):
                 raise ValueError(f"activations: expected finite values, got NaN or inf in image index "
                                  f"{int(flat.nonzero()[0])}")
-            return super().__call__(images, targets)
+            return super().__call__(images, targets, **options)
 
-    monkeypatch.setattr(explain, "CFCAM", PickyCFCAM)
+    monkeypatch.setitem(METHODS, "cfcam", PickyCFCAM)
     out = tmp_path / "out"
     assert main(["explain", str(three_images), "--out", str(out), "--batch-size", "4", *FAST]) == 1
     assert "blank.png" in capsys.readouterr().err
@@ -200,12 +203,15 @@ def test_resume_recomputes_only_what_is_missing(three_images, tmp_path, monkeypa
 
     explained = []
 
-    class CountingCFCAM(explain.CFCAM):
-        def __call__(self, images, targets=None):
-            explained.append(images.shape[0])
-            return super().__call__(images, targets)
+    from cfcam_gpu.engine import CFCAM
+    from cfcam_gpu.methods import METHODS
 
-    monkeypatch.setattr(explain, "CFCAM", CountingCFCAM)
+    class CountingCFCAM(CFCAM):
+        def __call__(self, images, targets=None, **options):
+            explained.append(images.shape[0])
+            return super().__call__(images, targets, **options)
+
+    monkeypatch.setitem(METHODS, "cfcam", CountingCFCAM)
     assert main(args) == 2  # neither --resume nor --overwrite: refuses
     assert main([*args, "--resume"]) == 0
     assert explained == [1]  # only rocket
@@ -522,3 +528,92 @@ def test_usage_errors_come_before_the_weights_are_read(three_images, tmp_path, c
         assert capsys.readouterr().err.startswith(f"cfcam: error: {option}")
         assert main(["evaluate", *argv, *common[:4], "--quiet"]) == 2
         assert capsys.readouterr().err.startswith(f"cfcam: error: {option}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every registry method, smoothing, transformers.
+
+def test_method_choices_come_from_the_registry_at_run_time(monkeypatch, capsys):
+    import cfcam_gpu.methods as methods_mod
+    from cfcam_gpu.methods import METHODS
+
+    assert main(["explain", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in METHODS)
+    monkeypatch.setitem(methods_mod.METHODS, "newcam", METHODS["gradcam"])  # a method merged later
+    args = cli.build_parser().parse_args(["explain", "x.png", "--method", "newcam"])
+    assert args.method == "newcam"
+
+
+def test_fullgrad_maps_at_the_input_size(three_images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["explain", str(three_images / "chelsea.png"), "--out", str(out), "--method", "fullgrad",
+                 *FAST]) == 0
+    (row,) = manifest(out)
+    cam = np.load(out / row["files"]["cam"])
+    assert row["files"]["cam"] == "chelsea_fullgrad.npy" and cam.shape == (224, 224) == tuple(row["cam_shape"])
+    assert np.isfinite(cam).all() and cam.max() == pytest.approx(1.0)
+    assert np.asarray(Image.open(out / row["files"]["overlay"])).shape == (96, 96, 3)
+    assert json.loads((out / "run.json").read_text())["layer"] is None
+    assert (out / "contact_sheet.png").is_file()
+    assert main(["explain", str(three_images / "chelsea.png"), "--out", str(tmp_path / "o2"), "--method",
+                 "fullgrad", "--layer", "layer4", *FAST]) == 2
+    assert "--layer" in capsys.readouterr().err
+
+
+def test_smoothing_flags_reach_the_engine_and_are_recorded(three_images, tmp_path, capsys):
+    image = str(three_images / "chelsea.png")
+    plain, eigen, aug = tmp_path / "plain", tmp_path / "eigen", tmp_path / "aug"
+    assert main(["explain", image, "--out", str(plain), "--method", "gradcam", *FAST]) == 0
+    assert main(["explain", image, "--out", str(eigen), "--method", "gradcam", "--eigen-smooth", *FAST]) == 0
+    assert main(["explain", image, "--out", str(aug), "--method", "gradcam", "--aug-smooth", *FAST]) == 0
+    cams = {d.name: np.load(d / manifest(d)[0]["files"]["cam"]) for d in (plain, eigen, aug)}
+    assert cams["plain"].shape == cams["eigen"].shape == (7, 7) and cams["aug"].shape == (224, 224)
+    assert not np.allclose(cams["plain"], cams["eigen"])
+    config = json.loads((eigen / "run.json").read_text())
+    assert config["eigen_smooth"] is True and config["aug_smooth"] is False
+    assert main(["explain", image, "--out", str(eigen), "--resume", "--method", "gradcam", *FAST]) == 2
+    assert "eigen_smooth" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model,layer", [("timm:vit_tiny_patch16_224", "blocks.-1.norm1"),
+                                         ("timm:swin_tiny_patch4_window7_224", "layers.-1")])
+def test_transformers_get_their_default_layer_and_token_reshape(three_images, tmp_path, model, layer):
+    out = tmp_path / "out"
+    images = [str(three_images / "chelsea.png"), str(three_images / "coffee.png")]
+    assert main(["explain", *images, "--out", str(out), "--model", model, "--method", "gradcam",
+                 "--workers", "0", "--quiet", "--device", "cpu"]) == 0
+    assert json.loads((out / "run.json").read_text())["layer"] == layer
+    for row in manifest(out):
+        cam = np.load(out / row["files"]["cam"])
+        assert cam.shape == (7, 7) if "swin" in model else cam.shape == (14, 14)
+        assert np.isfinite(cam).all() and not row["blank"] and cam.max() == pytest.approx(1.0)
+
+
+def test_a_layer_named_on_a_transformer_gets_the_reshape_and_token_models_need_a_layer(three_images, tmp_path,
+                                                                                     capsys, monkeypatch):
+    image = str(three_images / "chelsea.png")
+    out = tmp_path / "named"
+    assert main(["explain", image, "--out", str(out), "--model", "timm:vit_tiny_patch16_224", "--layer",
+                 "blocks.5.norm1", "--method", "gradcam", "--workers", "0", "--quiet", "--device", "cpu"]) == 0
+    (row,) = manifest(out)
+    assert np.load(out / row["files"]["cam"]).shape == (14, 14) and not row["blank"]
+    # a token model of a family without a preset: no silent blank map at the patch embedding
+    import cfcam_gpu.reshape as reshape_mod
+
+    def unknown(model):
+        raise ValueError("model: no default target layer")
+
+    monkeypatch.setattr(reshape_mod, "default_target", unknown)
+    assert main(["explain", image, "--out", str(tmp_path / "o2"), "--model", "timm:vit_tiny_patch16_224",
+                 "--workers", "0", "--quiet", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--layer" in err and "(B, C, h, w)" in err
+
+
+def test_contact_sheet_names_keep_method_names_with_underscores():
+    from cfcam_gpu.app.results import output_name
+
+    row = {"files": {"overlay": "my_cat_cfcam_exclude_dead.png"}}
+    assert output_name(row, "cfcam_exclude_dead") == "my_cat"
+    assert output_name({"files": {"overlay": "a_b_cfcam.png"}}, "cfcam") == "a_b"

@@ -48,7 +48,7 @@ def test_demo_end_to_end(tmp_path):
     curves = np.load(out / "curves.npz")
     assert curves["gradcam__deletion"].shape == (2, 4) and np.isfinite(curves["gradcam__insertion"]).all()
     md = (out / "metrics.md").read_text()
-    assert "| CF-CAM |" in md and "Grad-CAM++" in md and "±" in md
+    assert "| CF-CAM |" in md and "Grad-CAM++" in md and "percentile-bootstrap" in md and "±" not in md
     grid = np.asarray(Image.open(out / "comparison.png"))
     assert grid.shape[0] > 2 * 224 and grid.shape[1] > 4 * 224  # 2 rows; input + 3 methods
 
@@ -115,3 +115,130 @@ def test_a_used_output_folder_needs_overwrite_and_skipped_images_are_recorded(tm
     assert evaluate.main([*args, "--overwrite"]) == 1
     assert (out / "metrics.json").stat().st_mtime_ns != before
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG" and (out / "robustness.png").is_file()
+
+
+def test_every_registry_method_is_accepted_and_robustness_is_na_without_layer_gradients(tmp_path, photos):
+    from cfcam_gpu.methods import METHODS
+
+    from cfcam_gpu.app.scores import robustness_free
+
+    assert evaluate.parse_methods(",".join(METHODS)) == list(METHODS)
+    free = {name for name in METHODS if robustness_free(name)}
+    assert {"scorecam", "ablationcam", "eigencam", "kpcacam", "fullgrad"} <= free
+    assert not free & {"cfcam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigengradcam"}
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photos["chelsea"][:96, :96]).save(folder / "chelsea.png")
+    out = tmp_path / "eval"
+    code = evaluate.main([str(folder), "--model", "resnet18", "--methods", "eigencam,fullgrad,eigengradcam",
+                          "--steps", "1", "--sigmas", "0.5", "--device", "cpu", "--grid-images", "1", "--quiet",
+                          "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["eigencam"]["robustness"] is None and summary["fullgrad"]["robustness"] is None
+    assert summary["eigengradcam"]["robustness"]["0.5"]
+    assert all(math.isfinite(summary["fullgrad"][k]["mean"]) for k in SCALARS)
+    md = (out / "metrics.md").read_text()
+    assert "| Eigen-CAM | n/a (gradient-free)" in md and "| FullGrad | n/a (no target-layer gradients)" in md
+
+
+def test_smoothing_flags_change_the_maps_and_are_recorded(tmp_path, photos):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photos["chelsea"][:96, :96]).save(folder / "chelsea.png")
+    curves = {}
+    for flag in ("", "--aug-smooth", "--eigen-smooth"):
+        out = tmp_path / ("eval" + flag)
+        argv = [str(folder), "--model", "resnet18", "--methods", "gradcam", "--steps", "4", "--sigmas", "0.5",
+                "--device", "cpu", "--grid-images", "1", "--quiet", "--out", str(out)] + ([flag] if flag else [])
+        assert evaluate.main(argv) == 0
+        curves[flag] = np.load(out / "curves.npz")["gradcam__deletion"]
+        if flag:
+            assert flag in (out / "metrics.md").read_text()
+    assert not np.allclose(curves[""], curves["--aug-smooth"])
+    assert not np.allclose(curves[""], curves["--eigen-smooth"])
+
+
+def test_intervals_stay_within_each_quantity_range():
+    from cfcam_gpu.app import report
+
+    ones = [1.0] * 7 + [0.1]  # SSIM-like values near 1: a t interval exceeds 1
+    result = {"targets": [0] * 8, "seconds": {"m": {"cam": 1.0}}, "per_image": {"m": {
+        "average_drop": [0.0] * 7 + [100.0], "increase_in_confidence": [0.0] * 7 + [100.0],
+        "average_drop_threshold": [0.0] * 7 + [100.0], "increase_in_confidence_threshold": [100.0] * 7 + [0.0],
+        "deletion_auc": [0.0] * 7 + [1.0], "insertion_auc": ones,
+        "robustness": {0.5: {"ssim": ones, "mse": [0.0] * 7 + [0.3]}}}}}
+    entry = report.summarize(result, ["m"])["m"]
+    bounds = {"average_drop": (0, 100), "increase_in_confidence": (0, 100), "average_drop_threshold": (0, 100),
+              "increase_in_confidence_threshold": (0, 100), "deletion_auc": (0, 1), "insertion_auc": (0, 1)}
+    stats = [(entry[k], b) for k, b in bounds.items()]
+    stats += [(entry["robustness"]["0.5"]["ssim"], (-1, 1)), (entry["robustness"]["0.5"]["mse"], (0, math.inf))]
+    for stat, (low, high) in stats:
+        assert low <= stat["ci95"][0] <= stat["mean"] <= stat["ci95"][1] <= high, stat
+    assert report.summarize(result, ["m"]) == report.summarize(result, ["m"])  # seeded
+
+
+def test_road_is_optional_and_reported_per_method(tmp_path, photos, monkeypatch):
+    import cfcam_gpu.road as road_module
+
+    real_road, calls = road_module.road, []
+
+    def quick_road(*args, **kwargs):  # the full imputation takes ~40 s per image on a CPU core
+        calls.append(kwargs)
+        return real_road(*args, **kwargs, iterations=2, percentiles=(30, 70))
+
+    monkeypatch.setattr(road_module, "road", quick_road)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("chelsea", "coffee"):
+        Image.fromarray(photos[name][:96, :96]).save(folder / f"{name}.png")
+    base = [str(folder), "--model", "resnet18", "--methods", "gradcam,eigencam", "--steps", "1", "--sigmas", "0.5",
+            "--device", "cpu", "--grid-images", "1", "--quiet", "--batch-size", "1"]
+    assert evaluate.main([*base, "--out", str(tmp_path / "plain")]) == 0 and not calls  # off by default
+    assert "road_combined" not in json.loads((tmp_path / "plain" / "metrics.json").read_text())["gradcam"]
+    assert evaluate.main([*base, "--metrics", "road", "--out", str(tmp_path / "road")]) == 0
+    assert len(calls) == 4 and all(c["noise"] == 0.01 for c in calls)  # 2 methods x 2 batches
+    summary = json.loads((tmp_path / "road" / "metrics.json").read_text())
+    per_image = json.loads((tmp_path / "road" / "per_image.json").read_text())
+    for method in ("gradcam", "eigencam"):
+        for key in ("road_combined", "road_morf", "road_lerf"):
+            assert _finite_stat(summary[method][key]), (method, key)
+            assert len(per_image["methods"][method][key]) == 2
+        values = per_image["methods"][method]
+        assert summary[method]["road_combined"]["mean"] == pytest.approx(
+            np.mean(np.subtract(values["road_lerf"], values["road_morf"]) / 2))
+    md = (tmp_path / "road" / "metrics.md").read_text()
+    assert "| Method | ROAD combined ↑ | MoRF ↓ | LeRF ↑ |" in md and "--metrics road" in md
+    assert evaluate.main([*base, "--metrics", "roads", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_road_of_a_share_of_a_batch_equals_the_whole_batch_value():
+    """Under torchrun a rank holds some rows of a global batch: each gets its one-process ROAD value."""
+    import torch
+    import torchvision
+
+    from cfcam_gpu.app.scores import _road
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    x, cams, tgt = torch.randn(3, 3, 32, 32), torch.rand(3, 4, 4), torch.tensor([0, 3, 1])
+    whole = _road(model, x, cams, tgt, [0, 1, 2], 3, seed=4, batch=2, batch_size=8)
+    share = _road(model, x[1:], cams[1:], tgt[1:], [1, 2], 3, seed=4, batch=2, batch_size=8)
+    for key, values in share.items():
+        assert values == pytest.approx(whole[key][1:], abs=1e-5), key
+    other = _road(model, x, cams, tgt, [0, 1, 2], 3, seed=4, batch=3, batch_size=8)
+    assert other["road_combined"] != whole["road_combined"]  # the noise depends on the batch
+
+
+def test_a_vision_transformer_is_evaluated_at_its_default_layer_with_the_token_reshape(tmp_path, photos):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photos["chelsea"][:96, :96]).save(folder / "chelsea.png")
+    out = tmp_path / "eval"
+    assert evaluate.main([str(folder), "--model", "timm:vit_tiny_patch16_224", "--methods", "gradcam,cfcam",
+                          "--steps", "1", "--sigmas", "0.5", "--device", "cpu", "--grid-images", "1", "--quiet",
+                          "--out", str(out)]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert all(_finite_stat(summary[m]["deletion_auc"]) for m in ("gradcam", "cfcam"))
+    assert summary["gradcam"]["robustness"]["0.5"]["ssim"]["mean"] is not None
+    assert "blocks.-1.norm1" in (out / "metrics.md").read_text()

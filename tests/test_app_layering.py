@@ -69,3 +69,9 @@ def test_no_core_module_imports_the_app():
     # the check sees relative imports: cfcam_gpu/__main__.py's "from .app.cli import main" is one
     main = PACKAGE / "__main__.py"
     assert ("cfcam_gpu.app.cli" in {name for _, name in _imported_modules(main, ast.parse(main.read_text()))})
+
+
+def test_application_modules_stay_under_400_lines():
+    long = {path.name: n for path in sorted((PACKAGE / "app").glob("*.py"))
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) >= 400}
+    assert not long, long

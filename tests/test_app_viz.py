@@ -154,3 +154,17 @@ def test_contact_sheet_layout_and_labels():
     assert contact_sheet(tiles[:4], ["a"] * 4).shape[1] == 2 * cell_w + pad  # default: ceil(sqrt(B)) columns
     with pytest.raises(ValueError, match="labels: expected 5"):
         contact_sheet(tiles, ["a"])
+
+
+def test_contact_sheet_labels_draw_accents_and_mark_what_the_font_lacks():
+    from cfcam_gpu.app.viz import renderable
+
+    tiles = torch.full((1, 3, 40, 120), 0.5)
+
+    def sheet(label):
+        return contact_sheet(tiles, [label])
+
+    tofu = sheet("\uffff")  # a character no font draws
+    assert not np.array_equal(sheet("é"), tofu) and not np.array_equal(sheet("é"), sheet("e"))
+    assert renderable("café 猫") == "café ?"  # DejaVu Sans has é, not the CJK ideograph
+    assert np.array_equal(sheet("猫"), sheet("?"))  # shown as '?', not as an empty box

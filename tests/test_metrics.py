@@ -270,3 +270,21 @@ def test_numpy_maps_equal_tensor_maps():
     b = average_drop_increase(net, x, cams.numpy().astype(np.float32), [0, 2])
     for u, v in zip(a, b):
         torch.testing.assert_close(u, v)
+
+
+def test_mean_ci_bootstrap_stays_in_the_values_range_and_is_seeded():
+    rng = np.random.default_rng(3)
+    v = np.r_[np.zeros(9), 100.0]  # a 0/100 quantity: the t interval goes below 0
+    assert M.mean_ci(v)[1] < 0
+    m, lo, hi = M.mean_ci(v, method="bootstrap")
+    assert m == 10.0 and 0.0 <= lo <= m <= hi <= 100.0
+    assert M.mean_ci(v, method="bootstrap") == (m, lo, hi)  # seeded
+    # the percentile rule against a direct NumPy resampling with the same generator
+    x = rng.random(37)
+    idx = np.random.default_rng(5).integers(0, 37, size=(500, 37))
+    expected = np.quantile(x[idx].mean(axis=1), [0.025, 0.975])
+    _, lo, hi = M.mean_ci(x, method="bootstrap", resamples=500, seed=5)
+    assert (lo, hi) == pytest.approx(tuple(expected), abs=1e-12)
+    assert M.mean_ci([2.0], method="bootstrap") == (2.0, 2.0, 2.0)
+    with pytest.raises(ValueError, match="method"):
+        M.mean_ci(v, method="normal")

@@ -9,8 +9,10 @@ from ``report``:
   metrics.json      {method: {"average_drop", "increase_in_confidence", "average_drop_threshold",
                     "increase_in_confidence_threshold", "deletion_auc", "insertion_auc": {"mean", "ci95"},
                     "robustness": {sigma: {"ssim", "mse"}} (null for gradient-free methods),
-                    "n_images", "seconds_per_image"}}; ci95 = [low, high], Student-t interval of the mean
-  metrics.md        the same as markdown tables (mean +- 95% CI half-width)
+                    "n_images", "seconds_per_image"}}; ci95 = [low, high], 95% percentile-bootstrap interval of
+                    the mean (2000 resamples, seeded), always within the quantity's possible range
+                    with --metrics road also "road_combined", "road_morf", "road_lerf"
+  metrics.md        the same as markdown tables (mean [low, high])
   per_image.json    every per-image value, the targets and class names, CF-CAM's cluster counts
   curves.npz        deletion / insertion curves per method, (N, steps + 1)
   deletion_insertion.png, robustness.png   matplotlib plots (Agg)
@@ -35,9 +37,9 @@ import torch
 
 from . import distributed, outputs
 from .options import (PATH_HELP, CLIError, add_model_arguments, check_model_arguments, input_paths,
-                      load_model, resolve_device)
+                      load_model, resolve_device, smoothing, add_smoothing_arguments)
 from .report import FILES, write_report
-from .scores import ALL_METHODS, EXTRA_METHODS, SCALARS
+from .scores import DEFAULT_METHODS, EXTRA_METRICS, known_methods, scalar_keys
 
 DEFAULT_SIGMAS = "0.25,0.5,1,2,4"
 HELP = "compare CAM methods: Average Drop/Increase, deletion/insertion AUC, robustness"
@@ -57,9 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="*", metavar="PATH", help=PATH_HELP)
     parser.add_argument("--demo", action="store_true",
                         help="use efficientnet_lite0 and the photos bundled with scikit-image/scikit-learn")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS), metavar="LIST",
-                        help=f"comma-separated, from {', '.join(ALL_METHODS + EXTRA_METHODS)} "
-                             f"(default: {','.join(ALL_METHODS)})")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="LIST",
+                        help=f"comma-separated, from {', '.join(known_methods())} "
+                             f"(default: {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--metrics", default="", metavar="LIST",
+                        help=f"optional metrics to add, comma-separated: {', '.join(EXTRA_METRICS)} (ROAD, "
+                             "RemOve And Debias: slow on the CPU); default none")
     add_model_arguments(parser)
     group = parser.add_argument_group("evaluation")
     group.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per CAM batch (default 8)")
@@ -74,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grid-images", type=int, default=6, metavar="N",
                        help="rows of comparison.png (default 6)")
     group.add_argument("--seed", type=int, default=0, help="seed of the gradient noise (default 0)")
+    add_smoothing_arguments(group)
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the evaluation DIR already holds (without it, such a DIR is refused)")
@@ -82,11 +88,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_methods(spec: str) -> list[str]:
     names = [m.strip().lower() for m in spec.split(",") if m.strip()]
-    known = ALL_METHODS + EXTRA_METHODS
+    known = known_methods()
     bad = [m for m in names if m not in known]
     if bad or not names:
         raise CLIError(f"--methods: unknown method(s) {bad or spec!r}; expected names from {', '.join(known)}")
     return list(dict.fromkeys(names))
+
+
+def parse_metrics(spec: str) -> list[str]:
+    names = list(dict.fromkeys(m.strip().lower() for m in spec.split(",") if m.strip()))
+    bad = [m for m in names if m not in EXTRA_METRICS]
+    if bad:
+        raise CLIError(f"--metrics: unknown metric(s) {bad}; expected names from {', '.join(EXTRA_METRICS)} "
+                       "(the standard metrics are always computed)")
+    return names
 
 
 def parse_sigmas(spec: str) -> list[float]:
@@ -135,6 +150,7 @@ def _run(args, ctx) -> int:
     t_start = time.perf_counter()
     check_arguments(args)
     methods, sigmas = parse_methods(args.methods), parse_sigmas(args.sigmas)
+    args.metrics = parse_metrics(args.metrics) if isinstance(args.metrics, str) else list(args.metrics)
     paths = None if args.demo else input_paths(args.paths)
     out = Path(args.out)
     outputs.check_output_folder(out)
@@ -149,7 +165,7 @@ def _run(args, ctx) -> int:
         lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True))
     if args.demo:
         args.model = "efficientnet_lite0"
-    model, info, layer = load_model(args, device)
+    model, info, layer, reshape = load_model(args, device)
     distributed.init(device)
     if ctx.distributed and args.weights is None:
         distributed.broadcast_module(model)  # random weights: every rank uses rank 0's
@@ -162,8 +178,8 @@ def _run(args, ctx) -> int:
             print(f"cfcam evaluate: skipped {path}: {error}", file=sys.stderr)
     log(f"{total} images, model {info.name}, layer {layer}, methods {','.join(methods)}, device {device}"
         + processes)
-    part = _evaluate_share(args, model, info, layer, images, displays, names, positions, total, methods, sigmas,
-                           forward_batch_size, device, log)
+    part = _evaluate_share(args, model, info, (layer, reshape), images, displays, names, positions, total,
+                           methods, sigmas, forward_batch_size, device, log)
     parts = distributed.all_gather_object(part)
     code = 1 if failures else 0
     if not ctx.is_main:
@@ -172,28 +188,32 @@ def _run(args, ctx) -> int:
     # gradient-free methods have robustness None on every rank; the others on the ranks with images
     sigmas_present = {name: next((list(p["per_image"][name]["robustness"]) for p in parts
                                   if p["per_image"][name]["robustness"] is not None), None) for name in methods}
-    result, names, grid_displays = _merge(parts, methods, sigmas_present)
+    result, names, grid_displays = _merge(parts, methods, sigmas_present, scalar_keys(args.metrics))
     write_report(out, args, methods, sigmas, result, names, grid_displays, info, layer, device,
                  forward_batch_size, t_start, log, processes=processes, skipped=failures)
     distributed.barrier()
     return code
 
 
-def _evaluate_share(args, model, info, layer, images, displays, names, positions, total, methods, sigmas,
+def _evaluate_share(args, model, info, target, images, displays, names, positions, total, methods, sigmas,
                     forward_batch_size, device, log) -> dict:
-    """This rank's share of the per-image values (and its rows of the comparison grid)."""
+    """This rank's share of the per-image values (and its rows of the comparison grid); ``target``:
+    (layer, reshape_transform or None)."""
     from .scores import score_methods
 
+    layer, reshape = target
     rows = min(args.grid_images, total)
     if not positions:  # nothing to do here (fewer images than ranks)
         return {"positions": [], "names": [], "targets": [], "probs": [],
-                "per_image": {name: {**{k: [] for k in SCALARS}, "robustness": None} for name in methods},
+                "per_image": {name: {**{k: [] for k in scalar_keys(args.metrics)}, "robustness": None}
+                              for name in methods},
                 "curves": {name: {k: np.zeros((0, args.steps + 1), np.float32) for k in ("deletion", "insertion")}
                            for name in methods},
                 "seconds": {name: {"cam": 0.0, "metrics": 0.0} for name in methods}, "clusters": {}, "grid": {}}
     result = score_methods(model, layer, images.to(device), methods, info.mean, info.std, positions, total,
                            steps=args.steps, sigmas=sigmas, batch_size=args.batch_size,
-                           forward_batch_size=forward_batch_size, seed=args.seed, log=log)
+                           forward_batch_size=forward_batch_size, seed=args.seed, log=log, metrics=args.metrics, reshape_transform=reshape,
+                           **smoothing(args))
     return {"positions": positions, "names": names, "targets": result["targets"].tolist(),
             "probs": result["probs"].tolist(), "per_image": result["per_image"], "curves": result["curves"],
             "seconds": result["seconds"], "clusters": result["clusters"],
@@ -251,7 +271,7 @@ def _load_shard(args, paths, info, ctx):
     return images, displays, [mine[i][2] for i in kept], [place[i] for i in kept], len(readable), failures
 
 
-def _merge(parts: list[dict], methods, sigmas_present: dict) -> tuple[dict, list, torch.Tensor]:
+def _merge(parts: list[dict], methods, sigmas_present: dict, keys) -> tuple[dict, list, torch.Tensor]:
     """Every rank's share of ``evaluate``'s result -> the result for all images in list order (cams and
     displays: the grid rows only), names, displays."""
     positions = [p for part in parts for p in part["positions"]]
@@ -267,7 +287,7 @@ def _merge(parts: list[dict], methods, sigmas_present: dict) -> tuple[dict, list
     names = cat([part["names"] for part in parts])
     for name in methods:
         pers = [part["per_image"][name] for part in parts]
-        per = {k: cat([p[k] for p in pers]) for k in SCALARS}
+        per = {k: cat([p[k] for p in pers]) for k in keys}
         if sigmas_present[name]:
             per["robustness"] = {s: {m: cat([p["robustness"][s][m] for p in pers]) for m in ("ssim", "mse")}
                                  for s in sigmas_present[name]}

@@ -22,18 +22,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..engine import CFCAM, GradCAM
 from . import distributed, outputs, results
 from .options import (PATH_HELP, PROG, CLIError, add_data_arguments, add_model_arguments,
-                      check_data_arguments, check_model_arguments, input_paths, load_model, make_loader, option_message,
-                      resolve_device)
+                      check_data_arguments, check_model_arguments, input_paths, load_model, make_loader, method_names,
+                      resolve_device, smoothing, uses_layer, add_smoothing_arguments)
 
-HELP = "explain images with CF-CAM / Grad-CAM heatmaps"
+HELP = "explain images with CF-CAM / Grad-CAM / other CAM heatmaps"
 DESCRIPTION = """\
-Explain images with CF-CAM (or Grad-CAM). For each image DIR gets NAME_cfcam.png (the heatmap over the
-resized image), NAME_cfcam.npy (the raw CAM, float32 in [0, 1], at the layer's resolution) and a row in
-DIR/manifest.jsonl; DIR/contact_sheet.png shows the overlays. NAME is the input's file stem (with a short
-hash when two inputs share a stem).
+Explain images with CF-CAM (or another CAM method, --method). For each image DIR gets NAME_METHOD.png (the
+heatmap over the image), NAME_METHOD.npy (the raw CAM, float32 in [0, 1], at the layer's resolution, or at
+the model's input size for fullgrad and --aug-smooth) and a row in DIR/manifest.jsonl;
+DIR/contact_sheet.png shows the overlays. NAME is the input's file stem (with a short hash when two inputs
+share a stem).
 
 examples:
   cfcam explain --demo --out demo
@@ -55,11 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "...) instead of PATHs")
     add_model_arguments(parser)
     group = parser.add_argument_group("CAM")
-    group.add_argument("--method", choices=("cfcam", "gradcam"), default="cfcam",
-                       help="cfcam (default) or plain gradcam")
+    group.add_argument("--method", choices=method_names(), default="cfcam", metavar="NAME",
+                       help=f"CAM method: {', '.join(method_names())} (default cfcam); fullgrad uses no "
+                            "target layer")
     group.add_argument("--target", default="top1", metavar="top1|INT",
                        help="class to explain: 'top1' (each image's predicted class, the default) or a "
                             "class index for every image")
+    add_smoothing_arguments(group)
     group = parser.add_argument_group("speed")
     group.add_argument("--amp", choices=tuple(AMP_CHOICES), default="off",
                        help="autocast the model pass to bf16 or fp16 (clustering and filtering stay float32 "
@@ -191,6 +193,7 @@ class Job:
     model: torch.nn.Module = None
     info: object = None
     layer: str = ""
+    reshape: object = None  # the layer's reshape_transform (transformer tokens) or None
     started: float = 0.0
 
     @property
@@ -237,9 +240,13 @@ def _check(args: argparse.Namespace, ctx: distributed.Context) -> Job:
         outputs.check_output_folder(out)
         config = {"model": args.model, "weights": os.path.abspath(args.weights) if args.weights else None,
                   "num_classes": args.num_classes, "layer": args.layer, "method": args.method,
-                  "target": "top1" if target is None else target, "amp": args.amp}
+                  "target": "top1" if target is None else target, "amp": args.amp, **smoothing(args)}
         job = Job(args, ctx, items, arrays, target, device, out, config, started=started)
-        job.model, job.info, job.layer = load_model(args, device)
+        if args.layer and not uses_layer(args.method):
+            raise CLIError(f"--layer: --method {args.method} uses no target layer; omit --layer")
+        job.model, job.info, job.layer, job.reshape = load_model(args, device)
+        if not uses_layer(args.method):
+            job.layer = None
         config["layer"] = job.layer
         if target is not None and target >= job.info.num_classes:
             raise CLIError(f"--target: expected 'top1' or a class index in [0, {job.info.num_classes}) for "
@@ -275,10 +282,12 @@ def _explain(job: Job, pending: list[int], quiet: bool) -> tuple[int, int]:
     """Explain this rank's ``pending`` inputs into its manifest -> (n ok, n failed) over every rank."""
     from .data import ArrayDataset, ImageFolderDataset
 
+    from ..methods import build_method
+
     args, ctx, info = job.args, job.ctx, job.info
-    engine_class = CFCAM if args.method == "cfcam" else GradCAM
-    engine = engine_class(job.model, job.layer, amp=AMP_CHOICES[args.amp], channels_last=args.channels_last,
-                          compile=args.compile)
+    options = {} if job.reshape is None or job.layer is None else {"reshape_transform": job.reshape}
+    engine = build_method(args.method, job.model, job.layer, amp=AMP_CHOICES[args.amp],
+                          channels_last=args.channels_last, compile=args.compile, **options)
     if job.arrays is not None:
         dataset = ArrayDataset([job.items[i].key for i in pending], [job.arrays[i] for i in pending],
                                info.input_size, info.mean, info.std, keep_original=True)
@@ -321,11 +330,12 @@ def _finish(job: Job, n_ok: int, n_failed: int, n_skipped: int, seconds: float, 
     sheet_rows = ok_rows[:SHEET_MAX_TILES]
     n_blank = sum(bool(row.get("blank")) for row in ok_rows)
     if n_blank:
-        print(f"{PROG}: warning: {n_blank} of {len(ok_rows)} CAMs are all zero (blank heatmaps): no channel "
-              f"cluster at layer {layer!r} has a positive weight with non-zero activations (e.g. only dead, "
-              "all-zero channels clustered); try another --layer or --method gradcam", file=sys.stderr)
+        why = (": no channel cluster has a positive weight with non-zero activations (e.g. only dead, all-zero "
+               "channels clustered)" if args.method == "cfcam" else "")
+        print(f"{PROG}: warning: {n_blank} of {len(ok_rows)} CAMs are all zero (blank heatmaps) at layer "
+              f"{layer!r}{why}; try another --layer or --method", file=sys.stderr)
     if sheet_rows:
-        results.write_contact_sheet(out, sheet_rows, job.info.input_size)
+        results.write_contact_sheet(out, sheet_rows, job.info.input_size, args.method)
     summary = {"n_images": len(job.items), "n_ok": n_ok, "n_failed": n_failed, "n_skipped": n_skipped,
                "n_blank": n_blank,
                "seconds": round(seconds, 3), "images_per_s": round(n_ok / seconds, 2) if seconds > 0 else None,
@@ -347,41 +357,6 @@ def _finish(job: Job, n_ok: int, n_failed: int, n_skipped: int, seconds: float, 
 # ---------------------------------------------------------------------------------------------------
 # One batch.
 
-def _config_message(error: Exception) -> str:
-    message = option_message(error)
-    if "for transformer tokens" in message:  # the library's reshape_transform hint: no CLI option for it
-        message = message.split("; for transformer tokens")[0] + (
-            "; pick a layer that outputs a spatial feature map (B, C, h, w), e.g. the default (omit --layer)")
-    return message
-
-
-def _is_config_error(error: Exception) -> bool:
-    return isinstance(error, (ValueError, TypeError)) and str(error).startswith(
-        ("target_layer:", "model:", "targets:"))
-
-
-def _cams(engine, images: torch.Tensor, target, n: int) -> list[tuple[slice, object]]:
-    """[(rows, CAMResult or the exception)]: the whole batch, or, if it fails as a whole (a NaN in one
-    image, out of memory), image by image so that only the culprits fail. Configuration errors (the
-    layer does not output a feature map, ...) stop the run with exit 2."""
-    try:
-        return [(slice(0, n), engine(images, target))]
-    except Exception as error:  # noqa: BLE001 - retried per image below
-        if _is_config_error(error):
-            raise CLIError(_config_message(error)) from None
-        if n == 1:
-            return [(slice(0, 1), error)]
-    groups = []
-    for i in range(n):
-        try:
-            groups.append((slice(i, i + 1), engine(images[i:i + 1], target)))
-        except Exception as single_error:  # noqa: BLE001 - reported in the manifest
-            if _is_config_error(single_error):
-                raise CLIError(_config_message(single_error)) from None
-            groups.append((slice(i, i + 1), single_error))
-    return groups
-
-
 def _explain_batch(job: Job, engine, batch, pending: list[int]):
     """One data.Batch -> (manifest rows, [(path, array) to write])."""
     rows = [{"path": str(path), "status": "error", "error": message} for path, message in batch.failures]
@@ -392,7 +367,8 @@ def _explain_batch(job: Job, engine, batch, pending: list[int]):
         return rows, files
     batch_items = [job.items[pending[int(j)]] for j in batch.indices]
     images = batch.images.to(job.device, non_blocking=True)
-    for where, result in _cams(engine, images, job.target, len(batch_items)):
+    for where, result in results.cams_by_group(engine, images, job.target, len(batch_items),
+                                               smoothing(job.args)):
         part = batch_items[where]
         if isinstance(result, Exception):
             message = f"{type(result).__name__}: {str(result).strip().splitlines()[0] if str(result) else ''}"

@@ -302,7 +302,9 @@ def _probe(model: nn.Module, input_size: tuple[int, int]) -> tuple[int, str | No
     spatial feature map (B, C, h, w) with h * w > 1 and which holds parameters
     (so parameter-free pooling that merely copies the map is skipped). A parent's
     hook fires after its children's, so this names the outermost block producing
-    the final feature map: "layer4" for ResNets, "features" for VGG / DenseNet /
+    the final feature map (None when layers outputting tokens (B, N, D) run after it,
+    as in a vision transformer, whose patch embedding is the last (B, C, h, w) map:
+    a CAM there explains nothing): "layer4" for ResNets, "features" for VGG / DenseNet /
     MobileNet, and "bn2" for timm's EfficientNet(-Lite). For EfficientNet "bn2"
     (conv_head -> BN -> ReLU6, (B, 1280, 7, 7)) is what feeds the global average
     pool, so Grad-CAM there is the classic CAM setting, like ResNet's layer4;
@@ -325,13 +327,12 @@ def _probe(model: nn.Module, input_size: tuple[int, int]) -> tuple[int, str | No
 
     def record(name):
         def hook(module, inputs, output):
-            if (
-                torch.is_tensor(output)
-                and output.ndim == 4
-                and output.shape[2] * output.shape[3] > 1
-                and name in has_parameters
-            ):
+            if not torch.is_tensor(output) or name not in has_parameters:
+                return
+            if output.ndim == 4 and output.shape[2] * output.shape[3] > 1:
                 spatial.append(name)
+            elif output.ndim == 3 and output.shape[1] > 1:  # tokens (B, N, D): a transformer's layers
+                spatial.append(None)
 
         return hook
 

@@ -9,6 +9,7 @@ Heavy libraries (timm, torchvision's model zoo) are imported by ``load_model``, 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import warnings
 from pathlib import Path
@@ -46,6 +47,52 @@ def option_message(error: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# CAM methods: the names and what they need, read from the core's registry at run time.
+
+def method_names() -> tuple[str, ...]:
+    """Every name of ``cfcam_gpu.methods.METHODS``, in the registry's order."""
+    from ..methods import METHODS
+
+    return tuple(METHODS)
+
+
+def uses_layer(name: str) -> bool:
+    """False for a method whose engine takes no target layer (its ``target_layer`` defaults to None, e.g.
+    fullgrad, which uses every bias layer and returns maps at the input size)."""
+    from ..methods import METHODS
+
+    parameter = inspect.signature(METHODS[name].__init__).parameters.get("target_layer")
+    return parameter is None or parameter.default is not None
+
+
+def uses_gradients(name: str) -> bool:
+    """True when the method's map is a function of the target layer's gradients (its pure
+    (activations, gradients) function needs them): what evaluate's gradient-noise robustness measures.
+    Methods with no such function (scorecam, ablationcam, fullgrad) or whose function ignores the gradients
+    (``gradients=None`` by default: eigencam, kpcacam) -> False."""
+    from ..methods import from_features_fn
+
+    fn = from_features_fn(name)
+    if fn is None:
+        return False
+    parameters = list(inspect.signature(fn).parameters.values())  # (activations, gradients, ...)
+    return len(parameters) > 1 and parameters[1].default is not None
+
+
+def add_smoothing_arguments(group) -> None:
+    group.add_argument("--aug-smooth", action="store_true",
+                       help="average the maps of 6 copies of each image (mirrored or not, x 0.9, 1.0, 1.1 "
+                            "intensity), as pytorch-grad-cam: 6x the work; maps at the input size")
+    group.add_argument("--eigen-smooth", action="store_true",
+                       help="the first principal component of the weighted activations instead of their sum")
+
+
+def smoothing(args: argparse.Namespace) -> dict:
+    """--aug-smooth / --eigen-smooth as the engines' keyword arguments (they change the maps)."""
+    return {"aug_smooth": bool(args.aug_smooth), "eigen_smooth": bool(args.eigen_smooth)}
+
+
+# ---------------------------------------------------------------------------------------------------
 # Model and device.
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +107,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layer", metavar="NAME",
                        help="dotted target layer, e.g. 'layer4', 'layer4.-1', 'features.8' "
                             "(default: the model's last spatial feature map, e.g. 'layer4' for ResNets; "
-                            "'blocks.6' for efficientnet_lite0)")
+                            "'blocks.6' for efficientnet_lite0; for ViT/DeiT the last block's norm1 and for Swin "
+                            "the last stage, their tokens laid on the patch grid, also for a --layer you name)")
     group.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
                        help="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N' (default auto)")
 
@@ -89,12 +137,26 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         raise CLIError(f"--weights: no such file: {args.weights!r}")
 
 
+def default_target(model: torch.nn.Module, info) -> tuple[str | None, object]:
+    """(default layer, reshape_transform or None): ``cfcam_gpu.reshape.default_target`` for the families
+    it knows (ViT/DeiT/Swin get their token reshape), else the probed last (B, C, h, w) feature map
+    (``ModelInfo.default_layer``; None for a model whose last layers output tokens)."""
+    from ..reshape import default_target as family_target
+
+    try:
+        layer, transform = family_target(model)
+    except ValueError:
+        return info.default_layer, None
+    return layer, transform
+
+
 def load_model(args: argparse.Namespace, device: torch.device):
-    """--model/--weights/--num-classes/--layer -> (model, ModelInfo, layer name).
+    """--model/--weights/--num-classes/--layer -> (model, ModelInfo, layer name, reshape_transform).
 
     The architecture is built (random, or the packaged efficientnet_lite0 weights) and the layer checked
-    before ``--weights`` is read. CLIError on unknown names, TorchScript models (CAMs need forward hooks),
-    unknown layers and missing or mismatched weights.
+    before ``--weights`` is read. The default layer and the reshape (``default_target``); a --layer of a
+    transformer family gets the family's reshape too. CLIError on unknown names, TorchScript models (CAMs
+    need forward hooks), unknown layers, no default layer, and missing or mismatched weights.
     """
     from ..layers import resolve_layer
     from .models import build_model, load_weights
@@ -110,10 +172,12 @@ def load_model(args: argparse.Namespace, device: torch.device):
             "layer and TorchScript modules do not support hooks (register_forward_hook is not supported "
             "on ScriptModules). Save the eager model's state_dict() instead and pass "
             "--model ARCH --weights FILE")
-    layer = args.layer or info.default_layer
+    default_layer, transform = default_target(model, info)
+    layer = args.layer or default_layer
     if layer is None:
-        raise CLIError(f"--layer: no default target layer found for {args.model!r} (no module outputs a "
-                       "(B, C, h, w) feature map); name one with --layer")
+        raise CLIError(f"--layer: no default target layer found for {args.model!r} (its last layers do not "
+                       "output a (B, C, h, w) feature map; token layouts are reshaped for ViT, DeiT and Swin "
+                       "only); name a layer that outputs (B, C, h, w) with --layer")
     try:
         resolve_layer(model, layer)
     except (ValueError, TypeError) as error:
@@ -125,7 +189,7 @@ def load_model(args: argparse.Namespace, device: torch.device):
                 load_weights(model, args.weights)
         except (ValueError, TypeError, FileNotFoundError) as error:
             raise CLIError(option_message(error)) from None
-    return model, info, layer
+    return model, info, layer, transform
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,14 +15,20 @@ import torch
 
 from .. import metrics as M
 from .outputs import write_atomic, write_text_atomic
-from .scores import LABELS, SCALARS
+from .scores import LABELS, ROAD_SCALARS, SCALARS, robustness_free
 
 FILES = ("metrics.json", "metrics.md", "per_image.json", "curves.npz", "deletion_insertion.png", "robustness.png",
          "comparison.png")
 
 
+RESAMPLES = 2000  # percentile-bootstrap resamples of every interval (seeded: the same files for the same values)
+INTERVAL = f"95% percentile-bootstrap interval of the mean ({RESAMPLES} resamples, seeded)"
+
+
 def _stat(values) -> dict:
-    m, lo, hi = M.mean_ci(values)
+    """{"mean", "ci95": [low, high]}: the interval lies within the values' range, so within the
+    quantity's possible one (percentages in [0, 100], AUCs in [0, 1], SSIM in [-1, 1], MSE >= 0)."""
+    m, lo, hi = M.mean_ci(values, method="bootstrap", resamples=RESAMPLES, seed=0)
     clean = lambda v: None if not math.isfinite(v) else v  # noqa: E731
     return {"mean": clean(m), "ci95": [clean(lo), clean(hi)]}
 
@@ -33,7 +39,7 @@ def summarize(result: dict, methods: Sequence[str]) -> dict:
     N = len(result["targets"])
     for name in methods:
         per = result["per_image"][name]
-        entry = {k: _stat(per[k]) for k in SCALARS}
+        entry = {k: _stat(per[k]) for k in SCALARS + ROAD_SCALARS if k in per}
         rob = per["robustness"]
         entry["robustness"] = None if rob is None else {
             f"{s:g}": {"ssim": _stat(v["ssim"]), "mse": _stat(v["mse"])} for s, v in rob.items()}
@@ -50,16 +56,17 @@ def _pm(stat: dict, digits: int = 2) -> str:
         return "n/a"
     if lo is None or hi is None:
         return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {(hi - lo) / 2:.{digits}f}"
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def markdown(summary: dict, result: dict, context: dict) -> str:
     methods = list(summary)
     lines = [f"# CAM evaluation: {context['model']} / {context['layer']}", "",
              f"{context['n_images']} images ({context['source']}), each explained for the model's top-1 class; "
-             f"mean ± 95% CI half-width (Student t). Deletion: zero (mean-colour) baseline; insertion: blurred "
+             f"mean [{INTERVAL}]. Deletion: zero (mean-colour) baseline; insertion: blurred "
              f"image; {context['steps']} steps. Robustness: Gaussian noise of sigma x std(gradients) on the "
-             f"target-layer gradients, CAMs compared at the input size (SSIM: Gaussian window 1.5).", "",
+             f"target-layer gradients, CAMs compared at the input size (SSIM: Gaussian window 1.5)"
+             + ("; of the maps without --aug-smooth / --eigen-smooth" if context.get("smoothed") else "") + ".", "",
              "| Method | Avg Drop % ↓ | Increase % ↑ | Avg Drop % (CAM>0.5) ↓ | Increase % (CAM>0.5) ↑ "
              "| Deletion AUC ↓ | Insertion AUC ↑ | s / image |",
              "|---|---|---|---|---|---|---|---|"]
@@ -68,6 +75,15 @@ def markdown(summary: dict, result: dict, context: dict) -> str:
         lines.append(f"| {LABELS.get(name, name)} | {_pm(e['average_drop'])} | {_pm(e['increase_in_confidence'])} "
                      f"| {_pm(e['average_drop_threshold'])} | {_pm(e['increase_in_confidence_threshold'])} "
                      f"| {_pm(e['deletion_auc'], 3)} | {_pm(e['insertion_auc'], 3)} | {e['seconds_per_image']:.3f} |")
+    if all("road_combined" in e for e in summary.values()):
+        lines += ["", "ROAD (RemOve And Debias, noisy linear imputation, noise 0.01; percentiles 10, 20, ..., 90): "
+                  "change of the target logit when the most (MoRF ↓) or least (LeRF ↑) relevant pixels are "
+                  "imputed; combined = (LeRF - MoRF) / 2 ↑:", "",
+                  "| Method | ROAD combined ↑ | MoRF ↓ | LeRF ↑ |", "|---|---|---|---|"]
+        for name in methods:
+            e = summary[name]
+            lines.append(f"| {LABELS.get(name, name)} | {_pm(e['road_combined'], 3)} | {_pm(e['road_morf'], 3)} "
+                         f"| {_pm(e['road_lerf'], 3)} |")
     sigmas = next((list(e["robustness"]) for e in summary.values() if e["robustness"]), [])
     if sigmas:
         lines += ["", "Robustness to gradient noise (SSIM ↑ / MSE ↓ between the clean and the noisy CAM):", "",
@@ -77,7 +93,7 @@ def markdown(summary: dict, result: dict, context: dict) -> str:
         for name in methods:
             rob = summary[name]["robustness"]
             if rob is None:
-                cells = ["n/a (gradient-free)"] + ["—"] * (2 * len(sigmas) - 1)
+                cells = [f"n/a ({robustness_free(name)})"] + ["—"] * (2 * len(sigmas) - 1)
                 lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
                 continue
             lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(_pm(rob[s]["ssim"], 3) for s in sigmas) + " | "
@@ -127,7 +143,8 @@ def _plots(out: Path, summary: dict, result: dict, steps: int) -> None:
         for ax, key in zip(axes, ("ssim", "mse")):
             stats = [e["robustness"][s][key] for s in e["robustness"]]
             mean = np.array([s["mean"] for s in stats], dtype=float)
-            err = np.array([(s["ci95"][1] - s["ci95"][0]) / 2 if s["ci95"][0] is not None else 0 for s in stats])
+            err = np.array([[s["mean"] - s["ci95"][0], s["ci95"][1] - s["mean"]] if s["ci95"][0] is not None
+                            else [0, 0] for s in stats]).T  # (2, n): the asymmetric bootstrap interval
             ax.errorbar(sig, mean, yerr=err, marker="o", capsize=3, label=LABELS.get(name, name))
     for ax, title in zip(axes, ("SSIM(clean, noisy CAM) ↑", "MSE(clean, noisy CAM) ↓")):
         ax.set_title(title)
@@ -198,13 +215,16 @@ def write_report(out, args, methods, sigmas, result, names, displays, info, laye
     grid = comparison_grid(displays, result["cams"], names, classes, result["probs"].tolist(), args.grid_images)
     save_png(grid, out / "comparison.png")
     context = {"model": info.name, "layer": layer, "n_images": len(names),
+               "smoothed": args.aug_smooth or args.eigen_smooth,
                "source": "bundled scikit-image / scikit-learn photos" if args.demo else "PATHs",
                "steps": args.steps, "device": str(device) + processes, "threads": torch.get_num_threads(),
                "seconds": time.perf_counter() - t_start,
                "options": f"--methods {','.join(methods)} --steps {args.steps} "
                           f"--sigmas {','.join(f'{s:g}' for s in sigmas)} "
                           f"--batch-size {args.batch_size} --forward-batch-size {forward_batch_size} --seed {args.seed}"
-                          + (f" --max-images {args.max_images}" if args.max_images else "")}
+                          + (f" --max-images {args.max_images}" if args.max_images else "")
+                          + (f" --metrics {','.join(args.metrics)}" if args.metrics else "")
+                          + (" --aug-smooth" if args.aug_smooth else "") + (" --eigen-smooth" if args.eigen_smooth else "")}
     write_text_atomic(out / "metrics.md", markdown(summary, result, context))
     log(f"wrote {out}/metrics.json, metrics.md, per_image.json, curves.npz, deletion_insertion.png, "
         f"robustness.png, comparison.png in {context['seconds']:.0f} s")

@@ -1,5 +1,6 @@
-"""What an explained image becomes: its manifest row and files (overlay PNG, raw CAM), and its tile on
-the contact sheet."""
+"""What a batch of explained images becomes: the engine's results (the whole batch, or image by image
+when it fails as a whole), each image's manifest row and files (overlay PNG, raw CAM, at the layer's
+resolution or the input's), and its tile on the contact sheet."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,43 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .options import CLIError, option_message
 from .outputs import CONTACT_SHEET
+
+
+def _config_message(error: Exception) -> str:
+    message = option_message(error)
+    if "for transformer tokens" in message:  # the library's reshape_transform hint: no CLI option for it
+        message = message.split("; for transformer tokens")[0] + (
+            "; pick a layer that outputs a spatial feature map (B, C, h, w), e.g. the default (omit --layer)")
+    return message
+
+
+def _is_config_error(error: Exception) -> bool:
+    return isinstance(error, (ValueError, TypeError)) and str(error).startswith(
+        ("target_layer:", "model:", "targets:", "reshape_transform:"))
+
+
+def cams_by_group(engine, images: torch.Tensor, target, n: int, options: dict) -> list[tuple[slice, object]]:
+    """[(rows, CAMResult or the exception)]: the whole batch, or, if it fails as a whole (a NaN in one
+    image, out of memory), image by image so that only the culprits fail. Configuration errors (the
+    layer does not output a feature map, ...) stop the run with exit 2."""
+    try:
+        return [(slice(0, n), engine(images, target, **options))]
+    except Exception as error:  # noqa: BLE001 - retried per image below
+        if _is_config_error(error):
+            raise CLIError(_config_message(error)) from None
+        if n == 1:
+            return [(slice(0, 1), error)]
+    groups = []
+    for i in range(n):
+        try:
+            groups.append((slice(i, i + 1), engine(images[i:i + 1], target, **options)))
+        except Exception as single_error:  # noqa: BLE001 - reported in the manifest
+            if _is_config_error(single_error):
+                raise CLIError(_config_message(single_error)) from None
+            groups.append((slice(i, i + 1), single_error))
+    return groups
 
 
 def overlay_at_size(original: torch.Tensor, cam: torch.Tensor) -> np.ndarray:
@@ -54,7 +91,13 @@ def explained(result, originals, items, info, out, method):
     return rows, files
 
 
-def write_contact_sheet(out: Path, rows: list[dict], size: tuple[int, int]) -> None:
+def output_name(row: dict, method: str) -> str:
+    """A manifest row's output NAME: its overlay file NAME_METHOD.png less the method (which may hold '_')."""
+    stem, suffix = Path(row["files"]["overlay"]).stem, f"_{method}"
+    return stem[: -len(suffix)] if stem.endswith(suffix) else stem
+
+
+def write_contact_sheet(out: Path, rows: list[dict], size: tuple[int, int], method: str) -> None:
     from PIL import Image
 
     from .viz import contact_sheet, save_png
@@ -75,7 +118,7 @@ def write_contact_sheet(out: Path, rows: list[dict], size: tuple[int, int]) -> N
         label = f"{row['predicted_name']} {row['probability']:.2f}"
         if row.get("target") != row.get("predicted"):
             label += f" -> {row['target_name']}"
-        name = Path(row["files"]["overlay"]).stem.rsplit("_", 1)[0]
+        name = output_name(row, method)
         labels.append(f"{label} | {name}")
     if tiles and len({tile.shape for tile in tiles}) == 1:
         save_png(contact_sheet(tiles, labels), out / CONTACT_SHEET)

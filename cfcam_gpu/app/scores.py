@@ -14,45 +14,74 @@ from ..hooks import LeafCapture, eval_mode, forward_hook
 from ..layers import resolve_layer
 from ..methods import ScoreCAM, build_method, dead_channels, from_features_fn
 from ..targets import resolve_targets
+from .options import method_names, uses_gradients, uses_layer
 
-ALL_METHODS = ("cfcam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "ablationcam")
-EXTRA_METHODS = ("cfcam_exclude_dead", "scorecam_logit")
+DEFAULT_METHODS = ("cfcam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "ablationcam")
+VARIANTS = ("scorecam_logit",)  # evaluation variants of registry methods; the rest: cfcam_gpu.methods.METHODS
+# Display names (a method without one is shown by its registry name).
 LABELS = {"cfcam": "CF-CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM",
           "layercam": "LayerCAM", "hirescam": "HiResCAM", "scorecam": "Score-CAM",
           "ablationcam": "Ablation-CAM", "cfcam_exclude_dead": "CF-CAM (dead excl.)",
-          "scorecam_logit": "Score-CAM (logit)"}
+          "scorecam_logit": "Score-CAM (logit)", "eigencam": "Eigen-CAM", "eigengradcam": "EigenGrad-CAM",
+          "kpcacam": "KPCA-CAM", "fullgrad": "FullGrad"}
+
+
+def known_methods() -> tuple[str, ...]:
+    """Every name ``evaluate --methods`` accepts: the core registry's (at run time) and VARIANTS."""
+    return method_names() + VARIANTS
+
+
+def robustness_free(name: str) -> str | None:
+    """Why the gradient-noise robustness does not apply to a method (None when it does)."""
+    if name in VARIANTS or not uses_gradients(name):
+        return "no target-layer gradients" if name not in VARIANTS and not uses_layer(name) else "gradient-free"
+    return None
 SCALARS = ("average_drop", "increase_in_confidence", "average_drop_threshold",
            "increase_in_confidence_threshold", "deletion_auc", "insertion_auc")
+EXTRA_METRICS = ("road",)  # evaluate --metrics: optional, slow ones
+ROAD_SCALARS = ("road_combined", "road_morf", "road_lerf")
 
 
-def _engine(name: str, model, layer, forward_batch_size: int):
+def scalar_keys(metrics: Sequence[str] = ()) -> tuple[str, ...]:
+    """The per-image scalar metrics of an evaluation with the optional ``metrics``."""
+    return SCALARS + (ROAD_SCALARS if "road" in metrics else ())
+
+
+def _engine(name: str, model, layer, forward_batch_size: int, reshape_transform=None):
+    options = {} if reshape_transform is None or not uses_layer(name) else {"reshape_transform": reshape_transform}
     if name == "scorecam_logit":
-        return ScoreCAM(model, layer, score="logit", score_batch_size=forward_batch_size)
-    options = {}
+        return ScoreCAM(model, layer, score="logit", score_batch_size=forward_batch_size, **options)
     if name == "scorecam":
         options["score_batch_size"] = forward_batch_size
     if name == "ablationcam":
         options["ablation_batch_size"] = max(forward_batch_size, 256)
-    return build_method(name, model, layer, **options)
+    return build_method(name, model, layer if uses_layer(name) else None, **options)
 
 
 def _fn(name: str):
-    return None if name == "scorecam_logit" else from_features_fn(name)
+    """The (activations, gradients) function the robustness metric perturbs; None where it does not apply."""
+    return None if robustness_free(name) else from_features_fn(name)
 
 
-def features(model, layer, images: torch.Tensor):
+def features(model, layer, images: torch.Tensor, reshape_transform=None):
     """The target layer's activations and gradients (B, C, h, w) for the top-1 logits, the top-1 classes
-    (B,) and the logits (B, L): one forward pass (eval mode, no graph below the layer), one backward."""
+    (B,) and the logits (B, L): one forward pass (eval mode, no graph below the layer), one backward.
+    ``reshape_transform`` maps the layer's output and its gradient to (B, C, h, w) (transformer tokens)."""
     capture = LeafCapture()
     with forward_hook(resolve_layer(model, layer), capture), eval_mode(model):
         with torch.no_grad():
             logits = model(images)
-        if capture.output is None or capture.output.ndim != 4:
-            raise ValueError("target_layer: expected the layer to run and output a (B, C, h, w) feature map")
+        if capture.output is None:
+            raise ValueError("target_layer: expected the layer to run in the model's forward pass")
         targets = resolve_targets(None, logits)
         with torch.enable_grad():
             (grads,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), capture.output)
-    return capture.output.detach(), grads, targets, logits.detach()
+    acts = capture.output.detach()
+    if reshape_transform is not None:
+        acts, grads = reshape_transform(acts), reshape_transform(grads)
+    if acts.ndim != 4:
+        raise ValueError("target_layer: expected the layer to output a (B, C, h, w) feature map")
+    return acts, grads, targets, logits.detach()
 
 
 def global_spans(positions: Sequence[int], batch_size: int, total: int) -> list:
@@ -85,6 +114,35 @@ def _robustness(fn, acts, grads, sigmas, generator, size, rows: list[int], n: in
     return {s: M.Robustness(r.ssim[index], r.mse[index]) for s, r in result.items()}
 
 
+def _padded(rows: list[int], n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A share of a batch of ``n`` (its rows ``rows``) padded to the whole batch with copies of its first
+    row, so that random draws over the batch are those of the whole batch."""
+    if rows == list(range(n)):
+        return tensors
+    index = torch.as_tensor(rows, device=tensors[0].device)
+    out = []
+    for t in tensors:
+        full = t[:1].repeat(n, *([1] * (t.ndim - 1)))
+        full[index] = t
+        out.append(full)
+    return tuple(out)
+
+
+def _road(model, x, cams, tgt, rows: list[int], n: int, seed: int, batch: int, batch_size: int) -> dict:
+    """ROAD (``cfcam_gpu.road``, noise 0.01, the default percentiles) for the rows ``rows`` of global batch
+    ``batch`` (of ``n`` images): its noise is seeded by (seed, batch) and drawn for the whole batch, so each
+    image gets its one-process value under torchrun. -> {road_combined, road_morf, road_lerf: lists}
+    (MoRF / LeRF: the mean over the percentiles of the target logit's change)."""
+    from .. import road as road_module
+
+    generator = torch.Generator(x.device).manual_seed(seed * 1_000_003 + batch)
+    images, maps, targets = _padded(rows, n, x, cams.float(), tgt)
+    result = road_module.road(model, images, maps, targets, noise=0.01, generator=generator, batch_size=batch_size)
+    keep = torch.as_tensor(rows, device=x.device) if rows != list(range(n)) else slice(None)
+    return {"road_combined": result.combined[keep].tolist(), "road_morf": result.morf[keep].mean(1).tolist(),
+            "road_lerf": result.lerf[keep].mean(1).tolist()}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -92,13 +150,19 @@ def _sync(device: torch.device) -> None:
 
 def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], mean, std, positions: Sequence[int],
                   total: int, steps: int = 50, sigmas: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
-                  batch_size: int = 8, forward_batch_size: int = 64, seed: int = 0, log=None) -> dict:
+                  batch_size: int = 8, forward_batch_size: int = 64, seed: int = 0, log=None,
+                  aug_smooth: bool = False, eigen_smooth: bool = False, metrics: Sequence[str] = (),
+                  reshape_transform=None) -> dict:
     """Per-image metrics of every method on ``images`` (N, 3, H, W) for the model's top-1 classes.
 
     ``images`` are the images at places ``positions`` (ascending) of a list of ``total`` (all of them in
     one process; one rank's share under torchrun). They are batched as that whole list is (batch k:
     places [k * batch_size, (k + 1) * batch_size)) and each image gets the gradient noise it gets when the
     whole list is evaluated in one process, so every per-image value is the one-process value.
+    ``aug_smooth`` / ``eigen_smooth`` go to every engine call (the robustness metric perturbs the method's
+    plain (activations, gradients) function: it measures the map without smoothing). ``metrics``: the
+    optional ones (EXTRA_METRICS) to add, e.g. ("road",). ``reshape_transform``: the layer's (tokens ->
+    (B, C, h, w)), for the engines and the captured features.
 
     Returns {"targets", "probs", "per_image": {method: {metric: list}}, "curves": {method: {...}},
     "seconds": {method: {"cam", "metrics"}}, "cams": {method: (N, h, w) CPU tensor}, "clusters": {...}}.
@@ -107,15 +171,15 @@ def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], me
     N, _, H, W = images.shape
     fb = forward_batch_size
     spans = global_spans(positions, batch_size, total)
-    feats = [features(model, layer, images[i:j]) for i, j, _ in spans]
+    feats = [features(model, layer, images[i:j], reshape_transform) for i, j, _ in spans]
     targets = torch.cat([f[2] for f in feats])
     probs = torch.cat([f[3].float().softmax(1).gather(1, f[2][:, None])[:, 0] for f in feats])
     generator = torch.Generator(images.device)
     out = {"targets": targets.cpu(), "probs": probs.cpu(), "per_image": {}, "curves": {}, "seconds": {},
            "cams": {}, "clusters": {}}
     for name in methods:
-        engine = _engine(name, model, layer, forward_batch_size)
-        per, curves = {k: [] for k in SCALARS}, {"deletion": [], "insertion": []}
+        engine = _engine(name, model, layer, forward_batch_size, reshape_transform)
+        per, curves = {k: [] for k in scalar_keys(metrics)}, {"deletion": [], "insertion": []}
         robust = {s: {"ssim": [], "mse": []} for s in sigmas}
         cams_all, clusters, t_cam, t_metrics = [], {"n_clusters": [], "noise": [], "dead": []}, 0.0, 0.0
         fn = _fn(name)
@@ -124,7 +188,7 @@ def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], me
         for (i, j, (batch, rows, size)), (acts, grads, tgt, _) in zip(spans, feats):
             x = images[i:j]
             t0 = time.perf_counter()
-            res = engine(x, tgt)
+            res = engine(x, tgt, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
             cams = res.cams
             _sync(x.device)
             t1 = time.perf_counter()
@@ -140,6 +204,9 @@ def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], me
             per["increase_in_confidence_threshold"] += (hard.increase.double() * 100).tolist()
             per["deletion_auc"] += dele.deletion_auc.tolist()
             per["insertion_auc"] += ins.insertion_auc.tolist()
+            if "road" in metrics:
+                for key, values in _road(model, x, cams, tgt, rows, size, seed, batch, fb).items():
+                    per[key] += values
             curves["deletion"].append(dele.deletion_curve.cpu())
             curves["insertion"].append(ins.insertion_curve.cpu())
             if fn is not None:

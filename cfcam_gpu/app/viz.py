@@ -8,8 +8,9 @@ without OpenCV: the JET lookup table is computed here the way OpenCV builds it.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,32 @@ def save_overlays(overlays: torch.Tensor, paths: Sequence[str | Path]) -> list[P
     return [save_png(image, path) for image, path in zip(overlays, paths)]
 
 
+LABEL_SIZE = 11  # label font size in pixels
+
+
+@functools.lru_cache(maxsize=1)
+def label_font() -> tuple[ImageFont.ImageFont, Callable[[str], bool]]:
+    """(font, has_glyph): DejaVu Sans as matplotlib ships it (Latin, Greek, Cyrillic, ...; imported here,
+    lazily), or, without it, Pillow's default font with ASCII only. ``has_glyph(char)``: whether the font
+    draws that character (else it would be an empty box)."""
+    try:
+        from matplotlib import font_manager
+        from matplotlib.ft2font import FT2Font
+
+        path = font_manager.findfont("DejaVu Sans", fallback_to_default=False)
+        face = FT2Font(path)
+        return ImageFont.truetype(path, LABEL_SIZE), lambda ch: face.get_char_index(ord(ch)) != 0
+    except (ImportError, ValueError, OSError, RuntimeError):
+        return ImageFont.load_default(), lambda ch: " " <= ch <= "~"
+
+
+def renderable(text: str) -> str:
+    """``text`` with every character the label font cannot draw replaced by '?', a visible mark instead of
+    an empty box ("café 猫" -> "café ?" with DejaVu Sans)."""
+    _, has_glyph = label_font()
+    return "".join(ch if ch.isspace() or has_glyph(ch) else "?" for ch in str(text))
+
+
 def contact_sheet(
     overlays: torch.Tensor | Sequence[np.ndarray],
     labels: Sequence[str],
@@ -126,7 +153,8 @@ def contact_sheet(
     """A grid of tiles with a text label under each: (H, W, 3) uint8, white background.
 
     overlays: (B, 3, h, w) tensor in [0, 1] (or uint8), or B arrays of one size.
-    ncols: tiles per row, default ceil(sqrt(B)). Labels too wide are cut.
+    ncols: tiles per row, default ceil(sqrt(B)). Labels too wide are cut; characters the label font
+    lacks are shown as '?' (``renderable``).
     """
     tiles = [to_uint8_image(tile) for tile in overlays]
     if not tiles:
@@ -139,8 +167,8 @@ def contact_sheet(
     if not isinstance(ncols, int) or ncols < 1:
         raise ValueError(f"ncols: expected a positive int, got {ncols!r}")
 
-    font = ImageFont.load_default()
-    text_height = font.getbbox("Ag")[3]
+    font = label_font()[0]
+    text_height = font.getbbox("Ágy")[3]
     height, width = tiles[0].shape[:2]
     cell_w, cell_h = width + pad, height + text_height + 2 * pad
     nrows = math.ceil(len(tiles) / ncols)
@@ -149,7 +177,7 @@ def contact_sheet(
     for i, (tile, label) in enumerate(zip(tiles, labels)):
         x, y = pad + (i % ncols) * cell_w, pad + (i // ncols) * cell_h
         sheet.paste(Image.fromarray(tile).convert("RGB"), (x, y))
-        text = str(label)
+        text = renderable(label)
         while text and draw.textlength(text, font=font) > width:
             text = text[:-1]
         draw.text((x, y + height + pad // 2), text, fill="black", font=font)
