@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grid-images", type=int, default=6, metavar="N",
                        help="rows of comparison.png (default 6)")
     group.add_argument("--seed", type=int, default=0, help="seed of the gradient noise (default 0)")
+    group.add_argument("--protocol", choices=("default", "paper", "both"), default="default",
+                       help="'paper': the CF-CAM authors' protocol alone (paper_metrics.json/.md), 'both': "
+                            "it and the default metrics (default: 'default')")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the evaluation DIR already holds (without it, such a DIR is refused)")
@@ -162,6 +165,12 @@ def _run(args, ctx) -> int:
             print(f"cfcam evaluate: skipped {path}: {error}", file=sys.stderr)
     log(f"{total} images, model {info.name}, layer {layer}, methods {','.join(methods)}, device {device}"
         + processes)
+    if args.protocol != "default":  # the CF-CAM authors' protocol: paper_metrics.json / .md
+        from . import paper_protocol
+        paper_protocol.evaluate(args, ctx, model, info, layer, images, names, methods, device,
+                                forward_batch_size, out, log)
+        if args.protocol == "paper":
+            return 1 if failures else 0
     part = _evaluate_share(args, model, info, layer, images, displays, names, positions, total, methods, sigmas,
                            forward_batch_size, device, log)
     parts = distributed.all_gather_object(part)
