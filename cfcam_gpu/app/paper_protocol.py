@@ -137,7 +137,7 @@ def _fmt(stat: dict, digits: int = 3) -> str:
 
 def markdown(doc: dict) -> str:
     """The summary of a paper_metrics.json document as markdown tables."""
-    lines = [f"# CAM evaluation with the CF-CAM authors' protocol", "",
+    lines = ["# CAM evaluation with the CF-CAM authors' protocol", "",
              f"{doc['n_images']} images, each explained for its top-1 class; mean ± 95% CI half-width. "
              f"Deletion / insertion: {doc['steps']} steps towards / from the all-zero model input. "
              "Robustness: N(0, level²) noise on the target-layer gradients.", "",
