@@ -38,6 +38,7 @@ import torch
 from . import distributed, outputs
 from .options import (PATH_HELP, CLIError, add_model_arguments, check_model_arguments, input_paths,
                       load_model, resolve_device, smoothing, add_smoothing_arguments)
+from .paper_protocol import FILES as PAPER_FILES
 from .report import FILES, write_report
 from .scores import DEFAULT_METHODS, EXTRA_METRICS, known_methods, scalar_keys
 
@@ -80,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="rows of comparison.png (default 6)")
     group.add_argument("--seed", type=int, default=0, help="seed of the gradient noise (default 0)")
     add_smoothing_arguments(group)
+    group.add_argument("--protocol", choices=("default", "paper", "both"), default="default",
+                       help="'paper': the CF-CAM authors' protocol alone (paper_metrics.json/.md), 'both': "
+                            "it and the default metrics (default: 'default')")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the evaluation DIR already holds (without it, such a DIR is refused)")
@@ -154,7 +158,7 @@ def _run(args, ctx) -> int:
     paths = None if args.demo else input_paths(args.paths)
     out = Path(args.out)
     outputs.check_output_folder(out)
-    held = [name for name in FILES if (out / name).exists()]
+    held = [name for name in FILES + PAPER_FILES if (out / name).exists()]
     if held and not args.overwrite:
         raise CLIError(f"--out: {str(out)!r} already holds an evaluation ({held[0]}); pass --overwrite to "
                        "replace it, or another --out")
@@ -172,12 +176,18 @@ def _run(args, ctx) -> int:
     images, displays, names, positions, total, failures = _load_shard(args, paths, info, ctx)
     if ctx.is_main:
         outputs.make_output_folder(out)
-        for name in FILES if args.overwrite else ():  # no stale file of the previous evaluation survives
+        for name in (FILES + PAPER_FILES) if args.overwrite else ():  # no stale file of a previous evaluation survives
             (out / name).unlink(missing_ok=True)
         for path, error in failures:
             print(f"cfcam evaluate: skipped {path}: {error}", file=sys.stderr)
     log(f"{total} images, model {info.name}, layer {layer}, methods {','.join(methods)}, device {device}"
         + processes)
+    if args.protocol != "default":  # the CF-CAM authors' protocol: paper_metrics.json / .md
+        from . import paper_protocol
+        paper_protocol.evaluate(args, ctx, model, info, layer, images, names, methods, device,
+                                forward_batch_size, out, log)
+        if args.protocol == "paper":
+            return 1 if failures else 0
     part = _evaluate_share(args, model, info, (layer, reshape), images, displays, names, positions, total,
                            methods, sigmas, forward_batch_size, device, log)
     parts = distributed.all_gather_object(part)
