@@ -40,7 +40,7 @@ def tiny(monkeypatch, tmp_path):
         info = ModelInfo(name="tiny", default_layer="2", input_size=(32, 32), mean=MEAN, std=STD,
                          class_names=[f"c{i}" for i in range(5)])
         seen["info"] = info
-        return _tiny_model().to(device), info, args.layer or "2"
+        return _tiny_model().to(device), info, args.layer or "2", None  # (model, info, layer, reshape)
 
     monkeypatch.setattr(evaluate, "load_model", load_model)
     folder = tmp_path / "imgs"
