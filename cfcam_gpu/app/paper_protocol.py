@@ -11,7 +11,7 @@ Files in --out:
                       "methods": {method: {"summary": {metric: {"mean", "ci95"}, "robustness": {level:
                       {"ssim", "mse": {"mean", "ci95"}}} or null}, "per_image": {metric: list,
                       "robustness": {level: {"ssim": list, "mse": list}} or null}}}}
-  paper_metrics.md    the summary as markdown tables (mean +- 95% CI half-width)
+  paper_metrics.md    the summary as markdown tables (mean [95% percentile-bootstrap interval])
 Shapes: N images, 3 x H x W input, C x h x w target-layer features.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ..hooks import LeafCapture, eval_mode, forward_hook
 from ..layers import resolve_layer
 from ..methods import ScoreCAM, build_method, from_features_fn
 from ..metrics import deletion_insertion, mean_ci
+from .report import _pm
 from ..targets import resolve_targets
 from .options import CLIError
 
@@ -102,7 +103,7 @@ def score_paper(model, layer, images: torch.Tensor, methods, mean, std, steps: i
 
 
 def _stat(values) -> dict:
-    m, low, high = mean_ci(values)
+    m, low, high = mean_ci(values, method="bootstrap")
     clean = lambda v: v if math.isfinite(v) else None  # noqa: E731  (JSON has no NaN)
     return {"mean": clean(m), "ci95": [clean(low), clean(high)]}
 
@@ -128,17 +129,13 @@ def summarize(result: dict, names, steps: int, levels) -> dict:
 
 
 def _fmt(stat: dict, digits: int = 3) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    low, high = stat["ci95"]
-    half = (high - low) / 2 if low is not None and high is not None else 0.0
-    return f"{stat['mean']:.{digits}f} ± {half:.{digits}f}"
+    return _pm(stat, digits)
 
 
 def markdown(doc: dict) -> str:
     """The summary of a paper_metrics.json document as markdown tables."""
     lines = ["# CAM evaluation with the CF-CAM authors' protocol", "",
-             f"{doc['n_images']} images, each explained for its top-1 class; mean ± 95% CI half-width. "
+             f"{doc['n_images']} images, each explained for its top-1 class; mean [95% percentile-bootstrap interval]. "
              f"Deletion / insertion: {doc['steps']} steps towards / from the all-zero model input. "
              "Robustness: N(0, level²) noise on the target-layer gradients.", "",
              "| Method | " + " | ".join(HEADERS[k] for k in SCALARS) + " |",
