@@ -93,28 +93,41 @@ def cluster_pair(feats: torch.Tensor) -> dict:
             "screened route": lambda: cluster._cluster_cpu(feats)}
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def layer_arguments(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The options every per-layer CPU script shares: model, layers, batch, threads, repeats."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--layers", default="layer4", help="comma-separated; ResNet 'layerN' = its last block")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--image", type=int, default=0, help="which image of the batch the pair timings use")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=9)
-    args = ap.parse_args(argv)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    return ap
+
+
+def activations_by_layer(args):
+    """Yield (layer name, activations (B, C, h, w)) of ``args.model`` for ``args.batch`` bundled photos at
+    each of ``args.layers``, after setting the threads and the seed and printing the run's header."""
+    from cfcam_gpu.layers import resolve_layer
+
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, source = common.load_model(args.model)
+    model, _ = common.load_model(args.model)
     model.eval()
-    from cfcam_gpu.layers import resolve_layer
-
     images, _ = common.make_images(args.batch)
     print(f"# {common.now_iso()}  {common.machine_info(torch.device('cpu')).get('cpu_model', '')}  torch "
           f"{torch.__version__}  threads {torch.get_num_threads()}  {args.model}  batch {args.batch}")
     for short in args.layers.split(","):
         layer = common.layer_name(args.model, short)
         acts, _ = capture_features(model, resolve_layer(model, layer), images)
+        yield layer, acts
+
+
+def main(argv=None) -> None:
+    ap = layer_arguments(__doc__.splitlines()[0], repeats=9)
+    ap.add_argument("--image", type=int, default=0, help="which image of the batch the pair timings use")
+    args = ap.parse_args(argv)
+    for layer, acts in activations_by_layer(args):
         feats = acts.flatten(2).float().contiguous()
         x = feats[args.image]
         print(f"## {layer}  x {tuple(x.shape)}")

@@ -8,37 +8,14 @@ screened route in the same run for scale.
 """
 from __future__ import annotations
 
-import argparse
-
-import torch
-
-from . import common
-from .cpu_passes import _median_ms, _print_row
-from .stages import capture_features
+from .cpu_passes import _median_ms, _print_row, activations_by_layer, layer_arguments
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="resnet50")
-    ap.add_argument("--layers", default="layer4")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model, _ = common.load_model(args.model)
-    model.eval()
+    args = layer_arguments(__doc__.splitlines()[0], repeats=5).parse_args(argv)
     from cfcam_gpu.cluster import channel_clusters
-    from cfcam_gpu.layers import resolve_layer
 
-    images, _ = common.make_images(args.batch)
-    print(f"# {common.now_iso()}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
-          f"{args.model}  batch {args.batch}")
-    for short in args.layers.split(","):
-        layer = common.layer_name(args.model, short)
-        acts, _ = capture_features(model, resolve_layer(model, layer), images)
+    for layer, acts in activations_by_layer(args):
         acts32, acts64 = acts.float().contiguous(), acts.double().contiguous()
         fns = {"float64 features": lambda: channel_clusters(acts64),
                "float32 features": lambda: channel_clusters(acts32)}

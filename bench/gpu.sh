@@ -105,6 +105,9 @@ bench() {  # name, then bench.run arguments
 bench resnet50_layer4 --model resnet50 --layer layer4 --ref-batch 16 --ref-images 2
 bench resnet50_layer3 --model resnet50 --layer layer3 --methods floor,cfcam,gradcam,pgc_gradcam,pgc_gradcampp
 bench efficientnet_lite0 --model efficientnet_lite0 --methods floor,cfcam,gradcam,pgc_gradcam,pgc_gradcampp
+bench resnet50_layer4_variants --model resnet50 --layer layer4 --no-stages \
+  --methods floor,cfcam,eigencam,pgc_eigencam,eigengradcam,pgc_eigengradcam,kpcacam,pgc_kpcacam,gradcam_eigen,pgc_gradcam_eigen,gradcam_aug,pgc_gradcam_aug \
+  --variant cfcam-paper:variant=paper
 
 timeout 20 nvidia-smi --query-gpu=name,memory.used,clocks.sm,temperature.gpu --format=csv >>"$ENV" 2>&1
 note "## all done in $(elapsed)s"

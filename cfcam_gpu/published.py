@@ -70,5 +70,6 @@ def cfcam_paper_from_features(activations: Tensor, gradients: Tensor, backend: s
     kept = labels != -1
     weights = torch.where(kept, raw, float("-inf")).softmax(dim=1)
     n_clusters = labels.amax(dim=1).clamp_min(-1) + 1
-    return CAMResult(cams=weighted_cam(activations, weights), weights=weights, labels=labels,
+    cams, peak = weighted_cam(activations, weights, with_peak=True)
+    return CAMResult(cams=cams, weights=weights, labels=labels, peak=peak,
                      n_clusters=n_clusters, eps=clusters.eps, min_samples=None)

@@ -234,3 +234,18 @@ def test_smoothing_flags_equal_pytorch_grad_cam(resnet18, small, monkeypatch, fl
 def test_every_class_is_exported():
     for name in GRADIENT + ["ScoreCAM", "AblationCAM", "ClusteredFilteredGradCAM"]:
         assert callable(getattr(cc, name))
+
+
+def test_published_variant_through_the_drop_in(resnet18, small):
+    """``ClusteredFilteredGradCAM(..., variant="paper")``: the published CF-CAM with pytorch-grad-cam's
+    scaling, equal to the native engine's map scaled the same way."""
+    import cfcam_gpu as cg
+
+    layers = [resnet18.layer3[-1]]
+    with cc.ClusteredFilteredGradCAM(resnet18, layers, variant="paper") as cam:
+        maps = cam(small, None)
+    native = cg.CFCAM(resnet18, layers, variant="paper")(small)
+    expected = cc.to_numpy_maps(native, small.shape[-2:])
+    assert maps.shape == (len(small), *small.shape[-2:]) and np.isfinite(maps).all()
+    np.testing.assert_allclose(maps, expected, atol=1e-6)
+    assert maps.max() > 0.99
