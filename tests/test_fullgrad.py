@@ -110,3 +110,18 @@ def test_sync_free_reads_nothing(model, x3, monkeypatch):
     with refuse_host_reads(monkeypatch):
         got = FullGrad(model, check_values=False, sync_free=True)(x3, None, eigen_smooth=True)
     torch.testing.assert_close(got.cams, expected.cams, rtol=0, atol=1e-4)
+
+
+def test_callable_targets_equal_class_indices(model, x3, targets):
+    """FullGrad reads targets through the one resolver: a batch callable, per-image pytorch-grad-cam
+    targets and class indices give the same maps."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from cfcam_gpu.methods import FullGrad
+
+    idx = torch.as_tensor(targets)
+    by_index = FullGrad(model)(x3, targets).cams
+    by_batch = FullGrad(model)(x3, lambda out: out.gather(1, idx[:, None])[:, 0]).cams
+    by_each = FullGrad(model)(x3, [ClassifierOutputTarget(int(t)) for t in targets]).cams
+    torch.testing.assert_close(by_batch, by_index, rtol=0, atol=1e-6)
+    torch.testing.assert_close(by_each, by_index, rtol=0, atol=1e-6)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..cam import CAMResult
 from ..engine import _CAMEngine
 from ..hooks import eval_mode, forward_hook
-from ..targets import resolve_targets
+from ..targets import resolve
 from .eigen import minmax, pca_projection
 
 CHANNEL_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image epsilon
@@ -99,10 +99,9 @@ class FullGrad(_CAMEngine):
             with torch.enable_grad(), self._autocast(images):
                 x = images.detach().requires_grad_(True)
                 logits = self._forward(x)
-                target_idx = resolve_targets(targets, logits)
-                grads = torch.autograd.grad(logits.gather(1, target_idx[:, None]).sum(),
-                                            [x] + [out for out, _ in captured])
+                target = resolve(targets, logits)  # every kind of target, as the other engines
+                grads = torch.autograd.grad(target.scores(logits).sum(), [x] + [out for out, _ in captured])
         biases = [bias_of_layer for _, bias_of_layer in captured]
         cams = fullgrad_from_gradients(images, grads[0], biases, list(grads[1:]), eigen_smooth, self.sync_free)
-        return CAMResult(cams=cams, weights=cams.new_zeros(images.shape[0], 0), targets=target_idx,
+        return CAMResult(cams=cams, weights=cams.new_zeros(images.shape[0], 0), targets=target.indices,
                          logits=logits.detach())
