@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_ndim, check_tensor, decide_sync_free
-from .dbscan import dbscan_from_adjacency
+from .dbscan import dbscan_by_search, dbscan_from_adjacency
 from .distance import squared_distances
 from .percentile import percentile_from_squared
 from .screened import screened_neighbours
@@ -168,12 +168,13 @@ def _cluster_cpu(feats: Tensor, rule: EpsRule = SEED_RULE) -> ChannelClusters:
     C = feats.shape[1]
     min_samples = seed_min_samples(C)
     labels, eps = [], []
-    buffers = {}  # d~ per screen precision, reused image after image
+    buffers = {}  # d~ per screen precision, and the neighbour mask: reused image after image
+    mask = feats.new_empty(C, C, dtype=torch.bool)
 
     def neighbours(x: Tensor, precision: torch.dtype):
         if precision not in buffers:
             buffers[precision] = feats.new_empty(C, C, dtype=precision)
-        return screened_neighbours(x, rule.q, buffers[precision], precision, rule.diagonal, rule.floor)
+        return screened_neighbours(x, rule.q, buffers[precision], precision, rule.diagonal, rule.floor, mask)
 
     for x in feats:
         screened = neighbours(x, torch.float32) if feats.dtype == torch.float32 else None
@@ -184,9 +185,8 @@ def _cluster_cpu(feats: Tensor, rule: EpsRule = SEED_RULE) -> ChannelClusters:
             labels.append(part.labels[0])
             eps.append(part.eps[0])
             continue
-        e, adj = screened
-        labels.append(dbscan_from_adjacency(adj[None], min_samples, False)[0])
-        eps.append(e)
+        labels.append(dbscan_by_search(screened.adj, screened.counts, min_samples))
+        eps.append(screened.eps)
     return ChannelClusters(torch.stack(labels), torch.stack(eps), min_samples)
 
 

@@ -125,6 +125,45 @@ def dbscan_from_adjacency(adj: Tensor, min_samples, sync_free: bool) -> Tensor:
     return torch.where(nearest < C, labels, -1)
 
 
+# ``dbscan_by_search`` hands a graph over to ``dbscan_from_adjacency`` after this many search steps (a
+# graph of many small clusters: a step per cluster and per level would cost more than the dense rounds).
+MAX_SEARCH_STEPS = 64
+
+
+def dbscan_by_search(adj: Tensor, counts: Tensor, min_samples: int) -> Tensor:
+    """CPU, one image: DBSCAN labels by breadth-first search over the core points (host reads allowed).
+
+    adj: (C, C) bool, symmetric, true diagonal; counts: (C,) int, its row counts -> labels (C,) int64,
+    equal to ``dbscan_from_adjacency``'s. Clusters grow in order of their smallest core point (the
+    numbering above); each step reads the rows of the core points reached last, so the search reads each
+    core row once, where the dense rounds read the whole (C, C) matrix several times. A border point joins
+    the first cluster that reaches it: the smallest-numbered among its core neighbours. After
+    ``MAX_SEARCH_STEPS`` steps the dense rounds take over (same labels).
+    """
+    C = adj.shape[0]
+    rows = adj.view(torch.uint8)  # a byte maximum over rows: 5x faster than a bool ``any``
+    core = counts >= min_samples
+    labels = torch.full((C,), -1, dtype=torch.long, device=adj.device)
+    todo = core.clone()  # core points in no cluster yet
+    steps, cluster = 0, 0
+    while True:
+        start = todo.nonzero()[:1, 0]  # (1,) the smallest core point left, or (0,)
+        if start.numel() == 0:
+            return labels
+        todo[start] = False
+        labels[start] = cluster
+        frontier = start
+        while frontier.numel():
+            steps += 1
+            if steps > MAX_SEARCH_STEPS:
+                return dbscan_from_adjacency(adj[None], min_samples, False)[0]
+            reach = rows.index_select(0, frontier).amax(dim=0).bool()  # (C,) neighbours of the frontier
+            labels.masked_fill_(reach & (labels < 0), cluster)
+            frontier = (reach & todo).nonzero().squeeze(1)
+            todo[frontier] = False
+        cluster += 1
+
+
 def dbscan(dist: Tensor, eps, min_samples: int, sync_free: bool | None = None) -> Tensor:
     """Batched exact DBSCAN on precomputed distances.
 

@@ -96,17 +96,18 @@ def sampled_bracket(row: Tensor, ranks: tuple[int, int], width: int = 1) -> tupl
     step = max(1, M // SAMPLE)
     while math.gcd(step, width) != 1:
         step += 1
-    sample = row[::step].sort().values
+    sample = row[::step].contiguous()
     S = sample.numel()
     p_lo, p_hi = ranks[0] / M, ranks[1] / M
     margin = int(SAMPLE_SIGMAS * math.sqrt(S * max(p_lo * (1 - p_lo), 1.0 / S))) + 4
     i_lo, i_hi = int(p_lo * S) - margin, int(p_hi * S) + margin + 1
-    lo_v = float(sample[i_lo]) if i_lo >= 0 else -math.inf
-    hi_v = float(sample[i_hi]) if i_hi < S else math.inf
+    # two selections: a sort of the sample costs several times more (``python -m bench.cpu_passes``)
+    lo_v = float(sample.kthvalue(i_lo + 1).values) if i_lo >= 0 else -math.inf
+    hi_v = float(sample.kthvalue(i_hi + 1).values) if i_hi < S else math.inf
     return lo_v, hi_v
 
 
-def _pair_by_sampling(values: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+def order_pair(values: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """CPU: the rank-th and (rank+1)-th smallest (0-based) of each row, selected from a narrow window.
 
     values: (B, M) -> (B,), (B,). ``sampled_bracket`` brackets the two ranks; one counting pass and one
@@ -121,7 +122,7 @@ def _pair_by_sampling(values: Tensor, rank: int) -> tuple[Tensor, Tensor]:
         lo_v, hi_v = sampled_bracket(row, (rank, nxt))
         below_mask = row < lo_v
         below = int(torch.count_nonzero(below_mask))
-        window = row[(row <= hi_v) != below_mask]  # lo_v <= value <= hi_v
+        window = row.index_select(0, ((row <= hi_v) != below_mask).nonzero().squeeze(1))  # lo_v <= v <= hi_v
         if below <= rank and nxt < below + window.numel():
             row, offset = window, below
         else:
@@ -135,7 +136,7 @@ def _symmetric_order_stats(m: Tensor, lo: int, hi: int, sync_free: bool) -> tupl
     """Values at 0-based ranks lo <= hi = lo or lo + 1 of all C*C entries of symmetric, non-negative,
     zero-diagonal matrices m (B, C, C), read from the strict upper triangle only: the sorted matrix is C
     zeros followed by every off-diagonal value twice. Without ``sync_free`` large rows are selected from a
-    sampled window (``_pair_by_sampling``)."""
+    sampled window (``order_pair``)."""
     B, C, _ = m.shape
     zero = m.new_zeros(B)
     if hi < C:
@@ -146,7 +147,7 @@ def _symmetric_order_stats(m: Tensor, lo: int, hi: int, sync_free: bool) -> tupl
         return zero, upper.kthvalue(r_hi + 1, dim=1).values
     r_lo = (lo - C) // 2
     if not sync_free and upper.shape[1] >= 2**16:
-        a, b = _pair_by_sampling(upper, r_lo)
+        a, b = order_pair(upper, r_lo)
         return a, (a if r_hi == r_lo else b)
     a = upper.kthvalue(r_lo + 1, dim=1).values
     return a, (a if r_hi == r_lo else next_value(upper, a, r_lo))

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from .distance import exact_sqrt, sum_squared_differences
-from .percentile import lerp, matrix_rank, next_value, sampled_bracket
+from .percentile import lerp, matrix_rank, order_pair, sampled_bracket
 
 # Squared norms above this could overflow the screen's products: decline (the caller goes on).
 MAX_NORM = {torch.float32: 2.0**100, torch.float64: 2.0**1000}
@@ -91,41 +91,80 @@ def exact_squared_distances(x64: Tensor, flat_idx: Tensor) -> Tensor:
     return sum_squared_differences(x64[flat_idx // C], x64[flat_idx % C])
 
 
+def screened_squared_distances(x: Tensor, norms: Tensor, out: Tensor | None = None) -> Tensor:
+    """d~ = n_i + n_j - 2 <x_i, x_j> in x's dtype, one matrix product with no pass to form it.
+
+    x: (C, N) float32 (or float64); norms: (C,) float64 -> (C, C) in x's dtype, written to ``out`` when
+    given (one buffer for all the images of a batch).
+    """
+    n, ones = norms.to(x.dtype)[:, None], x.new_ones(x.shape[0], 1)
+    return torch.mm(torch.cat([x, n, ones], dim=1), torch.cat([x * -2, ones, n], dim=1).T, out=out)
+
+
 def _count(mask: Tensor) -> int:
     """Number of True in a bool tensor (``count_nonzero``: 2-4x faster than a bool ``sum`` over a C*C mask
     at C = 2048, ``python -m bench.cpu_passes``)."""
     return int(torch.count_nonzero(mask))
 
 
-class Screened(NamedTuple):
-    """One image's float32 screen and the part of it near the percentile (module notes, 3).
+def row_counts(mask: Tensor) -> Tensor:
+    """(C, C) bool -> (C,) int64, the True in each row: summed as bytes into int16 (int32 from C = 2**15),
+    20-50x faster than a bool or int64 sum (``python -m bench.cpu_passes``)."""
+    small = torch.int16 if mask.shape[1] < 2**15 else torch.int32
+    return mask.view(torch.uint8).sum(dim=1, dtype=small).long()
 
-    x64: (C, N) float64 features; flat: (C*C,) d~ (float32, or float64 for a float64 screen); lo_v,
-    hi_v: the bracket; below: entries of flat under lo_v; idx: (M,) flat indices of the bracket's
-    entries, vals: (M,) their d~ (float64), delta: (M,) their bounds; Delta: the image's largest bound;
-    dtype: the features' dtype (eps is rounded to it).
+
+class Screened(NamedTuple):
+    """One image's screen and the part of it near the percentile (module notes, 3).
+
+    x64: (C, N) float64 features; norms: (C,) their squared norms; below: (C, C) bool, d~ < lo_v
+    (``screened_adjacency`` turns it into the adjacency in place); below_rows: (C,) int64 its row counts;
+    lo_v, hi_v: the bracket (values of the screen's dtype); n_below: entries under lo_v; idx: (M,)
+    ascending flat indices of the bracket's entries, vals: (M,) their d~ (the screen's dtype); Delta: the
+    image's largest bound; dtype: the features' dtype (eps is rounded to it); precision: the screen's.
     """
 
     dtype: torch.dtype
+    precision: torch.dtype
     x64: Tensor
-    flat: Tensor
+    norms: Tensor
+    below: Tensor
+    below_rows: Tensor
     lo_v: float
     hi_v: float
-    below: int
+    n_below: int
     idx: Tensor
     vals: Tensor
-    delta: Tensor
     Delta: float
 
+    def bounds(self, flat_idx: Tensor) -> Tensor:
+        """delta at flat indices (M,) -> (M,) float64 (``screening_bounds``)."""
+        C, N = self.x64.shape
+        return screening_bounds(self.norms, flat_idx // C, flat_idx % C, N, self.precision)
 
-def screen(x: Tensor, q: float, out: Tensor | None = None,
-           precision: torch.dtype | None = None, diagonal: bool = True) -> Screened | None:
-    """Distances stage: d~ for one image and the bracket of its q-th percentile's order statistics.
+    def near(self, lo: float, hi: float) -> tuple[int, Tensor]:
+        """(entries with d~ < lo, positions (K,) in idx/vals of those with lo <= d~ <= hi), the bounds
+        moved outward past any rounding to the screen's dtype: the count may miss a few, the positions
+        may hold a few more."""
+        under = self.vals < _widen(lo, -1)
+        return _count(under), ((self.vals <= _widen(hi, 1)) & ~under).nonzero().squeeze(1)
+
+
+def _widen(v: float, side: int) -> float:
+    """v moved outward by 2**-20 of its magnitude (past float32 rounding) on ``side`` (-1 down, +1 up)."""
+    return v + side * abs(v) * 2.0**-20
+
+
+def screen(x: Tensor, q: float, out: Tensor | None = None, precision: torch.dtype | None = None,
+           diagonal: bool = True, mask: Tensor | None = None) -> Screened | None:
+    """Distances stage: d~ for one image, the entries below its q-th percentile's bracket and the
+    bracket itself (module notes, 3).
 
     x: (C, N) float32 or float64 -> Screened, or None when a precondition fails (the caller goes on).
-    out: an optional (C, C) buffer in ``precision`` for d~ (the result refers to it). precision: the
-    screen's dtype, float32 or float64 (None: x's dtype). ``diagonal``: as ``percentile.matrix_rank``
-    (False: the percentile of the off-diagonal entries).
+    out: an optional (C, C) buffer in ``precision`` for d~; mask: an optional (C, C) bool buffer (the
+    result's ``below`` is it); one of each serves all the images of a batch. precision: the screen's
+    dtype, float32 or float64 (None: x's dtype). ``diagonal``: as ``percentile.matrix_rank`` (False: the
+    percentile of the off-diagonal entries).
     """
     C, N = x.shape
     precision = x.dtype if precision is None else precision
@@ -142,11 +181,14 @@ def screen(x: Tensor, q: float, out: Tensor | None = None,
     lo_v, hi_v = sampled_bracket(flat, (lo, hi), width=C)
     # 3 Delta more on each side: the windows of screened_percentile and screened_adjacency then fit
     # whenever the sample bracketed the ranks (module notes, 3 and 4).
-    lo_v, hi_v = lo_v - 3 * Delta, hi_v + 3 * Delta
-    below_mask = flat < lo_v
-    idx = ((flat <= hi_v) != below_mask).nonzero().squeeze(1)  # lo_v <= d~ <= hi_v
-    return Screened(x.dtype, x64, flat, lo_v, hi_v, _count(below_mask), idx, flat[idx].double(),
-                    screening_bounds(norms, idx // C, idx % C, N, precision), Delta)
+    lo_v, hi_v = (float(torch.tensor(v, dtype=torch.float64).to(precision))  # exactly what is compared
+                  for v in (lo_v - 3 * Delta, hi_v + 3 * Delta))
+    below = torch.lt(flat, lo_v, out=None if mask is None else mask.view(-1)).view(C, C)
+    inside = torch.le(flat, hi_v).bitwise_xor_(below.view(-1))  # lo_v <= d~ <= hi_v
+    idx = inside.nonzero().squeeze(1)
+    below_rows = row_counts(below)
+    return Screened(x.dtype, precision, x64, norms, below, below_rows, lo_v, hi_v, int(below_rows.sum()),
+                    idx, flat.index_select(0, idx), Delta)
 
 
 def screened_percentile(sc: Screened, q: float, diagonal: bool = True) -> Tensor | None:
@@ -154,19 +196,25 @@ def screened_percentile(sc: Screened, q: float, diagonal: bool = True) -> Tensor
     to the features' dtype, exactly (module notes, 3); ``diagonal=False``: of the off-diagonal entries
     (``percentile.matrix_rank``). -> () in that dtype, or None (decline)."""
     lo, hi, g = matrix_rank(sc.x64.shape[0], q, diagonal)
-    below, vals, delta = sc.below, sc.vals, sc.delta
+    below, vals, Delta = sc.n_below, sc.vals, sc.Delta
     if not (below <= lo and hi < below + vals.numel()):
         return None
-    s_lo = vals.kthvalue(lo - below + 1).values
-    s_hi = s_lo if hi == lo else next_value(vals[None], s_lo[None], lo - below)[0]
+    s_lo, s_next = order_pair(vals[None], lo - below)
+    s_lo, s_hi = float(s_lo), float(s_lo if hi == lo else s_next)
+    # D <= Delta, so only entries within 2 Delta of [s_lo, s_hi] can set D or reach [L, H]; the others
+    # below are below L.
+    under, cand = sc.near(s_lo - 2 * Delta, s_hi + 2 * Delta)
+    below += under
+    ci, cv = sc.idx.index_select(0, cand), vals.index_select(0, cand).double()
+    delta = sc.bounds(ci)
     # D: the least margin with d~ + delta <= s_hi + D below s_hi and d~ - delta >= s_lo - D above s_lo.
-    D = (delta - torch.maximum(s_lo - vals, vals - s_hi).clamp_min(0)).max().clamp_min(0)
+    D = float((delta - torch.maximum(s_lo - cv, cv - s_hi).clamp_min(0)).max().clamp_min(0)) if ci.numel() else 0.0
     L, H = s_lo - D, s_hi + D
-    if not (sc.lo_v <= float(L) - sc.Delta and float(H) + sc.Delta <= sc.hi_v):
+    if not (sc.lo_v <= L - Delta and H + Delta <= sc.hi_v):
         return None
-    window = (vals + delta >= L) & (vals - delta <= H)
-    below += _count(vals + delta < L)
-    exact = exact_squared_distances(sc.x64, sc.idx[window])
+    window = (cv + delta >= L) & (cv - delta <= H)
+    below += _count(cv + delta < L)
+    exact = exact_squared_distances(sc.x64, ci[window])
     if not (below <= lo and hi < below + exact.numel()):
         return None
     a = exact.kthvalue(lo - below + 1).values
@@ -177,33 +225,50 @@ def screened_percentile(sc: Screened, q: float, diagonal: bool = True) -> Tensor
     return a if g == 0.0 else lerp(a, b, g)
 
 
-def screened_adjacency(sc: Screened, eps: Tensor) -> Tensor | None:
-    """Neighbours stage: adj (C, C) bool = V <= float64(eps * eps in the features' dtype), scikit-learn's
-    comparison, exactly (module notes, 4); symmetric, true diagonal. None: decline."""
+class Neighbours(NamedTuple):
+    """eps () in the features' dtype; adj (C, C) bool, symmetric, true diagonal; counts (C,) int64 its
+    row counts (each channel's neighbours, itself included)."""
+
+    eps: Tensor
+    adj: Tensor
+    counts: Tensor
+
+
+def screened_adjacency(sc: Screened, eps: Tensor) -> Neighbours | None:
+    """Neighbours stage: adj = V <= float64(eps * eps in the features' dtype), scikit-learn's comparison,
+    exactly (module notes, 4), made in place of ``sc.below`` (every entry below lo_v is a neighbour, every
+    entry above hi_v is not); the row counts come with it. None: decline."""
     threshold = float(eps * eps)
     if not (sc.lo_v <= threshold - sc.Delta and threshold + sc.Delta <= sc.hi_v):
         return None
     C = sc.x64.shape[0]
-    adj = (sc.flat <= threshold).view(C, C)
-    band_idx = sc.idx[(sc.vals - threshold).abs_() <= sc.delta]
-    adj.view(-1)[band_idx] = exact_squared_distances(sc.x64, band_idx) <= threshold
-    adj.diagonal().fill_(True)
-    return adj
+    near = sc.vals <= threshold
+    _, pos = sc.near(threshold - sc.Delta, threshold + sc.Delta)  # every entry within its delta, and more
+    band = pos[(sc.vals.index_select(0, pos).double() - threshold).abs_() <= sc.bounds(sc.idx.index_select(0, pos))]
+    near[band] = exact_squared_distances(sc.x64, sc.idx.index_select(0, band)) <= threshold
+    chosen = sc.idx.index_select(0, near.nonzero().squeeze(1))  # ascending
+    adj = sc.below
+    adj.view(-1).index_fill_(0, chosen, True)
+    row_starts = torch.arange(0, C * C + 1, C, device=chosen.device)
+    counts = sc.below_rows + torch.searchsorted(chosen, row_starts).diff()
+    diagonal = adj.diagonal()
+    counts += (~diagonal).long()
+    diagonal.fill_(True)
+    return Neighbours(eps, adj, counts)
 
 
 def screened_neighbours(x: Tensor, q: float, out: Tensor | None = None,
                         precision: torch.dtype | None = None, diagonal: bool = True,
-                        floor: float = 0.0) -> tuple[Tensor, Tensor] | None:
+                        floor: float = 0.0, mask: Tensor | None = None) -> Neighbours | None:
     """eps and the eps-neighbour relation of one image's channels, exact for V (see the module notes).
 
-    x: (C, N) float32 or float64 -> (eps () in x's dtype, adj (C, C) bool); see ``screened_percentile``
-    and ``screened_adjacency``; ``out``, ``precision`` and ``diagonal`` as in ``screen``; eps is at least
-    ``floor`` (rounded to x's dtype). None when a precondition fails: the caller goes on (a float64
-    screen, then every pair exactly).
+    x: (C, N) float32 or float64 -> Neighbours (eps () in x's dtype, adj (C, C) bool, counts (C,)); see
+    ``screened_percentile`` and ``screened_adjacency``; ``out``, ``precision``, ``diagonal`` and ``mask``
+    (then the adjacency) as in ``screen``; eps is at least ``floor`` (rounded to x's dtype). None when a
+    precondition fails: the caller goes on (a float64 screen, then every pair exactly).
     """
-    sc = screen(x, q, out, precision, diagonal)
+    sc = screen(x, q, out, precision, diagonal, mask)
     eps = None if sc is None else screened_percentile(sc, q, diagonal)
     if eps is not None and floor:
         eps = eps.clamp_min(floor)
-    adj = None if eps is None else screened_adjacency(sc, eps)
-    return None if adj is None else (eps, adj)
+    return None if eps is None else screened_adjacency(sc, eps)

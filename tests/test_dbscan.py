@@ -8,7 +8,9 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components as scipy_components
 from sklearn.cluster import DBSCAN
 
-from cfcam_gpu.dbscan import connected_components, dbscan
+import sys
+
+from cfcam_gpu.dbscan import connected_components, dbscan, dbscan_by_search, dbscan_from_adjacency
 
 
 def sk_labels(dist: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
@@ -87,6 +89,46 @@ def test_dbscan_matches_sklearn_on_tie_heavy_random_graphs(device):
             assert np.array_equal(labels[b].cpu().numpy(), expected), (call, b, C, eps[b], min_samples)
             n_items += 1
     assert n_items >= 200
+
+
+def _search_labels(d: np.ndarray, eps: float, min_samples: int) -> torch.Tensor:
+    adj = torch.from_numpy(d <= eps) if eps > 0 else torch.from_numpy(d == 0)
+    adj.diagonal().fill_(True)
+    return dbscan_by_search(adj, adj.sum(dim=1), min_samples)
+
+
+def test_dbscan_by_search_matches_sklearn_on_tie_heavy_random_graphs():
+    """The CPU route's breadth-first search: scikit-learn's labels on every generator, border points and
+    clusters numbered as scikit-learn numbers them."""
+    rng = np.random.default_rng(2025)
+    for call in range(90):
+        gen = GENERATORS[call % len(GENERATORS)]
+        d = gen(rng, int(rng.integers(1, 61)) if gen is not _two_cluster_border_matrix else int(rng.integers(11, 40)))
+        min_samples = int(rng.integers(1, 8))
+        eps = _eps_from_values(rng, d)
+        got = _search_labels(d, eps, min_samples)
+        assert got.dtype == torch.int64
+        assert np.array_equal(got.numpy(), sk_labels(d, eps, min_samples)), (call, eps, min_samples)
+
+
+def test_dbscan_by_search_hands_many_small_clusters_to_the_dense_rounds(monkeypatch):
+    """Many small clusters take a search step each: past MAX_SEARCH_STEPS the dense rounds finish the job
+    (the spy proves that path ran), with scikit-learn's labels all the same."""
+    pos = np.repeat(np.arange(0, 400, 10), 3)[np.random.default_rng(3).permutation(120)]  # 40 clusters of 3
+    d = np.abs(pos[:, None] - pos[None, :]).astype(np.float64)
+    module = sys.modules["cfcam_gpu.dbscan"]
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return dbscan_from_adjacency(*args)
+
+    monkeypatch.setattr(module, "MAX_SEARCH_STEPS", 8)
+    monkeypatch.setattr(module, "dbscan_from_adjacency", spy)
+    got = _search_labels(d, 1.0, 3)
+    assert calls == [(1, 120, 120)]
+    assert np.array_equal(got.numpy(), sk_labels(d, 1.0, 3))
+    assert int(got.max()) == 39
 
 
 def test_dbscan_border_point_joins_smallest_cluster(device):

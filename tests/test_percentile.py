@@ -106,7 +106,7 @@ def test_percentile_from_squared_equals_numpy_on_features(device, rng):
 def test_cpu_sampled_selection_is_exact(kind):
     """The CPU selection (sample, bracket, select in the window) equals a full sort, including data
     ordered so the strided sample is biased (sorted rows) and rows with many ties."""
-    from cfcam_gpu.percentile import _pair_by_sampling
+    from cfcam_gpu.percentile import order_pair
 
     gen = torch.Generator().manual_seed(3)
     for M in (2**16, 100_003, 2**18):
@@ -117,7 +117,7 @@ def test_cpu_sampled_selection_is_exact(kind):
             v = torch.round(v * 50)
         ref = v.sort(dim=1).values
         for rank in (0, M // 4 - 1, M // 2, M - 2):
-            a, b = _pair_by_sampling(v, rank)
+            a, b = order_pair(v, rank)
             assert torch.equal(a, ref[:, rank]) and torch.equal(b, ref[:, rank + 1]), (M, rank)
 
 

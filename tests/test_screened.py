@@ -27,10 +27,11 @@ def check_exact(x: torch.Tensor) -> bool:
     got = screened_neighbours(x, 25.0)
     if got is None:
         return False
-    eps, adj = got
+    eps, adj, counts = got
     ref_eps, ref_adj = brute_force(x)
     assert eps.dtype == torch.float32 and eps.item() == ref_eps
     assert np.array_equal(adj.numpy(), ref_adj)
+    assert np.array_equal(counts.numpy(), ref_adj.sum(axis=1))
     return True
 
 
@@ -108,7 +109,7 @@ def test_exact_or_declines_on_tie_heavy_data(rng, kind):
 
 def test_adjacency_is_symmetric_with_true_diagonal(resnet50_features):
     x = features_of(resnet50_features["layer4.-1"][0])[0]
-    _, adj = screened_neighbours(x, 25.0)
+    adj = screened_neighbours(x, 25.0).adj
     assert torch.equal(adj, adj.T) and bool(adj.diagonal().all())
 
 
@@ -158,7 +159,7 @@ def test_labels_equal_float64_route_and_sklearn(resnet50_features, layer):
 
 def test_dbscan_on_screened_adjacency_matches_dense(resnet50_features):
     x = features_of(resnet50_features["layer3.-1"][0])[1]
-    eps, adj = screened_neighbours(x, 25.0)
+    eps, adj, counts = screened_neighbours(x, 25.0)
     _, ref_adj = brute_force(x)
     C = x.shape[0]
     assert torch.equal(dbscan_from_adjacency(adj[None], seed_min_samples(C), False),
