@@ -4,16 +4,25 @@
 
 Captures real target-layer activations (the bundled photos, as ``bench.run``), takes one image's
 features x (C, N), and times, interleaved round-robin, each pair below; prints the median ms and the
-ratio. Pairs:
+ratio (the first entry over each). Pairs:
 
   gram      float64 bmm + forming d2 (``distance.gram_squared_distances``) | float32 product of augmented rows
             (``screened.screened_squared_distances``), fresh output | the same into a reused buffer
+  sample    the bracket from a sorted strided sample | from two selections (``percentile.sampled_bracket``)
+  split     the pass after the product as torch passes (lt, le ^ lt, nonzero, row counts) | NumPy in
+            ``torch.get_num_threads()`` threads (``screened.split_at_bracket``) | the torch passes fused by
+            ``torch.compile`` (inductor's CPU code; compile time excluded, printed apart; skipped if it
+            cannot compile here)
+  sweep     product + split on the whole (C, C) matrix (the library) | row blocks of d~ made and split while in
+            cache (``ROW_BLOCKS`` rows at a time), torch passes | the same blocks split by NumPy
+  pct       percentile from the bracket with a bound per bracket entry (before) | from the candidates within
+            2 Delta only (``screened.screened_percentile``)
   count     a bool ``sum`` | ``count_nonzero`` over a C*C mask
-  eps       float64 Gram: gram_squared_distances + percentile_from_squared | screened route: screen +
-            screened_percentile (buffer reused)
-  dbscan0   round 0 of the components: masked minimum | one ``max`` over the uint8 adjacency
-  dbscan    ``dbscan.dbscan_from_adjacency`` (whole DBSCAN) | scipy ``connected_components`` of the
-            core graph alone (dense -> CSR), when scipy is importable
+  rows      row counts of a (C, C) mask: bool ``sum`` | bytes summed into int16 (``screened.row_counts``)
+  reach     one search step's rows of the adjacency (a quarter of them): bool ``any`` | byte ``amax`` (the
+            library) | bit-packed rows OR-ed pairwise
+  dbscan    dense rounds (``dbscan.dbscan_from_adjacency``) | breadth-first search (``dbscan.dbscan_by_search``,
+            the CPU route) | scipy ``connected_components`` of the core graph alone (when importable)
 
 and, on the whole batch (ms per image), ``cluster``: the all-pairs route (``cluster._cluster_float64``:
 exact V for every pair, the accelerators' route) | the screened route (``cluster._cluster_cpu``),
@@ -43,45 +52,166 @@ def _median_ms(fns: dict, repeats: int) -> dict[str, float]:
     return {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
 
 
+ROW_BLOCKS = 128  # rows per block of the ``sweep`` pair's blocked variants
+
+
+def _torch_split(d: torch.Tensor, lo_v: float, hi_v: float, below: torch.Tensor):
+    """What ``screened.split_at_bracket`` replaced: the same outputs by whole-matrix torch passes."""
+    flat = d.view(-1)
+    torch.lt(flat, lo_v, out=below.view(-1))
+    idx = torch.le(flat, hi_v).bitwise_xor_(below.view(-1)).nonzero().squeeze(1)
+    return below.view(torch.uint8).sum(dim=1, dtype=torch.int16).long(), idx, flat.index_select(0, idx)
+
+
+def _blocked_sweep(P, Q, lo_v, hi_v, below, split):
+    """Row blocks of d~ = P Q^T, each split (``split(block, lo_v, hi_v, below_rows)``) while in cache."""
+    C = P.shape[0]
+    block = P.new_empty(ROW_BLOCKS, C)
+    rows, idx = [], []
+    for r0 in range(0, C, ROW_BLOCKS):
+        r1 = min(C, r0 + ROW_BLOCKS)
+        d = block[:r1 - r0]
+        torch.mm(P[r0:r1], Q.T, out=d)
+        counts, i, _ = split(d, lo_v, hi_v, below[r0:r1])
+        rows.append(counts)
+        idx.append(i + r0 * C)
+    return torch.cat(rows), torch.cat(idx)
+
+
+def _bracket_sorted(flat, ranks, width):
+    """What ``percentile.sampled_bracket`` replaced: the sample sorted whole."""
+    import math
+
+    from cfcam_gpu.percentile import SAMPLE, SAMPLE_SIGMAS
+
+    M = flat.numel()
+    step = max(1, M // SAMPLE)
+    while math.gcd(step, width) != 1:
+        step += 1
+    sample = flat[::step].sort().values
+    S = sample.numel()
+    p_lo, p_hi = ranks[0] / M, ranks[1] / M
+    margin = int(SAMPLE_SIGMAS * math.sqrt(S * max(p_lo * (1 - p_lo), 1.0 / S))) + 4
+    return float(sample[max(0, int(p_lo * S) - margin)]), float(sample[min(S - 1, int(p_hi * S) + margin + 1)])
+
+
+def _percentile_all_bounds(sc, q):
+    """What ``screened.screened_percentile`` replaced: a bound for every bracket entry, D over all of them."""
+    from cfcam_gpu import screened
+    from cfcam_gpu.percentile import matrix_rank, next_value
+
+    lo, hi, _ = matrix_rank(sc.x64.shape[0], q)
+    below, vals, delta = sc.n_below, sc.vals.double(), sc.bounds(sc.idx)
+    s_lo = vals.kthvalue(lo - below + 1).values
+    s_hi = s_lo if hi == lo else next_value(vals[None], s_lo[None], lo - below)[0]
+    D = (delta - torch.maximum(s_lo - vals, vals - s_hi).clamp_min(0)).max().clamp_min(0)
+    L, H = s_lo - D, s_hi + D
+    window = (vals + delta >= L) & (vals - delta <= H)
+    below += int(torch.count_nonzero(vals + delta < L))
+    return screened.exact_squared_distances(sc.x64, sc.idx[window]).kthvalue(lo - below + 1).values
+
+
+def _compiled_split():
+    """The torch passes of ``_torch_split`` compiled (static shapes), or None where inductor cannot build."""
+    def masks(flat, lo_v, hi_v):
+        below = flat < lo_v
+        return below, (flat <= hi_v) ^ below
+
+    try:
+        fn = torch.compile(masks, dynamic=False)
+        return fn
+    except Exception:  # noqa: BLE001 - a benchmark reports what it cannot run
+        return None
+
+
 def pairs(x: torch.Tensor) -> dict[str, dict]:
     from cfcam_gpu import cluster, distance, screened
-    from cfcam_gpu.dbscan import _masked_min, dbscan_from_adjacency
-    from cfcam_gpu.percentile import percentile_from_squared
+    from cfcam_gpu.dbscan import _masked_min, dbscan_by_search, dbscan_from_adjacency
+    from cfcam_gpu.percentile import matrix_rank, percentile_from_squared, sampled_bracket
 
     C = x.shape[0]
     q = cluster.EPS_PERCENTILE
     norms = x.double().square().sum(dim=1)
     buf = x.new_empty(C, C)
+    below = torch.empty(C, C, dtype=torch.bool)
     mask = torch.rand(C * C) < 0.25
-    eps, adj = screened.screened_neighbours(x, q)
-    adj = adj[None]
-    parent = torch.arange(C)[None].to(torch.int16)
+    eps, adj, counts = screened.screened_neighbours(x, q)
+    d = screened.screened_squared_distances(x, norms, buf)
+    flat = d.view(-1)
+    lo, hi, _ = matrix_rank(C, q)
+    lo_v, hi_v = sampled_bracket(flat, (lo, hi), C)
+    n32, ones = norms.float()[:, None], x.new_ones(C, 1)
+    P, Q = torch.cat([x, n32, ones], dim=1), torch.cat([x * -2, ones, n32], dim=1)
+    sc_buf = torch.empty(C, C, dtype=torch.bool)
+    frontier = torch.arange(0, C, 4)
+    packed = adj.contiguous().view(torch.int64)
+
+    def or_rows(rows):
+        w = packed.index_select(0, rows)
+        while w.shape[0] > 1:
+            half = w.shape[0] // 2
+            top = w[:half] | w[half:2 * half]
+            if w.shape[0] % 2:
+                top[0] |= w[-1]
+            w = top
+        return w[0].view(torch.bool)
+
+    def np_split(block, lo_v, hi_v, low):
+        return screened.split_at_bracket(block, lo_v, hi_v, low)
+
     out = {
         "gram": {"float64 bmm + form": lambda: distance.gram_squared_distances(x[None]),
                  "float32 augmented mm": lambda: screened.screened_squared_distances(x, norms),
                  "float32 augmented mm, out=": lambda: screened.screened_squared_distances(x, norms, buf)},
+        "sample": {"sorted sample": lambda: _bracket_sorted(flat, (lo, hi), C),
+                   "two selections": lambda: sampled_bracket(flat, (lo, hi), C)},
+        "split": {"torch passes": lambda: _torch_split(d, lo_v, hi_v, below),
+                  "NumPy in threads": lambda: screened.split_at_bracket(d, lo_v, hi_v, below)},
+        "sweep": {"whole matrix": lambda: screened.split_at_bracket(
+                      screened.screened_squared_distances(x, norms, buf), lo_v, hi_v, below),
+                  f"blocks of {ROW_BLOCKS} rows, torch": lambda: _blocked_sweep(P, Q, lo_v, hi_v, below, _torch_split),
+                  f"blocks of {ROW_BLOCKS} rows, NumPy": lambda: _blocked_sweep(P, Q, lo_v, hi_v, below, np_split)},
+        "pct": {"a bound per bracket entry": lambda: _percentile_all_bounds(screened.screen(x, q, buf, mask=sc_buf), q),
+                "candidates within 2 Delta": lambda: screened.screened_percentile(
+                    screened.screen(x, q, buf, mask=sc_buf), q)},
         "count": {"bool sum": lambda: int(mask.sum()), "count_nonzero": lambda: int(torch.count_nonzero(mask))},
-        "eps": {"float64 Gram": lambda: percentile_from_squared(distance.gram_squared_distances(x[None]),
-                                                                            q, torch.float32, False),
-                "screened route": lambda: screened.screened_percentile(screened.screen(x, q, buf), q)},
-        "dbscan0": {"masked minimum": lambda: _masked_min(adj, parent, C),
-                    "max over uint8": lambda: adj.view(torch.uint8).max(dim=2)},
+        "rows": {"bool sum": lambda: adj.sum(dim=1), "bytes into int16": lambda: screened.row_counts(adj)},
+        "reach": {"bool any": lambda: adj.index_select(0, frontier).any(dim=0),
+                  "byte amax": lambda: adj.view(torch.uint8).index_select(0, frontier).amax(dim=0),
+                  "bit-packed OR": lambda: or_rows(frontier)},
     }
+    compiled = _compiled_split()
+    if compiled is not None:
+        try:
+            t = time.perf_counter()
+            compiled(flat, lo_v, hi_v)
+            print(f"# torch.compile of the split's passes: {time.perf_counter() - t:.1f} s to compile")
+
+            def compiled_split():
+                low, inside = compiled(flat, lo_v, hi_v)
+                return low.view(C, C).view(torch.uint8).sum(dim=1, dtype=torch.int16), inside.nonzero()
+
+            out["split"]["torch.compile"] = compiled_split
+        except Exception as err:  # noqa: BLE001
+            print(f"# torch.compile of the split's passes failed here: {type(err).__name__}")
+    min_samples = cluster.seed_min_samples(C)
+    out["dbscan"] = {"dense rounds": lambda: dbscan_from_adjacency(adj[None], min_samples, False),
+                     "breadth-first search": lambda: dbscan_by_search(adj, counts, min_samples)}
     try:
         import numpy as np
         import scipy.sparse as sp
         from scipy.sparse.csgraph import connected_components
 
         def scipy_core_components():
-            a = adj[0].numpy()
-            core = a.sum(axis=1) >= cluster.seed_min_samples(C)
+            a = adj.numpy()
+            core = a.sum(axis=1) >= min_samples
             return connected_components(sp.csr_matrix(a[np.ix_(core, core)]), directed=False)
 
-        min_samples = cluster.seed_min_samples(C)
-        out["dbscan"] = {"dbscan_from_adjacency": lambda: dbscan_from_adjacency(adj, min_samples, False),
-                         "scipy components only": scipy_core_components}
+        out["dbscan"]["scipy components only"] = scipy_core_components
     except ImportError:
         pass
+    out["dbscan0"] = {"masked minimum": lambda: _masked_min(adj[None], torch.arange(C)[None].to(torch.int16), C),
+                      "max over uint8": lambda: adj[None].view(torch.uint8).max(dim=2)}
     return out
 
 

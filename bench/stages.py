@@ -6,7 +6,7 @@ features):
 
   distances       screened.screen: d~ by one matrix product, the percentile's bracket extracted
   percentile      screened.screened_percentile: exact order statistics from the bracket's window
-  dbscan          screened.screened_adjacency + dbscan.dbscan_from_adjacency
+  dbscan          screened.screened_adjacency (in place of the screen's mask) + dbscan.dbscan_by_search
 
 elsewhere (accelerators: the sync-free all-pairs route):
 
@@ -59,7 +59,7 @@ def stage_functions(acts: Tensor, grads: Tensor) -> list[tuple[str, Callable[[di
     outputs there, so each stage can be re-run alone on the previous stage's real output."""
     from cfcam_gpu import cam as cam_mod
     from cfcam_gpu import cluster as cluster_mod
-    from cfcam_gpu.dbscan import dbscan_from_adjacency
+    from cfcam_gpu.dbscan import dbscan_by_search, dbscan_from_adjacency
     from cfcam_gpu import distance as dist_mod
     from cfcam_gpu._checks import decide_sync_free
     from cfcam_gpu.percentile import percentile_from_squared
@@ -81,8 +81,8 @@ def stage_functions(acts: Tensor, grads: Tensor) -> list[tuple[str, Callable[[di
             s["eps"] = [scr.screened_percentile(sc, q) for sc in s["screens"]]
 
         def dbscan(s):
-            adj = [scr.screened_adjacency(sc, e) for sc, e in zip(s["screens"], s["eps"])]
-            s["labels"] = torch.cat([dbscan_from_adjacency(a[None], min_samples, False) for a in adj])
+            nbs = [scr.screened_adjacency(sc, e) for sc, e in zip(s["screens"], s["eps"])]
+            s["labels"] = torch.stack([dbscan_by_search(n.adj, n.counts, min_samples) for n in nbs])
     else:  # the all-pairs route (accelerators)
         def distances(s):
             s["d2"] = dist_mod.squared_distances(feats, sync_free)
@@ -109,7 +109,7 @@ def stage_variant(acts: Tensor) -> str:
     from cfcam_gpu import cluster as cluster_mod
 
     if cluster_mod.screened_route(acts.flatten(2), acts.device.type != "cpu"):
-        return "screened.screen | screened_percentile | screened_adjacency+dbscan_from_adjacency | " \
+        return "screened.screen | screened_percentile | screened_adjacency+dbscan_by_search | " \
                "cluster_weights | weighted_cam (CPU screened route, image by image)"
     return "squared_distances (exact, all pairs) | percentile_from_squared | threshold+dbscan_from_adjacency | " \
            "cluster_weights | weighted_cam"

@@ -43,8 +43,11 @@ caller uses the float64 route; ``tests/test_screened.py`` forces each of these.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -183,12 +186,64 @@ def screen(x: Tensor, q: float, out: Tensor | None = None, precision: torch.dtyp
     # whenever the sample bracketed the ranks (module notes, 3 and 4).
     lo_v, hi_v = (float(torch.tensor(v, dtype=torch.float64).to(precision))  # exactly what is compared
                   for v in (lo_v - 3 * Delta, hi_v + 3 * Delta))
-    below = torch.lt(flat, lo_v, out=None if mask is None else mask.view(-1)).view(C, C)
-    inside = torch.le(flat, hi_v).bitwise_xor_(below.view(-1))  # lo_v <= d~ <= hi_v
-    idx = inside.nonzero().squeeze(1)
-    below_rows = row_counts(below)
+    below = torch.empty(C, C, dtype=torch.bool) if mask is None else mask
+    below_rows, idx, vals = split_at_bracket(flat.view(C, C), lo_v, hi_v, below)
     return Screened(x.dtype, precision, x64, norms, below, below_rows, lo_v, hi_v, int(below_rows.sum()),
-                    idx, flat.index_select(0, idx), Delta)
+                    idx, vals, Delta)
+
+
+# The split reads d~ this many bytes of rows at a time: its comparisons, extraction and counts then find
+# each block in the core's cache after the first pass brought it in (``python -m bench.cpu_passes``).
+SPLIT_BLOCK_BYTES = 2**19
+
+
+def _split_rows(d: np.ndarray, lo_v, hi_v, below: np.ndarray, r0: int, r1: int):
+    """Rows r0:r1 of ``split_at_bracket``, a cache-sized block at a time (NumPy, which lets other threads
+    run meanwhile) -> (row counts, flat indices, values)."""
+    C = d.shape[1]
+    step = max(1, SPLIT_BLOCK_BYTES // (C * d.itemsize))
+    inside = np.empty((min(step, r1 - r0), C), dtype=bool)
+    count_dtype = np.int16 if C < 2**15 else np.int32
+    counts, idx, vals = [], [], []
+    for a in range(r0, r1, step):
+        b = min(r1, a + step)
+        rows, low, ins = d[a:b], below[a:b], inside[:b - a]
+        np.less(rows, lo_v, out=low)
+        np.less_equal(rows, hi_v, out=ins)
+        np.bitwise_xor(ins, low, out=ins)  # lo_v <= d~ <= hi_v
+        i = np.flatnonzero(ins)
+        counts.append(low.view(np.uint8).sum(axis=1, dtype=count_dtype))
+        idx.append(i + a * C)
+        vals.append(rows.reshape(-1).take(i))
+    return counts, idx, vals
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (process id, workers): a forked child makes its own
+
+
+def split_at_bracket(d: Tensor, lo_v: float, hi_v: float, below: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The one pass over d~ after the product: ``below`` (C, C) bool <- d~ < lo_v, and the bracket.
+
+    d: (C, C) float32/64 on the CPU; lo_v, hi_v: values of d's dtype -> (row counts of ``below`` (C,)
+    int64, ascending flat indices (M,) of the entries with lo_v <= d~ <= hi_v, their values (M,)).
+    NumPy's comparisons, ``flatnonzero`` and ``take`` on cache-sized row blocks, the rows shared among
+    ``torch.get_num_threads()`` threads (``python -m bench.cpu_passes``, pairs ``split`` and ``sweep``).
+    """
+    C = d.shape[0]
+    dn, bn = d.numpy(), below.numpy()
+    lo, hi = dn.dtype.type(lo_v), dn.dtype.type(hi_v)
+    workers = max(1, min(torch.get_num_threads(), C // 64))
+    if workers == 1:
+        parts = [_split_rows(dn, lo, hi, bn, 0, C)]
+    else:
+        key = (os.getpid(), workers)
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="cfcam-split")
+        step = -(-C // workers)
+        parts = list(_POOLS[key].map(lambda r0: _split_rows(dn, lo, hi, bn, r0, min(C, r0 + step)),
+                                     range(0, C, step)))
+    counts, idx, vals = (np.concatenate([piece for p in parts for piece in p[k]]) for k in range(3))
+    return torch.from_numpy(counts.astype(np.int64)), torch.from_numpy(idx), torch.from_numpy(vals)
 
 
 def screened_percentile(sc: Screened, q: float, diagonal: bool = True) -> Tensor | None:
