@@ -15,18 +15,22 @@ float32 one in arithmetic and in traffic. Here, per image:
 2. The true values are ``V[i, j] = sum_k (x_ik - x_jk)**2`` in float64: exactly symmetric, exactly 0
    between identical channels, within ``N 2**-53 E`` of E (inside delta's spare half).
 3. Order statistics. A strided sample of d~ brackets the two ranks of the percentile in [lo_v, hi_v]
-   (widened by 3 Delta); one pass counts the entries below lo_v, one extracts the bracket (a few % of
-   C*C) with its indices. Let s_lo <= s_hi be the order statistics of d~ and D the least margin such
-   that every entry with d~ <= s_hi has d~ + delta <= s_hi + D and every entry with d~ >= s_lo has
-   d~ - delta >= s_lo - D (D <= Delta; entries outside the bracket cannot set it). Then at least
-   rank + 1 entries have V <= d~ + delta <= s + D, so V's rank-th is <= s + D, and symmetrically >=
-   s - D: V's order statistics lie in [L, H] = [s_lo - D, s_hi + D]. Entries with ``d~ + delta < L``
-   are below both, entries with ``d~ - delta > H`` above; V is computed for the rest (hundreds to a few
-   thousand) and the two ranks read there. When lo_v <= L - Delta and H + Delta <= hi_v, the entries
-   outside the bracket are decided too.
-4. Neighbours: ``adj = d~ <= eps**2`` except for the entries within delta of eps**2, which take
-   ``V <= eps**2``; an entry further away lies on the same side in V. When eps**2 +- Delta lies inside
-   the bracket, those entries are all among the extracted ones.
+   (widened by 3 Delta). One sweep after the product (``split_at_bracket``) marks the entries below
+   lo_v (the neighbour mask to be), counts them per row, and extracts the bracket (a few % of C*C) with
+   indices and values. Let s_lo <= s_hi be the order statistics of d~. Since d~ - delta <= V <= d~ +
+   delta entry by entry, V's rank-th lies between the rank-th of d~ - delta and of d~ + delta, and
+   within Delta of d~'s rank-th (the same with Delta for every delta). Entries more than 2 Delta from
+   [s_lo, s_hi] cannot move either, so bounds are computed only for the few thousand within: V's order
+   statistics lie in [L, H], L = max(rank-th of d~ - delta, s_lo - Delta), H = min(rank-th of d~ +
+   delta, s_hi + Delta), and every entry left out lies outside [L, H] in V. Entries with
+   ``d~ + delta < L`` are below both, entries with ``d~ - delta > H`` above; V is computed for the rest
+   (hundreds to a few thousand) and the two ranks read there. When lo_v <= L - Delta and H + Delta <=
+   hi_v, the entries outside the bracket are decided too.
+4. Neighbours: every entry below lo_v is a neighbour (lo_v <= eps**2 - Delta) and every entry above
+   hi_v is not, so the mask of step 3 becomes the adjacency in place: the bracket's entries with
+   ``d~ <= eps**2`` are added, except those within delta of eps**2, which take ``V <= eps**2``; an entry
+   further away lies on the same side in V. When eps**2 +- Delta lies inside the bracket, those entries
+   are all among the extracted ones.
 So eps and the neighbour relation are exactly those of V, for every image.
 
 The same screen in float64 (``precision=torch.float64``: float64 features, and float32 images the
@@ -256,20 +260,23 @@ def screened_percentile(sc: Screened, q: float, diagonal: bool = True) -> Tensor
         return None
     s_lo, s_next = order_pair(vals[None], lo - below)
     s_lo, s_hi = float(s_lo), float(s_lo if hi == lo else s_next)
-    # D <= Delta, so only entries within 2 Delta of [s_lo, s_hi] can set D or reach [L, H]; the others
-    # below are below L.
+    # Every bound is at most Delta: entries more than 2 Delta from [s_lo, s_hi] are on the same side of
+    # V's order statistics as of d~'s; the others (``cand``) get their own bounds.
     under, cand = sc.near(s_lo - 2 * Delta, s_hi + 2 * Delta)
     below += under
+    if not (below <= lo and hi < below + cand.numel()):
+        return None
     ci, cv = sc.idx.index_select(0, cand), vals.index_select(0, cand).double()
     delta = sc.bounds(ci)
-    # D: the least margin with d~ + delta <= s_hi + D below s_hi and d~ - delta >= s_lo - D above s_lo.
-    D = float((delta - torch.maximum(s_lo - cv, cv - s_hi).clamp_min(0)).max().clamp_min(0)) if ci.numel() else 0.0
-    L, H = s_lo - D, s_hi + D
+    # V's order statistics lie between those of d~ - delta and of d~ + delta, and within Delta of d~'s
+    # (module notes, 3): the entries left out of ``cand`` stay outside [L, H].
+    L = max(float((cv - delta).kthvalue(lo - below + 1).values), s_lo - Delta)
+    H = min(float((cv + delta).kthvalue(hi - below + 1).values), s_hi + Delta)
     if not (sc.lo_v <= L - Delta and H + Delta <= sc.hi_v):
         return None
     window = (cv + delta >= L) & (cv - delta <= H)
     below += _count(cv + delta < L)
-    exact = exact_squared_distances(sc.x64, ci[window])
+    exact = exact_squared_distances(sc.x64, ci.index_select(0, window.nonzero().squeeze(1)))
     if not (below <= lo and hi < below + exact.numel()):
         return None
     a = exact.kthvalue(lo - below + 1).values
