@@ -10,7 +10,8 @@ ratio (the first entry over each). Pairs:
             (``screened.screened_squared_distances``), fresh output | the same into a reused buffer
   sample    the bracket from a sorted strided sample | from two selections (``percentile.sampled_bracket``)
   split     the pass after the product as torch passes (lt, le ^ lt, nonzero, row counts) | NumPy in
-            ``torch.get_num_threads()`` threads (``screened.split_at_bracket``) | the torch passes fused by
+            ``torch.get_num_threads()`` threads, each thread's rows at once | the same a cache-sized block at
+            a time (``screened.split_at_bracket``, ``SPLIT_BLOCK_BYTES``) | the torch passes fused by
             ``torch.compile`` (inductor's CPU code; compile time excluded, printed apart; skipped if it
             cannot compile here)
   sweep     product + split on the whole (C, C) matrix (the library) | row blocks of d~ made and split while in
@@ -61,6 +62,17 @@ def _torch_split(d: torch.Tensor, lo_v: float, hi_v: float, below: torch.Tensor)
     torch.lt(flat, lo_v, out=below.view(-1))
     idx = torch.le(flat, hi_v).bitwise_xor_(below.view(-1)).nonzero().squeeze(1)
     return below.view(torch.uint8).sum(dim=1, dtype=torch.int16).long(), idx, flat.index_select(0, idx)
+
+
+def _whole_rows(split, *args):
+    """``split`` with each thread's rows as one block (``SPLIT_BLOCK_BYTES`` out of the way)."""
+    from cfcam_gpu import screened
+
+    kept, screened.SPLIT_BLOCK_BYTES = screened.SPLIT_BLOCK_BYTES, 2**62
+    try:
+        return split(*args)
+    finally:
+        screened.SPLIT_BLOCK_BYTES = kept
 
 
 def _blocked_sweep(P, Q, lo_v, hi_v, below, split):
@@ -142,7 +154,7 @@ def pairs(x: torch.Tensor) -> dict[str, dict]:
     lo_v, hi_v = sampled_bracket(flat, (lo, hi), C)
     n32, ones = norms.float()[:, None], x.new_ones(C, 1)
     P, Q = torch.cat([x, n32, ones], dim=1), torch.cat([x * -2, ones, n32], dim=1)
-    sc_buf = torch.empty(C, C, dtype=torch.bool)
+    sc = screened.screen(x, q)  # screened_percentile reads it only
     frontier = torch.arange(0, C, 4)
     packed = adj.contiguous().view(torch.int64)
 
@@ -166,14 +178,14 @@ def pairs(x: torch.Tensor) -> dict[str, dict]:
         "sample": {"sorted sample": lambda: _bracket_sorted(flat, (lo, hi), C),
                    "two selections": lambda: sampled_bracket(flat, (lo, hi), C)},
         "split": {"torch passes": lambda: _torch_split(d, lo_v, hi_v, below),
-                  "NumPy in threads": lambda: screened.split_at_bracket(d, lo_v, hi_v, below)},
+                  "NumPy in threads, whole rows": lambda: _whole_rows(screened.split_at_bracket, d, lo_v, hi_v, below),
+                  "NumPy in threads, cache blocks": lambda: screened.split_at_bracket(d, lo_v, hi_v, below)},
         "sweep": {"whole matrix": lambda: screened.split_at_bracket(
                       screened.screened_squared_distances(x, norms, buf), lo_v, hi_v, below),
                   f"blocks of {ROW_BLOCKS} rows, torch": lambda: _blocked_sweep(P, Q, lo_v, hi_v, below, _torch_split),
                   f"blocks of {ROW_BLOCKS} rows, NumPy": lambda: _blocked_sweep(P, Q, lo_v, hi_v, below, np_split)},
-        "pct": {"a bound per bracket entry": lambda: _percentile_all_bounds(screened.screen(x, q, buf, mask=sc_buf), q),
-                "candidates within 2 Delta": lambda: screened.screened_percentile(
-                    screened.screen(x, q, buf, mask=sc_buf), q)},
+        "pct": {"a bound per bracket entry": lambda: _percentile_all_bounds(sc, q),
+                "candidates within 2 Delta": lambda: screened.screened_percentile(sc, q)},
         "count": {"bool sum": lambda: int(mask.sum()), "count_nonzero": lambda: int(torch.count_nonzero(mask))},
         "rows": {"bool sum": lambda: adj.sum(dim=1), "bytes into int16": lambda: screened.row_counts(adj)},
         "reach": {"bool any": lambda: adj.index_select(0, frontier).any(dim=0),

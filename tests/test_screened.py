@@ -246,3 +246,61 @@ def test_float32_image_declined_takes_the_float64_screen(resnet50_features, monk
     got = channel_clusters(acts)
     assert precisions == [torch.float32, torch.float64]
     assert torch.equal(got.labels, expected.labels) and torch.equal(got.eps, expected.eps)
+
+
+def _split_by_torch(d: torch.Tensor, lo_v: float, hi_v: float):
+    flat = d.view(-1)
+    below = d < lo_v
+    idx = ((flat >= lo_v) & (flat <= hi_v)).nonzero().squeeze(1)
+    return below, below.sum(dim=1), idx, flat[idx]
+
+
+@pytest.mark.parametrize("block_bytes", [2**12, 2**19])
+def test_split_at_bracket_in_threads_and_blocks(resnet50_features, monkeypatch, block_bytes):
+    """The sweep after the product, in 2 threads and in cache blocks of a few rows or many: the same
+    mask, row counts, indices (ascending) and values as plain comparisons."""
+    x = features_of(resnet50_features["layer3.-1"][0])[0]
+    d = screened_squared_distances(x, x.double().square().sum(dim=1))
+    lo_v, hi_v = (float(v) for v in d.view(-1).kthvalue(int(0.2 * d.numel())).values * torch.tensor([1.0, 1.2]))
+    lo_v, hi_v = float(torch.tensor(lo_v).float()), float(torch.tensor(hi_v).float())
+    monkeypatch.setattr(screened, "SPLIT_BLOCK_BYTES", block_bytes)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        below = torch.zeros_like(d, dtype=torch.bool)
+        rows, idx, vals = screened.split_at_bracket(d, lo_v, hi_v, below)
+    finally:
+        torch.set_num_threads(threads)
+    ref_below, ref_rows, ref_idx, ref_vals = _split_by_torch(d, lo_v, hi_v)
+    assert torch.equal(below, ref_below) and torch.equal(rows, ref_rows)
+    assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals) and idx.numel() > 1000
+
+
+def _split_in_child(queue, d, lo_v, hi_v, below):
+    torch.set_num_threads(2)  # (no torch op that would start OpenMP threads: those hang after a fork)
+    queue.put(screened.split_at_bracket(d, lo_v, hi_v, below)[0].tolist())
+
+
+def test_split_at_bracket_in_a_forked_child():
+    """The split's threads do not survive a fork: a child (a DataLoader worker, a forked launcher) makes
+    its own pool instead of waiting on its parent's for ever (keyed by the parent's pid, this hangs)."""
+    import multiprocessing
+
+    d = torch.rand(256, 256)
+    below = torch.zeros_like(d, dtype=torch.bool)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = screened.split_at_bracket(d, 0.3, 0.5, below)[0].tolist()
+    finally:
+        torch.set_num_threads(threads)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_split_in_child, args=(queue, d, 0.3, 0.5, below))
+    child.start()
+    try:
+        got = queue.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+        child.kill()
+    assert got == expected
