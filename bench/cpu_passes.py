@@ -56,14 +56,6 @@ def _median_ms(fns: dict, repeats: int) -> dict[str, float]:
 ROW_BLOCKS = 128  # rows per block of the ``sweep`` pair's blocked variants
 
 
-def _torch_split(d: torch.Tensor, lo_v: float, hi_v: float, below: torch.Tensor):
-    """What ``screened.split_at_bracket`` replaced: the same outputs by whole-matrix torch passes."""
-    flat = d.view(-1)
-    torch.lt(flat, lo_v, out=below.view(-1))
-    idx = torch.le(flat, hi_v).bitwise_xor_(below.view(-1)).nonzero().squeeze(1)
-    return below.view(torch.uint8).sum(dim=1, dtype=torch.int16).long(), idx, flat.index_select(0, idx)
-
-
 def _whole_rows(split, *args):
     """``split`` with each thread's rows as one block (``SPLIT_BLOCK_BYTES`` out of the way)."""
     from cfcam_gpu import screened
@@ -124,7 +116,7 @@ def _percentile_all_bounds(sc, q):
 
 
 def _compiled_split():
-    """The torch passes of ``_torch_split`` compiled (static shapes), or None where inductor cannot build."""
+    """The torch passes of ``screened.split_by_passes`` compiled (static shapes), or None where inductor cannot build."""
     def masks(flat, lo_v, hi_v):
         below = flat < lo_v
         return below, (flat <= hi_v) ^ below
@@ -177,12 +169,13 @@ def pairs(x: torch.Tensor) -> dict[str, dict]:
                  "float32 augmented mm, out=": lambda: screened.screened_squared_distances(x, norms, buf)},
         "sample": {"sorted sample": lambda: _bracket_sorted(flat, (lo, hi), C),
                    "two selections": lambda: sampled_bracket(flat, (lo, hi), C)},
-        "split": {"torch passes": lambda: _torch_split(d, lo_v, hi_v, below),
+        "split": {"torch passes": lambda: screened.split_by_passes(d, lo_v, hi_v, below),
                   "NumPy in threads, whole rows": lambda: _whole_rows(screened.split_at_bracket, d, lo_v, hi_v, below),
                   "NumPy in threads, cache blocks": lambda: screened.split_at_bracket(d, lo_v, hi_v, below)},
         "sweep": {"whole matrix": lambda: screened.split_at_bracket(
                       screened.screened_squared_distances(x, norms, buf), lo_v, hi_v, below),
-                  f"blocks of {ROW_BLOCKS} rows, torch": lambda: _blocked_sweep(P, Q, lo_v, hi_v, below, _torch_split),
+                  f"blocks of {ROW_BLOCKS} rows, torch": lambda: _blocked_sweep(P, Q, lo_v, hi_v, below,
+                                                                                screened.split_by_passes),
                   f"blocks of {ROW_BLOCKS} rows, NumPy": lambda: _blocked_sweep(P, Q, lo_v, hi_v, below, np_split)},
         "pct": {"a bound per bracket entry": lambda: _percentile_all_bounds(sc, q),
                 "candidates within 2 Delta": lambda: screened.screened_percentile(sc, q)},

@@ -79,7 +79,9 @@ def unit_scale(x: Tensor, dim) -> Tensor:
     all-zero slice), in x's dtype (tiny slices are scaled up at most by 2**126 in float32, 2**1022 in
     float64). Multiplying by s is exact (barring subnormals), so scale-invariant results are unchanged
     while nothing overflows when squared or multiplied. x: floating -> like x.amax(dim)."""
-    e = torch.frexp(x.abs().amax(dim=dim, keepdim=True)).exponent
+    # max |x| as max(max x, -min x): two reads of x, no |x| copy (the same value, NaN and inf included)
+    top = torch.maximum(x.amax(dim=dim, keepdim=True), x.amin(dim=dim, keepdim=True).neg())
+    e = torch.frexp(top).exponent
     e = e.clamp_min(-(math.frexp(torch.finfo(x.dtype).max)[1] - 2))  # 2**126 float32, 2**1022 float64
     return torch.ldexp(torch.ones(e.shape, dtype=x.dtype, device=x.device), -e)
 

@@ -190,7 +190,7 @@ def screen(x: Tensor, q: float, out: Tensor | None = None, precision: torch.dtyp
     # whenever the sample bracketed the ranks (module notes, 3 and 4).
     lo_v, hi_v = (float(torch.tensor(v, dtype=torch.float64).to(precision))  # exactly what is compared
                   for v in (lo_v - 3 * Delta, hi_v + 3 * Delta))
-    below = torch.empty(C, C, dtype=torch.bool) if mask is None else mask
+    below = torch.empty(C, C, dtype=torch.bool, device=x.device) if mask is None else mask
     below_rows, idx, vals = split_at_bracket(flat.view(C, C), lo_v, hi_v, below)
     return Screened(x.dtype, precision, x64, norms, below, below_rows, lo_v, hi_v, int(below_rows.sum()),
                     idx, vals, Delta)
@@ -225,6 +225,15 @@ def _split_rows(d: np.ndarray, lo_v, hi_v, below: np.ndarray, r0: int, r1: int):
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (process id, workers): a forked child makes its own
 
 
+def split_by_passes(d: Tensor, lo_v: float, hi_v: float, below: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``split_at_bracket`` as whole-matrix torch passes, on any device (what the NumPy sweep replaced on
+    the CPU)."""
+    flat = d.view(-1)
+    torch.lt(flat, lo_v, out=below.view(-1))
+    idx = torch.le(flat, hi_v).bitwise_xor_(below.view(-1)).nonzero().squeeze(1)
+    return row_counts(below), idx, flat.index_select(0, idx)
+
+
 def split_at_bracket(d: Tensor, lo_v: float, hi_v: float, below: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The one pass over d~ after the product: ``below`` (C, C) bool <- d~ < lo_v, and the bracket.
 
@@ -234,6 +243,8 @@ def split_at_bracket(d: Tensor, lo_v: float, hi_v: float, below: Tensor) -> tupl
     ``torch.get_num_threads()`` threads (``python -m bench.cpu_passes``, pairs ``split`` and ``sweep``).
     """
     C = d.shape[0]
+    if d.device.type != "cpu":  # (``sync_free=False`` on an accelerator): the same passes in torch
+        return split_by_passes(d, lo_v, hi_v, below)
     dn, bn = d.numpy(), below.numpy()
     lo, hi = dn.dtype.type(lo_v), dn.dtype.type(hi_v)
     workers = max(1, min(torch.get_num_threads(), C // 64))

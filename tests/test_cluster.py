@@ -174,3 +174,16 @@ def test_unknown_backend_and_bad_activations():
         cluster_channels(torch.rand(8, 4, 4))
     with pytest.raises(TypeError, match="activations"):
         cluster_channels(np.zeros((1, 8, 4, 4)))
+
+
+def test_host_reads_allowed_on_every_device(rng, device):
+    """``sync_free=False`` takes the screened route on any device (on an accelerator its sweep runs as
+    torch passes): the same eps and labels as the CPU and as scikit-learn."""
+    acts = torch.from_numpy(make_activations(rng, 2, 300, 7, 7))
+    expected = channel_clusters(acts)
+    got = channel_clusters(acts.to(device), sync_free=False)
+    assert torch.equal(got.labels.cpu(), expected.labels) and torch.equal(got.eps.cpu(), expected.eps)
+    for b in range(2):
+        feats = acts[b].flatten(1).numpy()
+        ref = DBSCAN(eps=float(expected.eps[b]), min_samples=expected.min_samples).fit(feats).labels_
+        assert np.array_equal(expected.labels[b].numpy(), ref)

@@ -274,6 +274,10 @@ def test_split_at_bracket_in_threads_and_blocks(resnet50_features, monkeypatch, 
     ref_below, ref_rows, ref_idx, ref_vals = _split_by_torch(d, lo_v, hi_v)
     assert torch.equal(below, ref_below) and torch.equal(rows, ref_rows)
     assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals) and idx.numel() > 1000
+    passes = torch.ones_like(below)  # the torch passes (accelerators' ``sync_free=False``): the same
+    for got, ref in zip(screened.split_by_passes(d, lo_v, hi_v, passes), (rows, idx, vals)):
+        assert torch.equal(got, ref)
+    assert torch.equal(passes, below)
 
 
 def _split_in_child(queue, d, lo_v, hi_v, below):
