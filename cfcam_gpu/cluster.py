@@ -13,7 +13,8 @@ labels. Routes of the torch backend, chosen in ``_cluster_torch`` only:
   read;
 - CPU: image by image, a Gram matrix screened with a proven error bound and refined exactly
   (``screened.py``): in float32 for float32 features, else (float64 features, or a float32 image the
-  float32 screen declined) in float64; an image both screens decline gets V for every pair.
+  float32 screen declined) in float64; an image both screens decline gets V for every pair. DBSCAN by
+  breadth-first search on the screened neighbours (``dbscan.dbscan_by_search``).
 Features whose largest magnitude lies outside [2**-32, 2**32] (float32) or [2**-400, 2**400] (float64)
 are first scaled by a power of two per image (exact; eps scaled back): V neither overflows nor
 underflows, and eps**2 (in the features' dtype) neither overflows to inf (every channel a neighbour) nor
@@ -164,7 +165,7 @@ def _cluster_float64(feats: Tensor, sync_free: bool, alive: Tensor | None = None
 def _cluster_cpu(feats: Tensor, rule: EpsRule = SEED_RULE) -> ChannelClusters:
     """CPU: image by image, eps and neighbours screened and refined exactly (``screened.py``): float32
     features by a float32 screen, then (declined, or float64 features) by a float64 screen, then (both
-    declined) V for every pair."""
+    declined) V for every pair; labels by breadth-first search on the screened neighbours."""
     C = feats.shape[1]
     min_samples = seed_min_samples(C)
     labels, eps = [], []

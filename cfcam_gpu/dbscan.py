@@ -1,4 +1,6 @@
-"""Batched exact DBSCAN on a neighbour relation (scikit-learn's semantics), no loop over images.
+"""Exact DBSCAN on a neighbour relation (scikit-learn's semantics): batched rounds with no loop over images
+and no host read (``dbscan_from_adjacency``), and a breadth-first search for one image where host reads
+are free (``dbscan_by_search``, the CPU route).
 
 ``j`` is a neighbour of ``i`` iff ``dist[i, j] <= eps``; ``i`` is core iff it has ``>= min_samples``
 neighbours (itself included); clusters are the connected components of the core points, numbered 0, 1,
