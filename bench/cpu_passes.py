@@ -116,7 +116,7 @@ def _percentile_all_bounds(sc, q):
 
 
 def _compiled_split():
-    """The torch passes of ``screened.split_by_passes`` compiled (static shapes), or None where inductor cannot build."""
+    """The comparisons of ``screened.split_by_passes`` compiled (static shapes); None if inductor cannot."""
     def masks(flat, lo_v, hi_v):
         below = flat < lo_v
         return below, (flat <= hi_v) ^ below

@@ -317,7 +317,8 @@ def screened_adjacency(sc: Screened, eps: Tensor) -> Neighbours | None:
     C = sc.x64.shape[0]
     near = sc.vals <= threshold
     _, pos = sc.near(threshold - sc.Delta, threshold + sc.Delta)  # every entry within its delta, and more
-    band = pos[(sc.vals.index_select(0, pos).double() - threshold).abs_() <= sc.bounds(sc.idx.index_select(0, pos))]
+    gap = (sc.vals.index_select(0, pos).double() - threshold).abs_()
+    band = pos[gap <= sc.bounds(sc.idx.index_select(0, pos))]
     near[band] = exact_squared_distances(sc.x64, sc.idx.index_select(0, band)) <= threshold
     chosen = sc.idx.index_select(0, near.nonzero().squeeze(1))  # ascending
     adj = sc.below
