@@ -19,7 +19,7 @@ ratio (the first entry over each). Pairs:
   pct       percentile from the bracket with a bound per bracket entry (before) | from the candidates within
             2 Delta only (``screened.screened_percentile``)
   count     a bool ``sum`` | ``count_nonzero`` over a C*C mask
-  rows      row counts of a (C, C) mask: bool ``sum`` | bytes summed into int16 (``screened.row_counts``)
+  rows      row counts of a (C, C) mask: bool ``sum`` | bytes summed into int16 (``dbscan.row_counts``)
   reach     one search step's rows of the adjacency (a quarter of them): bool ``any`` | byte ``amax`` (the
             library) | bit-packed rows OR-ed pairwise
   dbscan    dense rounds (``dbscan.dbscan_from_adjacency``) | breadth-first search (``dbscan.dbscan_by_search``,
@@ -83,20 +83,12 @@ def _blocked_sweep(P, Q, lo_v, hi_v, below, split):
 
 
 def _bracket_sorted(flat, ranks, width):
-    """What ``percentile.sampled_bracket`` replaced: the sample sorted whole."""
-    import math
+    """What ``percentile.sampled_bracket`` replaced: the same sample, sorted whole."""
+    from cfcam_gpu.percentile import bracket_positions, sample_step
 
-    from cfcam_gpu.percentile import SAMPLE, SAMPLE_SIGMAS
-
-    M = flat.numel()
-    step = max(1, M // SAMPLE)
-    while math.gcd(step, width) != 1:
-        step += 1
-    sample = flat[::step].sort().values
-    S = sample.numel()
-    p_lo, p_hi = ranks[0] / M, ranks[1] / M
-    margin = int(SAMPLE_SIGMAS * math.sqrt(S * max(p_lo * (1 - p_lo), 1.0 / S))) + 4
-    return float(sample[max(0, int(p_lo * S) - margin)]), float(sample[min(S - 1, int(p_hi * S) + margin + 1)])
+    sample = flat[::sample_step(flat.numel(), width)].sort().values
+    i_lo, i_hi = bracket_positions(sample.numel(), flat.numel(), ranks)
+    return float(sample[max(0, i_lo)]), float(sample[min(sample.numel() - 1, i_hi)])
 
 
 def _percentile_all_bounds(sc, q):
@@ -130,7 +122,7 @@ def _compiled_split():
 
 def pairs(x: torch.Tensor) -> dict[str, dict]:
     from cfcam_gpu import cluster, distance, screened
-    from cfcam_gpu.dbscan import _masked_min, dbscan_by_search, dbscan_from_adjacency
+    from cfcam_gpu.dbscan import _masked_min, dbscan_by_search, dbscan_from_adjacency, row_counts
     from cfcam_gpu.percentile import matrix_rank, percentile_from_squared, sampled_bracket
 
     C = x.shape[0]
@@ -180,7 +172,7 @@ def pairs(x: torch.Tensor) -> dict[str, dict]:
         "pct": {"a bound per bracket entry": lambda: _percentile_all_bounds(sc, q),
                 "candidates within 2 Delta": lambda: screened.screened_percentile(sc, q)},
         "count": {"bool sum": lambda: int(mask.sum()), "count_nonzero": lambda: int(torch.count_nonzero(mask))},
-        "rows": {"bool sum": lambda: adj.sum(dim=1), "bytes into int16": lambda: screened.row_counts(adj)},
+        "rows": {"bool sum": lambda: adj.sum(dim=1), "bytes into int16": lambda: row_counts(adj)},
         "reach": {"bool any": lambda: adj.index_select(0, frontier).any(dim=0),
                   "byte amax": lambda: adj.view(torch.uint8).index_select(0, frontier).amax(dim=0),
                   "bit-packed OR": lambda: or_rows(frontier)},

@@ -87,21 +87,33 @@ SAMPLE = 16384  # entries in the strided sample that brackets order statistics (
 SAMPLE_SIGMAS = 5.0  # bracket half-width, in binomial standard deviations of the sample rank
 
 
+def sample_step(M: int, width: int = 1) -> int:
+    """The stride of ``sampled_bracket``'s sample of M values: about ``SAMPLE`` of them, sharing no factor
+    with ``width`` (the row length of a flattened matrix; a shared factor would revisit few columns)."""
+    step = max(1, M // SAMPLE)
+    while math.gcd(step, width) != 1:
+        step += 1
+    return step
+
+
+def bracket_positions(S: int, M: int, ranks: tuple[int, int]) -> tuple[int, int]:
+    """0-based positions in a sorted evenly spread sample of S of M values that bracket the ``ranks``,
+    ``SAMPLE_SIGMAS`` binomial deviations beyond them (may run off the sample: < 0 or >= S)."""
+    p_lo, p_hi = ranks[0] / M, ranks[1] / M
+    margin = int(SAMPLE_SIGMAS * math.sqrt(S * max(p_lo * (1 - p_lo), 1.0 / S))) + 4
+    return int(p_lo * S) - margin, int(p_hi * S) + margin + 1
+
+
 def sampled_bracket(row: Tensor, ranks: tuple[int, int], width: int = 1) -> tuple[float, float]:
     """CPU: values that bracket the order statistics at the 0-based ``ranks`` (lo <= hi) of ``row`` (M,)
     with high probability, read from a sorted strided sample ``SAMPLE_SIGMAS`` binomial deviations
     beyond the ranks (-inf / inf where that runs off the sample). ``width``: the row length when ``row``
     is a flattened matrix; the stride shares no factor with it (else it would revisit few columns)."""
     M = row.numel()
-    step = max(1, M // SAMPLE)
-    while math.gcd(step, width) != 1:
-        step += 1
-    sample = row[::step].contiguous()
+    sample = row[::sample_step(M, width)].contiguous()
     S = sample.numel()
-    p_lo, p_hi = ranks[0] / M, ranks[1] / M
-    margin = int(SAMPLE_SIGMAS * math.sqrt(S * max(p_lo * (1 - p_lo), 1.0 / S))) + 4
-    i_lo, i_hi = int(p_lo * S) - margin, int(p_hi * S) + margin + 1
-    # two selections: a sort of the sample costs several times more (``python -m bench.cpu_passes``)
+    i_lo, i_hi = bracket_positions(S, M, ranks)
+    # two selections: a sort of the sample costs 2-2.6x more (``python -m bench.cpu_passes``, ``sample``)
     lo_v = float(sample.kthvalue(i_lo + 1).values) if i_lo >= 0 else -math.inf
     hi_v = float(sample.kthvalue(i_hi + 1).values) if i_hi < S else math.inf
     return lo_v, hi_v

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .dbscan import row_counts
 from .distance import exact_sqrt, sum_squared_differences
 from .percentile import lerp, matrix_rank, order_pair, sampled_bracket
 
@@ -112,13 +113,6 @@ def _count(mask: Tensor) -> int:
     """Number of True in a bool tensor (``count_nonzero``: 2-4x faster than a bool ``sum`` over a C*C mask
     at C = 2048, ``python -m bench.cpu_passes``)."""
     return int(torch.count_nonzero(mask))
-
-
-def row_counts(mask: Tensor) -> Tensor:
-    """(C, C) bool -> (C,) int64, the True in each row: summed as bytes into int16 (int32 from C = 2**15),
-    20-50x faster than a bool or int64 sum (``python -m bench.cpu_passes``)."""
-    small = torch.int16 if mask.shape[1] < 2**15 else torch.int32
-    return mask.view(torch.uint8).sum(dim=1, dtype=small).long()
 
 
 class Screened(NamedTuple):
@@ -231,7 +225,7 @@ def split_by_passes(d: Tensor, lo_v: float, hi_v: float, below: Tensor) -> tuple
     flat = d.view(-1)
     torch.lt(flat, lo_v, out=below.view(-1))
     idx = torch.le(flat, hi_v).bitwise_xor_(below.view(-1)).nonzero().squeeze(1)
-    return row_counts(below), idx, flat.index_select(0, idx)
+    return row_counts(below).long(), idx, flat.index_select(0, idx)
 
 
 def split_at_bracket(d: Tensor, lo_v: float, hi_v: float, below: Tensor) -> tuple[Tensor, Tensor, Tensor]:
