@@ -35,7 +35,7 @@ from torch import Tensor
 from ._checks import check_ndim, check_tensor, decide_sync_free
 from .dbscan import dbscan_by_search, dbscan_from_adjacency
 from .distance import squared_distances
-from .percentile import percentile_from_squared
+from .percentile import percentile_from_squared, radius_from_squared, with_floor
 from .screened import screened_neighbours
 
 BACKENDS = ("torch", "sklearn", "cuml")
@@ -209,15 +209,13 @@ def _cluster_float64_batch(feats: Tensor, sync_free: bool, alive: Tensor | None 
                            rule: EpsRule = SEED_RULE) -> ChannelClusters:
     C = feats.shape[1]
     d2 = squared_distances(feats, sync_free)  # (B, C, C) float64, exact V
-    # eps by the rule (the seed's: the percentile of the whole distance matrix) in the features' dtype.
-    eps = percentile_from_squared(d2, rule.q, feats.dtype, sync_free, alive, rule.diagonal)
-    if rule.floor:
-        eps = eps.clamp_min(rule.floor)
-        if alive is not None:  # as the CPU route: 0 where no channel is clustered
-            eps = torch.where(alive.any(dim=1), eps, torch.zeros_like(eps))
-    # scikit-learn compares float64 squared distances with eps**2 computed in the features' dtype.
-    threshold = (eps * eps).double()
-    adj = d2 <= threshold[:, None, None]  # V is exactly symmetric: so is adj
+    # eps by the rule (the seed's: the percentile of the whole distance matrix) in the features' dtype,
+    # and the exact radius: d <= eps exactly iff V <= reach (``percentile.Radius``).
+    eps, reach = with_floor(radius_from_squared(d2, rule.q, feats.dtype, sync_free, alive, rule.diagonal),
+                            rule.floor)
+    if rule.floor and alive is not None:  # as the CPU route: 0 where no channel is clustered
+        eps = torch.where(alive.any(dim=1), eps, torch.zeros_like(eps))
+    adj = d2 <= reach[:, None, None]  # V is exactly symmetric: so is adj
     del d2
     if alive is None:
         min_samples = seed_min_samples(C)

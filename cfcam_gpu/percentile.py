@@ -5,11 +5,23 @@ percentile over all C*C entries of a symmetric, zero-diagonal distance matrix; i
 strict upper triangle of the squared distances and only the two selected values are rooted. The
 published CF-CAM (``published.py``) takes it over the C*(C-1) off-diagonal entries instead
 (``diagonal=False``): the same order statistics, the ranks shifted past the C zeros (``matrix_rank``).
+
+The neighbour radius, exactly (``Radius.reach``). numpy's rule reads the order statistics a <= b at
+ranks lo and lo + 1 and returns eps = a + g (b - a) with 0 <= g < 1, so in exact arithmetic a <= eps < b
+when a < b, and eps = a when a = b. No distance lies strictly between a and b (they are consecutive in
+the sorted matrix), so ``d <= eps`` holds exactly for the distances d <= a and for no other: the
+eps-neighbours are the pairs with V <= V_lo, the squared distance at rank lo. That test involves no
+rounding at all (no square root, no rounded eps, no rounded eps**2), so a pair at distance exactly eps
+is always a neighbour; the returned eps (rounded to the features' dtype, as numpy computes it on the
+rounded distances) is a report of the radius, not what decides a pair. A floor f (``EpsRule.floor``)
+adds the pairs with d <= f: V <= the largest float64 at most f**2 (``floor_reach``).
 Shapes: B images (rows), M values per row, C channels.
 """
 from __future__ import annotations
 
 import math
+from fractions import Fraction
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -165,34 +177,65 @@ def _symmetric_order_stats(m: Tensor, lo: int, hi: int, sync_free: bool) -> tupl
     return a, (a if r_hi == r_lo else next_value(upper, a, r_lo))
 
 
-def percentile_from_squared(d2: Tensor, q: float, dtype: torch.dtype, sync_free: bool,
-                            alive: Tensor | None = None, diagonal: bool = True) -> Tensor:
-    """Percentile of the distance matrices sqrt(d2) rounded to ``dtype``, without forming them.
+class Radius(NamedTuple):
+    """DBSCAN's radius read off squared distances V (module notes). eps: (B,) the percentile of sqrt(V)
+    rounded to the features' dtype, as numpy computes it (what is reported); reach: (B,) float64, V at the
+    percentile's lower rank (at least ``floor_reach``): a pair is an eps-neighbour iff V <= reach."""
 
-    d2: (B, C, C) float64 squared distances -> (B,) in ``dtype``. Equals
-    ``percentile(d2.sqrt().to(dtype).flatten(1), q)``: rounding a square root is monotone, so the order
-    statistics are selected on d2 and only the two selected values are rooted and rounded. Only the upper
-    triangle (diagonal included) is read. ``alive`` (B, C) bool: the percentile of each image's
-    alive x alive block instead (0 where no channel is alive; see ``_masked_percentile``).
-    ``diagonal=False``: the percentile of the off-diagonal entries only (``matrix_rank``; 0 where there
-    are none).
+    eps: Tensor
+    reach: Tensor
+
+
+def floor_reach(floor: float, dtype: torch.dtype) -> float:
+    """The largest float64 t with t <= f**2 exactly, f = ``floor`` rounded to ``dtype``: V <= t iff
+    sqrt(V) <= f, for every float64 V. Host arithmetic on a constant (no tensor read)."""
+    f = float(torch.tensor(floor, dtype=torch.float64).to(dtype))
+    t = f * f
+    return t if Fraction(t) <= Fraction(f) ** 2 else math.nextafter(t, 0.0)
+
+
+def with_floor(radius: Radius, floor: float) -> Radius:
+    """The radius at least ``floor`` (in the features' units, rounded to eps's dtype): eps clamped, reach
+    raised to ``floor_reach``. No host read."""
+    if not floor:
+        return radius
+    return Radius(radius.eps.clamp_min(floor), radius.reach.clamp_min(floor_reach(floor, radius.eps.dtype)))
+
+
+def radius_from_squared(d2: Tensor, q: float, dtype: torch.dtype, sync_free: bool,
+                        alive: Tensor | None = None, diagonal: bool = True) -> Radius:
+    """eps and the exact neighbour radius of the distance matrices sqrt(d2), without forming them.
+
+    d2: (B, C, C) float64 squared distances -> Radius(eps (B,) in ``dtype``, reach (B,) float64). eps
+    equals ``percentile(d2.sqrt().to(dtype).flatten(1), q)``: rounding a square root is monotone, so the
+    order statistics are selected on d2 and only the two selected values are rooted and rounded; reach
+    is d2's order statistic at the lower rank (module notes). Only the upper triangle (diagonal
+    included) is read. ``alive`` (B, C) bool: of each image's alive x alive block instead (0 where no
+    channel is alive; see ``_masked_radius``). ``diagonal=False``: of the off-diagonal entries only
+    (``matrix_rank``; 0 where there are none).
     """
     if alive is not None:
-        return _masked_percentile(d2, alive, q, dtype, diagonal)
+        return _masked_radius(d2, alive, q, dtype, diagonal)
     lo, hi, g = matrix_rank(d2.shape[1], float(q), diagonal)
-    a, b = _symmetric_order_stats(d2, lo, hi, sync_free)
-    a, b = exact_sqrt(a).to(dtype), exact_sqrt(b).to(dtype)
-    return a if g == 0.0 else lerp(a, b, g)
+    a2, b2 = _symmetric_order_stats(d2, lo, hi, sync_free)
+    a, b = exact_sqrt(a2).to(dtype), exact_sqrt(b2).to(dtype)
+    return Radius(a if g == 0.0 else lerp(a, b, g), a2)
 
 
-def _masked_percentile(d2: Tensor, alive: Tensor, q: float, dtype: torch.dtype,
-                       diagonal: bool = True) -> Tensor:
+def percentile_from_squared(d2: Tensor, q: float, dtype: torch.dtype, sync_free: bool,
+                            alive: Tensor | None = None, diagonal: bool = True) -> Tensor:
+    """Percentile of the distance matrices sqrt(d2) rounded to ``dtype``: ``radius_from_squared(...).eps``.
+    d2: (B, C, C) float64 -> (B,) in ``dtype``."""
+    return radius_from_squared(d2, q, dtype, sync_free, alive, diagonal).eps
+
+
+def _masked_radius(d2: Tensor, alive: Tensor, q: float, dtype: torch.dtype, diagonal: bool = True) -> Radius:
     """Per image, numpy's linear percentile of sqrt(d2) (rounded to ``dtype``) over the n x n block of
-    the n alive channels (diagonal included), with static shapes: the other entries become +inf and sort
-    last, and the ranks are tensors. The block sorted is n zeros, then every value of its strict upper
-    triangle twice. d2: (B, C, C) float64; alive: (B, C) bool -> (B,), 0 where n = 0. One sort of the
-    upper triangle: for the sync-free route (accelerators). ``diagonal=False``: over the block's n(n-1)
-    off-diagonal entries (``matrix_rank``), 0 where n < 2."""
+    the n alive channels (diagonal included), and its reach (``Radius``), with static shapes: the other
+    entries become +inf and sort last, and the ranks are tensors. The block sorted is n zeros, then every
+    value of its strict upper triangle twice. d2: (B, C, C) float64; alive: (B, C) bool -> Radius((B,),
+    (B,)), 0 where n = 0. One sort of the upper triangle: for the sync-free route (accelerators).
+    ``diagonal=False``: over the block's n(n-1) off-diagonal entries (``matrix_rank``), 0 where n < 2."""
     inf = torch.full((), math.inf, dtype=d2.dtype, device=d2.device)
     pair = alive[:, :, None] & alive[:, None, :]
     values = upper_triangle(torch.where(pair, d2, inf)).sort(dim=1).values  # (B, C(C-1)/2)
@@ -207,12 +250,13 @@ def _masked_percentile(d2: Tensor, alive: Tensor, q: float, dtype: torch.dtype,
         offset = torch.where(n2 > 0, n, 0)
         lo, hi = lo + offset, hi + offset
 
-    def order_stat(rank: Tensor) -> Tensor:
+    def order_stat(rank: Tensor) -> Tensor:  # squared
         k = ((rank - n) // 2).clamp(0, max(values.shape[1] - 1, 0))
         v = values.gather(1, k[:, None])[:, 0] if values.shape[1] else torch.zeros_like(virtual)
-        return exact_sqrt(torch.where(rank < n, 0.0, v)).to(dtype)
+        return torch.where(rank < n, 0.0, v)
 
-    a, b = order_stat(lo), order_stat(hi)
+    a2 = order_stat(lo)
+    a, b = exact_sqrt(a2).to(dtype), exact_sqrt(order_stat(hi)).to(dtype)
     diff = b - a
     out = torch.where(g64 >= 0.5, b - diff * rest, a + diff * g)
-    return torch.where(n > 0, out, torch.zeros_like(out))
+    return Radius(torch.where(n > 0, out, torch.zeros_like(out)), torch.where(n > 0, a2, torch.zeros_like(a2)))

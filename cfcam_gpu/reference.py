@@ -3,9 +3,12 @@
 This is the oracle the tests compare the batched tensor path against; it is not meant to be fast.
 Needs the ``ref`` extra: scikit-learn and opencv-contrib-python-headless (``cv2.ximgproc``).
 Differences from the seed script, all deliberate and documented in the README:
-- the distance matrix is computed in float64 and rounded once to the features' dtype (the seed's
-  broadcast needs C*C*h*w floats and sums in float32);
-- DBSCAN runs with ``algorithm="brute"`` (what scikit-learn's "auto" picks for h*w > 15 anyway);
+- the distance matrix is computed in float64 (``scipy.spatial.distance.cdist`` of the features cast to
+  float64: no Gram matrix, so no cancellation between near-duplicate channels; the seed's broadcast
+  needs C*C*h*w floats and sums in float32); DBSCAN runs on it (``metric="precomputed"``) with eps =
+  ``numpy.percentile`` of it in float64, so a pair exactly at eps is a neighbour whatever the features'
+  dtype (scikit-learn on float32 features compares with eps**2 rounded to float32 and drops some of
+  them); the eps returned is the percentile of the distances rounded to the features' dtype;
 - eps = 0 (scikit-learn refuses it) means "neighbours = exact duplicates";
 - a constant cluster mean (OpenCV returns NaN for it) is returned unchanged.
 """
@@ -27,21 +30,31 @@ def _require(module: str):
 
 def cluster_reference(features: np.ndarray) -> tuple[np.ndarray, np.floating, int]:
     """features: (C, N) -> (labels (C,), eps, min_samples) with the seed's adaptive DBSCAN."""
-    from scipy.spatial.distance import cdist
-
-    cluster = _require("sklearn.cluster")
     C = features.shape[0]
     dtype = np.float64 if features.dtype == np.float64 else np.float32
-    feats = features.astype(dtype, copy=False)
-    dist = cdist(feats.astype(np.float64), feats.astype(np.float64)).astype(dtype)
-    eps = np.percentile(dist, 25)
+    dist = _distances(features.astype(dtype, copy=False))
     min_samples = max(2, int(0.05 * C))
+    labels = _dbscan(dist, np.percentile(dist, 25), min_samples)
+    return labels, np.percentile(dist.astype(dtype), 25), min_samples
+
+
+def _distances(feats: np.ndarray) -> np.ndarray:
+    """(C, N) -> (C, C) float64 Euclidean distances, ``cdist`` of the features cast to float64."""
+    from scipy.spatial.distance import cdist
+
+    f64 = feats.astype(np.float64)
+    return cdist(f64, f64)
+
+
+def _dbscan(dist: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
+    """scikit-learn's DBSCAN on a (C, C) float64 distance matrix -> labels (C,) int64; eps = 0 (which
+    scikit-learn refuses): neighbours = exact duplicates."""
+    cluster = _require("sklearn.cluster")
     if eps > 0:
-        labels = cluster.DBSCAN(eps=eps, min_samples=min_samples, algorithm="brute").fit(feats).labels_
-    else:  # neighbours = exact duplicates
-        labels = cluster.DBSCAN(eps=0.5, min_samples=min_samples, metric="precomputed").fit(
-            (dist != 0).astype(np.float64)).labels_
-    return labels.astype(np.int64), eps, min_samples
+        model = cluster.DBSCAN(eps=float(eps), min_samples=min_samples, metric="precomputed")
+        return model.fit(dist).labels_.astype(np.int64)
+    model = cluster.DBSCAN(eps=0.5, min_samples=min_samples, metric="precomputed")
+    return model.fit((dist != 0).astype(np.float64)).labels_.astype(np.int64)
 
 
 def guided_filter_reference(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -> np.ndarray:
@@ -96,9 +109,9 @@ def gradcam_reference(activation: np.ndarray, gradient: np.ndarray) -> np.ndarra
 
 # ----------------------------------------------------------------------------------------------------
 # CF-CAM as published (arXiv 2504.00060 v2 and the authors' cfcam.py), written from its description.
-# Deliberate differences from the authors' script, as for the seed: distances in float64 rounded once to
-# the features' dtype (theirs: a float32 broadcast), channel norms in float64, DBSCAN with
-# algorithm="brute", and a subset of fewer than two channels has eps = the floor (theirs: an error).
+# Deliberate differences from the authors' script, as for the seed: distances in float64 and DBSCAN on
+# them (theirs: a float32 broadcast), channel norms in float64, and a subset of fewer than two channels
+# has eps = the floor (theirs: an error).
 
 def subset_cluster_reference(features: np.ndarray, keep: np.ndarray, q: float = 25.0, diagonal: bool = True,
                              floor: float = 0.0) -> tuple[np.ndarray, np.floating]:
@@ -106,27 +119,17 @@ def subset_cluster_reference(features: np.ndarray, keep: np.ndarray, q: float = 
     int64, -1 = noise or not kept; eps: the q-th percentile of the kept channels' distance matrix (without
     its diagonal when ``diagonal`` is False; 0 if that leaves nothing), at least ``floor``; 0 when no
     channel is kept). min_samples = max(2, int(0.05 n)) for the n kept channels."""
-    from scipy.spatial.distance import cdist
-
-    cluster = _require("sklearn.cluster")
     dtype = np.float64 if features.dtype == np.float64 else np.float32
     labels = np.full(features.shape[0], -1, dtype=np.int64)
     idx = np.flatnonzero(keep)
     n = idx.size
     if n == 0:
         return labels, dtype(0)
-    sub = features[idx].astype(dtype, copy=False)
-    dist = cdist(sub.astype(np.float64), sub.astype(np.float64)).astype(dtype)
+    dist = _distances(features[idx].astype(dtype, copy=False))
     values = dist.ravel() if diagonal else dist[~np.eye(n, dtype=bool)]
-    eps = np.percentile(values, q) if values.size else dtype(0)
-    eps = dtype(max(eps, floor))
-    min_samples = max(2, int(0.05 * n))
-    if eps > 0:
-        sub_labels = cluster.DBSCAN(eps=eps, min_samples=min_samples, algorithm="brute").fit(sub).labels_
-    else:  # neighbours = exact duplicates (as cluster_reference)
-        sub_labels = cluster.DBSCAN(eps=0.5, min_samples=min_samples, metric="precomputed").fit(
-            (dist != 0).astype(np.float64)).labels_
-    labels[idx] = sub_labels
+    eps64 = max(np.percentile(values, q) if values.size else 0.0, float(dtype(floor)))
+    eps = dtype(max(np.percentile(values.astype(dtype), q) if values.size else dtype(0), floor))
+    labels[idx] = _dbscan(dist, eps64, max(2, int(0.05 * n)))
     return labels, eps
 
 

@@ -26,11 +26,13 @@ float32 one in arithmetic and in traffic. Here, per image:
    ``d~ + delta < L`` are below both, entries with ``d~ - delta > H`` above; V is computed for the rest
    (hundreds to a few thousand) and the two ranks read there. When lo_v <= L - Delta and H + Delta <=
    hi_v, the entries outside the bracket are decided too.
-4. Neighbours: every entry below lo_v is a neighbour (lo_v <= eps**2 - Delta) and every entry above
-   hi_v is not, so the mask of step 3 becomes the adjacency in place: the bracket's entries with
-   ``d~ <= eps**2`` are added, except those within delta of eps**2, which take ``V <= eps**2``; an entry
-   further away lies on the same side in V. When eps**2 +- Delta lies inside the bracket, those entries
-   are all among the extracted ones.
+4. Neighbours: a pair is a neighbour iff V <= reach, V's order statistic at the lower rank
+   (``percentile.Radius``: exactly ``d <= eps``, ties at eps included; at least the floor's reach).
+   Every entry below lo_v is a neighbour (lo_v <= reach - Delta) and every entry above hi_v is not, so
+   the mask of step 3 becomes the adjacency in place: the bracket's entries with ``d~ <= reach`` are
+   added, except those within delta of reach, which take ``V <= reach``; an entry further away lies on
+   the same side in V. When reach +- Delta lies inside the bracket, those entries are all among the
+   extracted ones (the reach of step 3 lies in [L, H], so it does; a floor's reach may not: decline).
 So eps and the neighbour relation are exactly those of V, for every image.
 
 The same screen in float64 (``precision=torch.float64``: float64 features, and float32 images the
@@ -57,7 +59,7 @@ from torch import Tensor
 
 from .dbscan import row_counts
 from .distance import exact_sqrt, sum_squared_differences
-from .percentile import lerp, matrix_rank, order_pair, sampled_bracket
+from .percentile import Radius, lerp, matrix_rank, order_pair, sampled_bracket, with_floor
 
 # Squared norms above this could overflow the screen's products: decline (the caller goes on).
 MAX_NORM = {torch.float32: 2.0**100, torch.float64: 2.0**1000}
@@ -81,16 +83,6 @@ def screening_bounds(norms: Tensor, i: Tensor, j: Tensor, N: int,
     if precision == torch.float64:
         return (norms[i] + norms[j]).mul_((8 * N + 16) * 2.0**-53).add_((8 * N + 16) * 2.0**-1070)
     return (norms[i] + norms[j]).mul_((N + 8) * 2.0**-22).add_((N + 2) * 2.0**-140)
-
-
-def screened_squared_distances(x: Tensor, norms: Tensor, out: Tensor | None = None) -> Tensor:
-    """d~ = n_i + n_j - 2 <x_i, x_j> in x's dtype, one matrix product with no pass to form it.
-
-    x: (C, N) float32 (or float64); norms: (C,) float64 -> (C, C) in x's dtype, written to ``out`` when
-    given (one buffer for all the images of a batch).
-    """
-    n32, ones = norms.to(x.dtype)[:, None], x.new_ones(x.shape[0], 1)
-    return torch.mm(torch.cat([x, n32, ones], dim=1), torch.cat([x * -2, ones, n32], dim=1).T, out=out)
 
 
 def exact_squared_distances(x64: Tensor, flat_idx: Tensor) -> Tensor:
@@ -255,10 +247,11 @@ def split_at_bracket(d: Tensor, lo_v: float, hi_v: float, below: Tensor) -> tupl
     return torch.from_numpy(counts.astype(np.int64)), torch.from_numpy(idx), torch.from_numpy(vals)
 
 
-def screened_percentile(sc: Screened, q: float, diagonal: bool = True) -> Tensor | None:
+def screened_percentile(sc: Screened, q: float, diagonal: bool = True) -> Radius | None:
     """Percentile stage: the q-th percentile (numpy's linear rule) of the C*C entries of sqrt(V) rounded
-    to the features' dtype, exactly (module notes, 3); ``diagonal=False``: of the off-diagonal entries
-    (``percentile.matrix_rank``). -> () in that dtype, or None (decline)."""
+    to the features' dtype, exactly, and the exact neighbour radius (module notes, 3);
+    ``diagonal=False``: of the off-diagonal entries (``percentile.matrix_rank``). -> Radius(eps () in that
+    dtype, reach () float64), or None (decline)."""
     lo, hi, g = matrix_rank(sc.x64.shape[0], q, diagonal)
     below, vals, Delta = sc.n_below, sc.vals, sc.Delta
     if not (below <= lo and hi < below + vals.numel()):
@@ -288,8 +281,8 @@ def screened_percentile(sc: Screened, q: float, diagonal: bool = True) -> Tensor
     b = a if hi == lo else exact.kthvalue(hi - below + 1).values
     if not (L <= a and b <= H):  # proven (module notes, 3); a cheap guard all the same
         return None
-    a, b = exact_sqrt(a).to(sc.dtype), exact_sqrt(b).to(sc.dtype)
-    return a if g == 0.0 else lerp(a, b, g)
+    eps_a, eps_b = exact_sqrt(a).to(sc.dtype), exact_sqrt(b).to(sc.dtype)
+    return Radius(eps_a if g == 0.0 else lerp(eps_a, eps_b, g), a)
 
 
 class Neighbours(NamedTuple):
@@ -301,11 +294,11 @@ class Neighbours(NamedTuple):
     counts: Tensor
 
 
-def screened_adjacency(sc: Screened, eps: Tensor) -> Neighbours | None:
-    """Neighbours stage: adj = V <= float64(eps * eps in the features' dtype), scikit-learn's comparison,
-    exactly (module notes, 4), made in place of ``sc.below`` (every entry below lo_v is a neighbour, every
-    entry above hi_v is not); the row counts come with it. None: decline."""
-    threshold = float(eps * eps)
+def screened_adjacency(sc: Screened, radius: Radius) -> Neighbours | None:
+    """Neighbours stage: adj = V <= radius.reach, exactly (module notes, 4), made in place of
+    ``sc.below`` (every entry below lo_v is a neighbour, every entry above hi_v is not); the row counts
+    come with it. None: decline."""
+    threshold = float(radius.reach)
     if not (sc.lo_v <= threshold - sc.Delta and threshold + sc.Delta <= sc.hi_v):
         return None
     C = sc.x64.shape[0]
@@ -322,7 +315,7 @@ def screened_adjacency(sc: Screened, eps: Tensor) -> Neighbours | None:
     diagonal = adj.diagonal()
     counts += (~diagonal).long()
     diagonal.fill_(True)
-    return Neighbours(eps, adj, counts)
+    return Neighbours(radius.eps, adj, counts)
 
 
 def screened_neighbours(x: Tensor, q: float, out: Tensor | None = None,
@@ -336,7 +329,5 @@ def screened_neighbours(x: Tensor, q: float, out: Tensor | None = None,
     precondition fails: the caller goes on (a float64 screen, then every pair exactly).
     """
     sc = screen(x, q, out, precision, diagonal, mask)
-    eps = None if sc is None else screened_percentile(sc, q, diagonal)
-    if eps is not None and floor:
-        eps = eps.clamp_min(floor)
-    return None if eps is None else screened_adjacency(sc, eps)
+    radius = None if sc is None else screened_percentile(sc, q, diagonal)
+    return None if radius is None else screened_adjacency(sc, with_floor(radius, floor))

@@ -236,3 +236,48 @@ def upsampled_rescaled(cams: torch.Tensor, size) -> np.ndarray:
     lo = maps.amin(dim=(1, 2), keepdim=True)
     span = maps.amax(dim=(1, 2), keepdim=True) - lo
     return ((maps - lo) / torch.where(span > 0, span, torch.ones_like(span))).numpy()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The exact eps-neighbour relation, written independently of the library. numpy's percentile reads the
+# order statistics a <= b at ranks lo, lo + 1 and returns a + g (b - a), 0 <= g < 1: no distance lies
+# strictly between a and b, so ``d <= eps`` holds exactly for the pairs with d <= a, i.e. V <= V[lo].
+
+def lower_rank(n: int, q: float = 25.0) -> int:
+    """numpy's linear rule: the 0-based lower rank of the q-th percentile of n values."""
+    return int(np.floor((n - 1) * (q / 100.0)))
+
+
+def brute_squared(x: np.ndarray) -> np.ndarray:
+    """(C, N) -> (C, C) float64 V = sum_k (x_ik - x_jk)**2, differences and squares in float64, the sum
+    over the last axis by torch (the summation the library promises)."""
+    x64 = torch.from_numpy(np.asarray(x, dtype=np.float64))
+    return ((x64[:, None, :] - x64[None, :, :]) ** 2).sum(dim=-1).numpy()
+
+
+def rank_neighbours(V: np.ndarray, q: float = 25.0) -> np.ndarray:
+    """(C, C) squared distances (any ordered type, float64 or Python ints) -> (C, C) bool: V <= its
+    order statistic at the percentile's lower rank over all C*C entries."""
+    flat = sorted(V.ravel().tolist())
+    return np.asarray(V <= flat[lower_rank(len(flat), q)], dtype=bool)
+
+
+def exact_integer_squared(x: np.ndarray) -> np.ndarray:
+    """(C, N) float32/float64 -> (C, C) object array of Python ints: the squared distances in exact
+    rational arithmetic, all scaled by one power of four (which leaves their order unchanged)."""
+    f = np.asarray(x, dtype=np.float64)
+    mant, expo = np.frexp(f)
+    ints, exps = (mant * 2.0**53).astype(np.int64), expo.astype(np.int64) - 53
+    base = int(exps[f != 0].min()) if (f != 0).any() else 0
+    X = np.empty(f.shape, dtype=object)
+    for idx, m in np.ndenumerate(ints):
+        X[idx] = int(m) << int(exps[idx] - base) if m else 0
+    return ((X[:, None, :] - X[None, :, :]) ** 2).sum(axis=-1)
+
+
+def dbscan_labels(neighbours: np.ndarray, min_samples: int) -> np.ndarray:
+    """scikit-learn's DBSCAN labels (its numbering) for a given (C, C) bool neighbour relation."""
+    from sklearn.cluster import DBSCAN
+
+    return DBSCAN(eps=0.5, min_samples=min_samples, metric="precomputed").fit(
+        np.where(neighbours, 0.0, 1.0)).labels_

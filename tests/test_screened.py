@@ -1,25 +1,25 @@
 """The CPU float32 route (``screened.py``): exact against brute-force float64 distances, the proven error
-bound, every fallback, and the same clusters as the float64 route and scikit-learn on real activations."""
+bound, every fallback, and the same clusters as the float64 route and as scikit-learn's DBSCAN on exact
+float64 distances (the reference path) on real activations."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from sklearn.cluster import DBSCAN
+from helpers import brute_squared, rank_neighbours
 
 from cfcam_gpu import cluster, screened
 from cfcam_gpu.cluster import channel_clusters, seed_min_samples
 from cfcam_gpu.dbscan import dbscan_from_adjacency
+from cfcam_gpu.reference import cluster_reference
 from cfcam_gpu.screened import (exact_squared_distances, screened_neighbours, screened_squared_distances,
                                 screening_bounds)
 
 
 def brute_force(x: torch.Tensor, q: float = 25.0) -> tuple[np.float32, np.ndarray]:
-    """eps and neighbours from V = sum_k (x_ik - x_jk)**2 in float64 for every pair (numpy only)."""
-    x64 = x.double().numpy()
-    V = np.stack([((x64 - row) ** 2).sum(axis=1) for row in x64])
-    eps = np.percentile(np.sqrt(V).astype(np.float32), q)
-    return eps, V <= np.float64(np.float32(eps) * np.float32(eps))
+    """eps and the exact neighbours (d <= eps, ties included) from V for every pair."""
+    V = brute_squared(x.numpy())
+    return np.percentile(np.sqrt(V).astype(np.float32), q), rank_neighbours(V, q)
 
 
 def check_exact(x: torch.Tensor) -> bool:
@@ -36,10 +36,10 @@ def check_exact(x: torch.Tensor) -> bool:
 
 
 def assert_sklearn_labels(x: torch.Tensor, eps: torch.Tensor, labels: torch.Tensor, min_samples: int):
-    """scikit-learn's DBSCAN on the float32 features gives our labels (it refuses eps = 0: skipped)."""
-    if float(eps) > 0:
-        ref = DBSCAN(eps=float(eps), min_samples=min_samples, algorithm="brute").fit(x.numpy()).labels_
-        assert np.array_equal(labels.numpy(), ref)
+    """scikit-learn's DBSCAN on exact float64 distances (the reference path) gives our eps and labels."""
+    ref_labels, ref_eps, ref_min_samples = cluster_reference(x.numpy())
+    assert float(eps) == ref_eps and min_samples == ref_min_samples
+    assert np.array_equal(labels.numpy(), ref_labels)
 
 
 def features_of(acts: torch.Tensor) -> torch.Tensor:
@@ -146,15 +146,14 @@ def test_declines_on_non_finite_or_huge_values(rng, value):
 @pytest.mark.parametrize("layer", ["layer3.-1", "layer4.-1"])
 def test_labels_equal_float64_route_and_sklearn(resnet50_features, layer):
     """End to end on real activations: the CPU float32 route gives the float64 route's eps and labels,
-    and scikit-learn's labels (brute force on the float32 features)."""
+    and scikit-learn's labels on exact float64 distances."""
     acts = resnet50_features[layer][0]
     ours = channel_clusters(acts)
     f64 = cluster._cluster_float64_batch(features_of(acts[:2]), False)  # exact V for every pair: slow
     assert torch.equal(ours.eps[:2], f64.eps) and torch.equal(ours.labels[:2], f64.labels)
-    feats = features_of(acts).numpy()
+    feats = features_of(acts)
     for b in range(2):
-        ref = DBSCAN(eps=float(ours.eps[b]), min_samples=ours.min_samples, algorithm="brute").fit(feats[b])
-        assert np.array_equal(ours.labels[b].numpy(), ref.labels_)
+        assert_sklearn_labels(feats[b], ours.eps[b], ours.labels[b], ours.min_samples)
 
 
 def test_dbscan_on_screened_adjacency_matches_dense(resnet50_features):
@@ -220,12 +219,11 @@ def test_float64_screen_exact_against_brute_force(seed):
     """Float64 features through the float64 screen: eps and neighbours of V exactly (or it declines)."""
     x = _random_case(seed).double() * (1 + 1e-9 * torch.from_numpy(np.random.default_rng(seed).standard_normal(1)))
     got = screened_neighbours(x, 25.0)
-    x64 = x.numpy()
-    V = ((torch.from_numpy(x64)[:, None] - torch.from_numpy(x64)[None]) ** 2).sum(-1).numpy()
+    V = brute_squared(x.numpy())
     eps = np.percentile(np.sqrt(V), 25)
     if got is not None:
         assert got[0].dtype == torch.float64 and got[0].item() == eps
-        assert np.array_equal(got[1].numpy(), V <= eps * eps)
+        assert np.array_equal(got[1].numpy(), rank_neighbours(V))
     ours = channel_clusters(x[None, :, :, None])
     assert ours.eps.item() == eps
 
