@@ -23,6 +23,7 @@ import math
 from fractions import Fraction
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -187,9 +188,9 @@ class Radius(NamedTuple):
 
 
 def floor_reach(floor: float, dtype: torch.dtype) -> float:
-    """The largest float64 t with t <= f**2 exactly, f = ``floor`` rounded to ``dtype``: V <= t iff
-    sqrt(V) <= f, for every float64 V. Host arithmetic on a constant (no tensor read)."""
-    f = float(torch.tensor(floor, dtype=torch.float64).to(dtype))
+    """The largest float64 t with t <= f**2 exactly, f = ``floor`` rounded to ``dtype`` (float32 or
+    float64): V <= t iff sqrt(V) <= f, for every float64 V. Host arithmetic on a constant (no tensor)."""
+    f = float(np.asarray(floor, dtype=np.float32 if dtype == torch.float32 else np.float64))
     t = f * f
     return t if Fraction(t) <= Fraction(f) ** 2 else math.nextafter(t, 0.0)
 

@@ -75,9 +75,31 @@ def test_cluster_channels_integer_valued_ties(device, dtype):
             else:  # see test_float64_sqrt_tie_at_eps: torch's CPU float64 sqrt may be 1 ulp off
                 assert abs(res.eps[b].item() - ref_eps) <= np.spacing(ref_eps)
             assert np.array_equal(res.labels[b].cpu().numpy(), ref_labels), (C, b)
-            if ref_eps > 0:
-                plain = DBSCAN(eps=ref_eps, min_samples=ref_ms).fit(F_).labels_
+            if ref_eps > 0:  # plain scikit-learn on the features in float64 (exact here: small integers)
+                F64 = F_.astype(np.float64)
+                eps64 = np.percentile(cdist(F64, F64), 25)
+                plain = DBSCAN(eps=eps64, min_samples=ref_ms, algorithm="brute").fit(F64).labels_
                 assert np.array_equal(res.labels[b].cpu().numpy(), plain), (C, b)
+
+
+def test_plain_sklearn_on_float32_features_drops_a_tie_at_eps(device):
+    """scikit-learn's ``DBSCAN(eps).fit(F)`` on float32 features compares with eps**2 rounded to float32,
+    which can fall below the squared distance of a pair at exactly eps. Ten constant channels: channel 9
+    is exactly eps from channels 0, 1 and 6; we (and the exact relation) make it a neighbour, plain
+    scikit-learn on the float32 features does not. A deliberate difference (README, Numerical guarantees)."""
+    v = [0.0, -0.0, -0.7808110117912292, 0.18614567816257477, -0.9464244246482849, 1.7024022340774536,
+         0.0, 0.21985125541687012, 0.10474739968776703, 0.07653622329235077]
+    F_ = np.repeat(np.asarray(v, dtype=np.float32)[:, None], 36, axis=1)
+    D = cdist(F_.astype(np.float64), F_.astype(np.float64))
+    eps = np.percentile(D, 25)
+    assert D[9, 0] == eps  # the tie: exactly at eps
+    res = channel_clusters(torch.from_numpy(F_).reshape(1, 10, 4, 9).to(device))
+    assert res.labels[0].tolist() == [0, 0, -1, 1, -1, -1, 0, 1, 0, 0]
+    assert res.eps[0].item() == np.float32(eps)
+    plain32 = DBSCAN(eps=float(res.eps[0]), min_samples=res.min_samples).fit(F_).labels_
+    assert plain32.tolist() == [0, 0, -1, 1, -1, -1, 0, 1, 2, 2]
+    exact = DBSCAN(eps=eps, min_samples=res.min_samples, metric="precomputed").fit(D).labels_
+    assert exact.tolist() == res.labels[0].tolist()
 
 
 def test_float64_sqrt_tie_at_eps(device):

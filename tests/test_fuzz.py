@@ -1,15 +1,22 @@
-"""Seeded fuzz of the numerics: every clustering route against each other and against an exact float64
-oracle written here, and finite CAMs at every scale.
+"""Seeded fuzz of the numerics: every clustering route against each other and against exact oracles
+written here, and finite CAMs at every scale.
 
 Routes: the CPU route (float32 screen; ``channel_clusters`` on CPU float32 features), the float64
-all-pairs route (what an image both screens decline gets), the sync-free
-route (``sync_free=True``, what accelerators run), and float64 features (the CPU's float64 screen).
-The oracle: V = brute-force sum of (x_i - x_j)**2 in float64 (torch's sum over the last dimension, the
-sum the library promises), eps = numpy's percentile of sqrt(V) rounded to the features' dtype, and
-scikit-learn's DBSCAN (metric="precomputed") on the neighbour relation V <= eps**2 (eps squared in the
-features' dtype, as scikit-learn compares for float data).
-Cases: ties at eps (integer grids), dead and duplicate channels, -0.0, near-duplicate channels (1e-7
-noise on a few prototypes), scales 1e-20..1e20, C 1..512, 21 map shapes, float32 and float64.
+all-pairs route (what an image both screens decline gets), the sync-free route (``sync_free=True``,
+what accelerators run), and float64 features (the CPU's float64 screen).
+The neighbour relation is ``d <= eps`` exactly: numpy's percentile is a + g (b - a) with 0 <= g < 1
+between consecutive order statistics a <= b, so the eps-neighbours are the pairs with V <= V[lo], the
+squared distance at the lower rank (``helpers.rank_neighbours``), ties at eps included.
+Oracles: (1) general cases: V = brute-force float64 sum of (x_i - x_j)**2 (the sum the library
+promises), eps = numpy's percentile of sqrt(V) rounded to the features' dtype, scikit-learn's DBSCAN
+(metric="precomputed") on the rank relation; (2) tie cases: the same relation on the squared distances
+in exact integer arithmetic (``helpers.exact_integer_squared``), and scipy's cdist + numpy's percentile
++ scikit-learn's DBSCAN on the precomputed float64 distances (``reference.cluster_reference``).
+Cases: (1) dead and duplicate channels, -0.0, near-duplicate channels (1e-7 noise on a few
+prototypes), channels at very different scales, scales 1e-20..1e20, C 1..512, 21 map shapes;
+(2) ties at eps: constant maps with duplicated values and signed zeros (the kind of a float32 tie that
+rounding eps**2 to float32 drops), integer lattices with duplicated rows, odd C (the percentile lands
+on an order statistic: eps equals a distance exactly), scaled by 2**-90..2**90; float32 and float64.
 """
 from __future__ import annotations
 
@@ -18,11 +25,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.cluster import DBSCAN
 
 from cfcam_gpu import cluster
 from cfcam_gpu.cam import cfcam_from_features
 from cfcam_gpu.cluster import channel_clusters, seed_min_samples
+from cfcam_gpu.reference import cluster_reference
+
+from helpers import brute_squared, dbscan_labels, exact_integer_squared, rank_neighbours
 
 SHAPES = [(1, 1), (1, 2), (2, 1), (2, 2), (1, 7), (7, 1), (3, 3), (2, 5), (4, 4), (3, 6), (5, 5), (4, 7),
           (6, 6), (7, 7), (3, 11), (8, 8), (9, 9), (10, 10), (6, 14), (12, 12), (14, 14)]
@@ -31,21 +40,22 @@ CASES = 240
 
 
 def oracle(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """Exact eps and labels for one image's features x (C, N) float32 or float64."""
-    C = x.shape[0]
-    x64 = x.double()
-    V = ((x64[:, None, :] - x64[None, :, :]) ** 2).sum(dim=-1).numpy()  # brute force, every pair
+    """eps and labels for one image's features x (C, N) float32 or float64: the rank relation on the
+    brute-force float64 V, scikit-learn's DBSCAN labels (also for eps = 0, which scikit-learn refuses:
+    the neighbours are then the exact duplicates)."""
+    V = brute_squared(x.numpy())
     dtype = np.float64 if x.dtype == torch.float64 else np.float32
     eps = np.percentile(np.sqrt(V).astype(dtype), 25)
-    # eps**2 rounded to the features' precision (as scikit-learn squares it), without float32's
-    # exponent limits (the library scales out of range features by powers of two, which is exact).
-    threshold = round_to_precision(float(eps) * float(eps), 24) if dtype == np.float32 else eps * eps
-    neighbours = V <= threshold
-    # scikit-learn's own DBSCAN on that relation (distance 0 = neighbour, 1 = not); also for eps = 0,
-    # which scikit-learn refuses, where the neighbours are the exact duplicates.
-    labels = DBSCAN(eps=0.5, min_samples=seed_min_samples(C), metric="precomputed").fit(
-        np.where(neighbours, 0.0, 1.0)).labels_
-    return torch.tensor(eps, dtype=x.dtype), labels
+    return torch.tensor(eps, dtype=x.dtype), dbscan_labels(rank_neighbours(V), seed_min_samples(x.shape[0]))
+
+
+def rounded_square_labels(x: torch.Tensor) -> np.ndarray:
+    """The labels of the relation the float32 routes once used: V <= eps**2 with eps**2 rounded to the
+    features' precision (scikit-learn's comparison for float features). Drops some pairs at exactly eps."""
+    V = brute_squared(x.numpy())
+    eps = float(oracle(x)[0])
+    threshold = round_to_precision(eps * eps, 24) if x.dtype == torch.float32 else eps * eps
+    return dbscan_labels(V <= threshold, seed_min_samples(x.shape[0]))
 
 
 def round_to_precision(v: float, bits: int) -> float:
@@ -141,3 +151,86 @@ def test_huge_and_tiny_scales_keep_labels(dtype, exponent):
             assert torch.equal(res.labels, base.labels), (e, sync_free)
             assert res.eps.item() == base.eps.item() * s, (e, sync_free)
             torch.testing.assert_close(res.cams, base.cams, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ties at eps, against the relation in exact integer arithmetic.
+
+TIE_KINDS = ("constant_maps", "lattice", "signed_zeros", "on_order_statistic")
+TIE_CASES = 200
+
+
+def make_tie_case(seed: int) -> torch.Tensor:
+    """Seeded features (1, C, h, w) with many distances exactly equal to eps, float32 or float64, scaled
+    by a power of two in 2**-90..2**90 (exact: the order of the distances is unchanged)."""
+    g = np.random.default_rng(7000 + seed)
+    kind = TIE_KINDS[seed % len(TIE_KINDS)]
+    C = int(g.choice([2, 3, 4, 6, 8, 10, 12, 16, 24, 40]))
+    if kind == "on_order_statistic":  # odd C: (C*C - 1) / 4 is whole, the percentile is a distance
+        C = int(g.choice([3, 5, 7, 9, 11, 13, 17, 25, 33, 41]))
+    h, w = SHAPES[int(g.integers(0, 14))]
+    N = h * w
+    if kind == "constant_maps":  # as the reproducer: one float32 value per channel, duplicates, +-0
+        v = g.standard_normal(C).astype(np.float32).astype(np.float64)
+        v[g.random(C) < 0.3] = 0.0
+        copies = g.random(C) < 0.4
+        v[copies] = v[g.integers(0, C, size=int(copies.sum()))]
+        v[(v == 0) & (g.random(C) < 0.5)] = -0.0
+        x = np.repeat(v[:, None], N, axis=1)
+    else:
+        x = g.integers(-2, 3, size=(C, N)).astype(np.float64)
+        if kind == "signed_zeros":
+            x[g.random((C, N)) < 0.6] = 0.0
+            x[(x == 0) & (g.random((C, N)) < 0.5)] = -0.0
+        copies = g.random(C) < 0.3
+        x[copies] = x[g.integers(0, C, size=int(copies.sum()))]
+    x = x * 2.0 ** int(g.integers(-90, 91))
+    dtype = torch.float64 if seed % 3 == 2 else torch.float32
+    return torch.from_numpy(x).to(dtype).reshape(1, C, h, w)
+
+
+def exact_oracle(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """eps (numpy's percentile of the rounded distances) and the labels of ``d <= eps`` decided on the
+    squared distances in exact integer arithmetic, for features x (C, N)."""
+    eps, _ = oracle(x)
+    return eps, dbscan_labels(rank_neighbours(exact_integer_squared(x.numpy())), seed_min_samples(x.shape[0]))
+
+
+def test_the_reported_float32_tie(monkeypatch):
+    """Ten constant float32 channels; channel 9 is exactly eps from channels 0, 1 and 6 (0.0, -0.0,
+    0.0), so it is their neighbour on every route, as in exact arithmetic and as scipy's cdist +
+    numpy's percentile + scikit-learn's DBSCAN on the precomputed distances decide."""
+    v = [0.0, -0.0, -0.7808110117912292, 0.18614567816257477, -0.9464244246482849, 1.7024022340774536,
+         0.0, 0.21985125541687012, 0.10474739968776703, 0.07653622329235077]
+    acts = torch.tensor(v)[:, None, None].expand(10, 4, 9)[None].contiguous()
+    expected = [0, 0, -1, 1, -1, -1, 0, 1, 0, 0]
+    assert exact_oracle(acts.flatten(2)[0])[1].tolist() == expected
+    assert cluster_reference(acts.flatten(2)[0].numpy())[0].tolist() == expected
+    assert rounded_square_labels(acts.flatten(2)[0]).tolist() != expected  # what float32 eps**2 gives
+    for route, got in [("CPU", channel_clusters(acts)), ("sync-free", channel_clusters(acts, sync_free=True)),
+                       ("all-pairs", all_pairs_route(acts, monkeypatch)),
+                       ("float64", channel_clusters(acts.double()))]:
+        assert got.labels[0].tolist() == expected, route
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_ties_at_eps_equal_the_exact_relation_on_every_route(chunk, monkeypatch):
+    """Every route's labels equal the exact relation's, and so do the reference path's; the generator
+    produces cases where rounding eps**2 to the features' precision gives other labels (the regression
+    these cases are here to catch)."""
+    caught = 0
+    for seed in range(chunk, TIE_CASES, 2):
+        acts = make_tie_case(seed)
+        feats = acts.flatten(2)[0]
+        eps, labels = exact_oracle(feats)
+        ctx = f"tie seed {seed}, C {acts.shape[1]}, map {tuple(acts.shape[2:])}, {acts.dtype}"
+        assert np.array_equal(cluster_reference(feats.numpy())[0], labels), f"reference path ({ctx})"
+        assert_same(channel_clusters(acts), eps, labels, f"CPU route ({ctx})")
+        assert_same(channel_clusters(acts, sync_free=True), eps, labels, f"sync-free route ({ctx})")
+        assert_same(all_pairs_route(acts, monkeypatch), eps, labels, f"all-pairs route ({ctx})")
+        if acts.dtype == torch.float32:
+            eps64, labels64 = exact_oracle(feats.double())
+            assert np.array_equal(labels64, labels)  # the same channels: the same exact relation
+            assert_same(channel_clusters(acts.double()), eps64, labels64, f"float64 features ({ctx})")
+        caught += not np.array_equal(rounded_square_labels(feats), labels)
+    assert caught >= 3, caught

@@ -1,7 +1,10 @@
 """Real activations: ResNet50 (random weights, seed 0) and pretrained EfficientNet-Lite0 on bundled photos.
 
-Partitions identical to the reference path and to plain ``DBSCAN(eps, min_samples).fit(F)`` on the float32
-features; CAMs within 1e-3 of ``cfcam_reference``; the eps == 0 case that real photos produce.
+Partitions identical to the reference path (scipy's cdist, numpy's percentile, scikit-learn's DBSCAN on
+the precomputed float64 distances) and to the exact relation ``d <= eps`` on the brute-force float64
+squared distances; CAMs within 1e-3 of ``cfcam_reference``; the eps == 0 case that real photos produce.
+(Plain ``DBSCAN(eps).fit(F)`` on the float32 features differs on some of these layers: it compares with
+eps**2 rounded to float32 and drops pairs at exactly eps; see test_cluster.)
 Features are captured once per session in conftest (our own hooks + autograd.grad of the top-1 logit).
 """
 from __future__ import annotations
@@ -15,14 +18,14 @@ from sklearn.cluster import DBSCAN
 from cfcam_gpu import CFCAM, GradCAM, cfcam_from_features, gradcam_from_features
 import cfcam_gpu.reference as reference_module
 from cfcam_gpu.reference import gradcam_reference
+from helpers import brute_squared, dbscan_labels, rank_neighbours
 
 
 pytestmark = pytest.mark.slow
 
 
-def _check_against_reference(acts: torch.Tensor, grads: torch.Tensor, device, cfcam_reference,
-                             plain_sklearn=True):
-    """One batched call vs per-image reference (and plain scikit-learn where eps > 0). Returns the result.
+def _check_against_reference(acts: torch.Tensor, grads: torch.Tensor, device, cfcam_reference):
+    """One batched call vs per-image reference and the exact rank relation. Returns the result.
 
     ``cfcam_reference``: the reference function (the ``guarded_reference`` fixture, see conftest)."""
     res = cfcam_from_features(acts.to(device), grads.to(device))
@@ -43,10 +46,8 @@ def _check_against_reference(acts: torch.Tensor, grads: torch.Tensor, device, cf
         w_ref = ref.weights
         w_err = np.abs(res.weights[b].cpu().numpy() - w_ref).max()
         assert w_err <= 1e-3 * max(np.abs(w_ref).max(), 1e-30), (name, w_err, np.abs(w_ref).max())
-        if plain_sklearn and ref.eps > 0:
-            F_ = a[b].reshape(C, h * w)  # float32, h*w > 15: scikit-learn's brute-force path
-            plain = DBSCAN(eps=ref.eps, min_samples=ref.min_samples).fit(F_).labels_
-            assert np.array_equal(labels, plain), (name, np.flatnonzero(labels != plain)[:10])
+        exact = dbscan_labels(rank_neighbours(brute_squared(a[b].reshape(C, h * w))), ref.min_samples)
+        assert np.array_equal(labels, exact), (name, np.flatnonzero(labels != exact)[:10])
     return res
 
 
