@@ -11,8 +11,8 @@ features):
 elsewhere (accelerators: the sync-free all-pairs route):
 
   distances       cfcam_gpu.distance.squared_distances (exact V for every pair, float64)
-  percentile      cfcam_gpu.percentile.percentile_from_squared(d2, 25, dtype)
-  dbscan          threshold (eps**2 in the features' dtype vs float64 d2), dbscan.dbscan_from_adjacency
+  percentile      cfcam_gpu.percentile.radius_from_squared(d2, 25, dtype): eps and the exact reach
+  dbscan          the exact relation d2 <= reach, dbscan.dbscan_from_adjacency
 
 then, on both:
 
@@ -62,7 +62,7 @@ def stage_functions(acts: Tensor, grads: Tensor) -> list[tuple[str, Callable[[di
     from cfcam_gpu.dbscan import dbscan_by_search, dbscan_from_adjacency
     from cfcam_gpu import distance as dist_mod
     from cfcam_gpu._checks import decide_sync_free
-    from cfcam_gpu.percentile import percentile_from_squared
+    from cfcam_gpu.percentile import radius_from_squared
 
     feats = acts.flatten(2)
     feats = feats if feats.dtype == torch.float64 else feats.float()
@@ -88,11 +88,10 @@ def stage_functions(acts: Tensor, grads: Tensor) -> list[tuple[str, Callable[[di
             s["d2"] = dist_mod.squared_distances(feats, sync_free)
 
         def percentile(s):
-            s["eps"] = percentile_from_squared(s["d2"], q, feats.dtype, sync_free)
+            s["eps"] = radius_from_squared(s["d2"], q, feats.dtype, sync_free)
 
         def dbscan(s):
-            threshold = (s["eps"] * s["eps"]).double()
-            adj = s["d2"] <= threshold[:, None, None]
+            adj = s["d2"] <= s["eps"].reach[:, None, None]
             s["labels"] = dbscan_from_adjacency(adj, min_samples, sync_free)
 
     def weights(s):
@@ -111,7 +110,7 @@ def stage_variant(acts: Tensor) -> str:
     if cluster_mod.screened_route(acts.flatten(2), acts.device.type != "cpu"):
         return "screened.screen | screened_percentile | screened_adjacency+dbscan_by_search | " \
                "cluster_weights | weighted_cam (CPU screened route, image by image)"
-    return "squared_distances (exact, all pairs) | percentile_from_squared | threshold+dbscan_from_adjacency | " \
+    return "squared_distances (exact, all pairs) | radius_from_squared | V <= reach + dbscan_from_adjacency | " \
            "cluster_weights | weighted_cam"
 
 

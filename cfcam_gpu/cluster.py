@@ -17,8 +17,9 @@ labels. Routes of the torch backend, chosen in ``_cluster_torch`` only:
   breadth-first search on the screened neighbours (``dbscan.dbscan_by_search``).
 Features whose largest magnitude lies outside [2**-32, 2**32] (float32) or [2**-400, 2**400] (float64)
 are first scaled by a power of two per image (exact; eps scaled back): V neither overflows nor
-underflows, and eps**2 (in the features' dtype) neither overflows to inf (every channel a neighbour) nor
-underflows to 0 (only duplicates neighbours). Inside those ranges nothing is scaled.
+underflows, and the float32 screen's products stay in range. Inside those ranges nothing is scaled.
+A pair is an eps-neighbour iff V <= reach, V's order statistic at the percentile's lower rank: exactly
+``d <= eps``, ties at eps included, with no rounded eps or eps**2 involved (``percentile.Radius``).
 ``exclude_dead`` leaves all-zero channels out (label -1): on the CPU each image's alive channels go
 through the routes above; the sync-free route masks them with static shapes. Both give the clustering of
 the alive channels alone. The published CF-CAM (``published.py``) clusters a subset the same way
@@ -100,7 +101,7 @@ ACCELERATOR_GROUP_BYTES = 2**30
 
 # Features whose largest magnitude lies outside [2**-e, 2**e], e = SCALE_EXPONENT[dtype], are scaled by
 # a power of two first (module notes); MIN_SCALE_EXPONENT: the largest scaling up (2**100 and 2**1000 are
-# in range). float32: eps <= 2**33 sqrt(N) then, so eps**2 stays finite in float32.
+# in range). float32: eps <= 2**33 sqrt(N) then.
 SCALE_EXPONENT = {torch.float32: 32, torch.float64: 400}
 MIN_SCALE_EXPONENT = {torch.float32: -100, torch.float64: -1000}
 
