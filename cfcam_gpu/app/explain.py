@@ -10,6 +10,7 @@ Under ``torchrun`` each rank explains a ``distributed.shard`` of the pending inp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -195,6 +196,7 @@ class Job:
     layer: str = ""
     reshape: object = None  # the layer's reshape_transform (transformer tokens) or None
     started: float = 0.0
+    held: contextlib.ExitStack = None  # rank 0: DIR's lock (outputs.output_lock), held to the end of the run
 
     @property
     def keys(self) -> list[str]:
@@ -208,6 +210,12 @@ class Job:
 
 def _run(args: argparse.Namespace, ctx: distributed.Context) -> int:
     job = _check(args, ctx)
+    with contextlib.ExitStack() as job.held:
+        return _run_locked(job)
+
+
+def _run_locked(job: Job) -> int:
+    args, ctx = job.args, job.ctx
     pending_all, n_skipped = _prepare_output(job)
     pending = distributed.shard(pending_all, ctx.rank, ctx.world_size)  # this rank's share of the work
     quiet = args.quiet or not ctx.is_main
@@ -263,6 +271,7 @@ def _prepare_output(job: Job) -> tuple[list[int], int]:
     outcome: tuple[str, int] | list[int] | None = None
     if job.ctx.is_main:
         try:
+            job.held.enter_context(outputs.output_lock(job.out))
             kept = outputs.prepare_output(job.out, job.args.resume, job.args.overwrite, job.config,
                                           order=job.keys)
         except CLIError as error:
