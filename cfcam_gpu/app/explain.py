@@ -302,7 +302,7 @@ def _explain(job: Job, pending: list[int], quiet: bool) -> tuple[int, int]:
                                info.input_size, info.mean, info.std, keep_original=True)
     else:
         dataset = ImageFolderDataset([Path(job.items[i].key) for i in pending], **info.preprocess,
-                                     keep_original=True)  # overlays at each image's own size
+                                     keep_original=True, max_pixels=args.max_pixels)  # overlays at each image's own size
     progress = tqdm(total=len(pending), file=sys.stderr, unit="img", dynamic_ncols=True,
                     desc=f"rank 0 of {ctx.world_size}" if ctx.distributed else None,
                     disable=quiet or not sys.stderr.isatty())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .data import IMAGE_EXTENSIONS
+from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 
 PROG = "cfcam"
 PATH_HELP = (f"image files, folders or .txt lists of paths; folders are searched recursively for "
@@ -217,6 +217,18 @@ def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int = 16) ->
     default_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
     group.add_argument("--workers", type=int, default=default_workers, metavar="N",
                        help=f"DataLoader worker processes decoding images (default {default_workers})")
+    add_max_pixels_argument(group)
+
+
+def add_max_pixels_argument(group) -> None:
+    group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                       help="refuse image files whose header claims more than N pixels (width x height), "
+                            f"with an error row (default {DEFAULT_MAX_PIXELS})")
+
+
+def check_max_pixels(args: argparse.Namespace) -> None:
+    if args.max_pixels < 1:
+        raise CLIError(f"--max-pixels: expected a positive int, got {args.max_pixels}")
 
 
 def check_data_arguments(args: argparse.Namespace) -> None:
@@ -224,6 +236,7 @@ def check_data_arguments(args: argparse.Namespace) -> None:
         raise CLIError(f"--batch-size: expected a positive int, got {args.batch_size}")
     if args.workers < 0:
         raise CLIError(f"--workers: expected an int >= 0, got {args.workers}")
+    check_max_pixels(args)
 
 
 def make_loader(dataset, batch_size: int, workers: int, device: torch.device):
