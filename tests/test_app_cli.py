@@ -165,7 +165,7 @@ def test_duplicate_stems_get_a_deterministic_hash(tmp_path, photos):
     write_png(tmp_path / "data" / "coffee.png", photos["coffee"])
     out = tmp_path / "out"
     assert main(["explain", str(tmp_path / "data"), "--out", str(out), *FAST]) == 0
-    rows = {Path(r["path"]).relative_to(tmp_path / "data").as_posix(): r for r in manifest(out)}
+    rows = {r["path"]: r for r in manifest(out)}  # relative to the input folder
     sha = {rel: hashlib.sha1(rel.encode()).hexdigest()[:8] for rel in ("a/cat.png", "b/Cat.png")}
     assert rows["a/cat.png"]["files"]["overlay"] == f"cat_{sha['a/cat.png']}_cfcam.png"
     assert rows["b/Cat.png"]["files"]["overlay"] == f"Cat_{sha['b/Cat.png']}_cfcam.png"

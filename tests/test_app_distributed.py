@@ -210,9 +210,8 @@ def test_torchrun_two_processes_match_one_process(data, reference):
     assert summary["n_ok"] == 6 and summary["n_failed"] == 1  # summed over the ranks
     assert proc.stderr.count("2 processes") == 1  # one start line, from rank 0
     assert_same_run(out, reference)
-    assert [Path(r["path"]).relative_to(data / "data").as_posix() for r in manifest(out)] == sorted(
-        [*IMAGES, BROKEN])
-    cats = {r["files"]["cam"] for r in manifest(out) if r["status"] == "ok" and "/cat.png" in r["path"]}
+    assert [r["path"] for r in manifest(out)] == sorted([*IMAGES, BROKEN])  # relative to the input folder
+    cats = {r["files"]["cam"] for r in manifest(out) if r["status"] == "ok" and r["path"].endswith("/cat.png")}
     assert len(cats) == 2 and all(name.startswith("cat_") for name in cats)  # a/cat.png, b/cat.png: hashed
 
 

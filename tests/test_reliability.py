@@ -261,6 +261,7 @@ def test_input_keys_unit(tmp_path):
     from cfcam_gpu.app.explain import input_keys
 
     a, b = tmp_path / "data" / "a.png", tmp_path / "data" / "x" / "b.png"
+    b.parent.mkdir(parents=True)
     assert input_keys([tmp_path / "data"], [a, b]) == ["a.png", "x/b.png"]
     assert input_keys([b], [b]) == ["b.png"]
     assert input_keys([a, b], [a, b]) == ["a.png", "x/b.png"]

@@ -99,9 +99,29 @@ def parse_target(spec: str) -> int | None:
 
 @dataclass
 class Item:
-    key: str  # manifest path: absolute file path, or "bundled:NAME"
+    key: str  # manifest path: relative to the input folder (input_keys), or "bundled:NAME"
     stem: str
     name: str = ""  # output name (outputs.output_names)
+    file: Path | None = None  # the image file (None for a bundled photo)
+
+    @property
+    def shown(self) -> str:
+        """How messages name the input: the file relative to the working folder, or the key."""
+        return self.key if self.file is None else _short(str(self.file))
+
+
+def input_keys(arguments, files) -> list[str]:
+    """The manifest path of each input file: relative (POSIX form) to the input folder, i.e. the deepest
+    folder holding every PATH (a folder PATH itself, a file's or a .txt list's folder) and every file, so
+    that the manifest stays valid when the input folder moves. Absolute paths where there is no common
+    folder (files on several Windows drives)."""
+    bases = [os.path.abspath(a) if os.path.isdir(a) else os.path.dirname(os.path.abspath(a)) for a in arguments]
+    absolute = [os.path.abspath(f) for f in files]
+    try:
+        root = os.path.commonpath(bases + [os.path.dirname(f) for f in absolute])
+    except ValueError:
+        return absolute
+    return [Path(os.path.relpath(f, root)).as_posix() for f in absolute]
 
 
 def collect_inputs(args: argparse.Namespace) -> tuple[list[Item], list[np.ndarray] | None]:
@@ -119,7 +139,8 @@ def collect_inputs(args: argparse.Namespace) -> tuple[list[Item], list[np.ndarra
     else:
         if not args.paths:
             raise CLIError("no input: give image files, folders or .txt lists, or --demo")
-        items = [Item(os.path.abspath(p), p.stem) for p in input_paths(args.paths)]
+        files = input_paths(args.paths)
+        items = [Item(key, p.stem, file=p) for key, p in zip(input_keys(args.paths, files), files)]
         arrays = None
     for item, name in zip(items, outputs.output_names([i.key for i in items], [i.stem for i in items])):
         item.name = name
@@ -206,6 +227,11 @@ class Job:
     def place(self) -> dict[str, int]:
         """Input key -> its place in the input order (manifest rows follow it)."""
         return {item.key: i for i, item in enumerate(self.items)}
+
+    @functools.cached_property
+    def key_of_file(self) -> dict[str, str]:
+        """str(file) -> the input's key (the dataset reports failures by file)."""
+        return {str(item.file): item.key for item in self.items if item.file is not None}
 
 
 def _run(args: argparse.Namespace, ctx: distributed.Context) -> int:
@@ -301,7 +327,7 @@ def _explain(job: Job, pending: list[int], quiet: bool) -> tuple[int, int]:
         dataset = ArrayDataset([job.items[i].key for i in pending], [job.arrays[i] for i in pending],
                                info.input_size, info.mean, info.std, keep_original=True)
     else:
-        dataset = ImageFolderDataset([Path(job.items[i].key) for i in pending], **info.preprocess,
+        dataset = ImageFolderDataset([job.items[i].file for i in pending], **info.preprocess,
                                      keep_original=True, max_pixels=args.max_pixels)  # overlays at each image's own size
     progress = tqdm(total=len(pending), file=sys.stderr, unit="img", dynamic_ncols=True,
                     desc=f"rank 0 of {ctx.world_size}" if ctx.distributed else None,
@@ -331,10 +357,8 @@ def _explain(job: Job, pending: list[int], quiet: bool) -> tuple[int, int]:
 def _finish(job: Job, n_ok: int, n_failed: int, n_skipped: int, seconds: float, processes: str) -> int:
     """Rank 0: one manifest in input order, the contact sheet, the summary -> the exit code."""
     args, out, layer = job.args, job.out, job.layer
-    if job.ctx.distributed:  # one manifest.jsonl, in input order, as one process writes it
-        rows = {row["path"]: row for row in outputs.merge_manifests(out, order=job.keys)}
-    else:
-        rows = {row["path"]: row for row in outputs.read_manifest(out / outputs.MANIFEST)}
+    # one manifest.jsonl in input order (a resumed run appended its rows; torchrun: one file per rank)
+    rows = {row["path"]: row for row in outputs.merge_manifests(out, order=job.keys)}
     ok_rows = [rows[key] for key in job.keys if key in rows and rows[key].get("status") == "ok"]
     sheet_rows = ok_rows[:SHEET_MAX_TILES]
     n_blank = sum(bool(row.get("blank")) for row in ok_rows)
@@ -368,7 +392,8 @@ def _finish(job: Job, n_ok: int, n_failed: int, n_skipped: int, seconds: float, 
 
 def _explain_batch(job: Job, engine, batch, pending: list[int]):
     """One data.Batch -> (manifest rows, [(path, array) to write])."""
-    rows = [{"path": str(path), "status": "error", "error": message} for path, message in batch.failures]
+    rows = [{"path": job.key_of_file.get(str(path), str(path)), "status": "error", "error": message}
+            for path, message in batch.failures]
     for path, message in batch.failures:
         _warn(f"skipped {_short(str(path))}: {message}")
     files: list[tuple[Path, np.ndarray]] = []
@@ -382,7 +407,7 @@ def _explain_batch(job: Job, engine, batch, pending: list[int]):
         if isinstance(result, Exception):
             message = f"{type(result).__name__}: {str(result).strip().splitlines()[0] if str(result) else ''}"
             for item in part:
-                _warn(f"failed {_short(item.key)}: {message}")
+                _warn(f"failed {item.shown}: {message}")
                 rows.append({"path": item.key, "status": "error", "error": message})
             continue
         part_rows, part_files = results.explained(result, batch.originals[where], part, job.info, job.out,

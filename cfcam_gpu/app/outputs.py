@@ -170,10 +170,11 @@ def gather_manifests(out: Path, order: Sequence[str] | None = None, rank_files: 
 
 
 def merge_manifests(out: Path, order: Sequence[str] | None = None) -> list[dict]:
-    """Fold DIR's per-rank manifests into DIR/manifest.jsonl (rows in ``order``, atomically), then delete
-    them; returns the rows. Nothing happens when there are no per-rank manifests."""
+    """Fold DIR's per-rank manifests into DIR/manifest.jsonl and sort its rows in ``order`` (atomically),
+    then delete the per-rank files; returns the rows. The manifest is rewritten only when there are
+    per-rank manifests or its rows are out of order (a resumed run appends its rows at the end)."""
     rows, rank_files, _ = gather_manifests(out, order)
-    if rank_files:
+    if rank_files or [row["path"] for row in rows] != [row["path"] for row in read_manifest(out / MANIFEST)]:
         write_text_atomic(out / MANIFEST, "".join(json.dumps(row) + "\n" for row in rows))
         for path in rank_files:
             path.unlink(missing_ok=True)
