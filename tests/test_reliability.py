@@ -277,6 +277,10 @@ def test_a_line_break_in_a_file_name_does_not_break_the_contact_sheet(images, tm
     assert renderable("café x") == "café x"
     sheet = contact_sheet([np.zeros((8, 40, 3), np.uint8)] * 2, ["one\ntwo", "x\r\ny"])
     assert sheet.dtype == np.uint8
+    from cfcam_gpu.app.report import comparison_grid  # cfcam evaluate's comparison.png
+
+    grid = comparison_grid(torch.rand(1, 3, 8, 40), {"gradcam": torch.rand(1, 2, 2)}, ["a\nb"], ["cat"], [0.5], 1)
+    assert grid.shape[2] == 3
 
     (images / "chelsea.png").rename(images / "a\nb.png")
     out = tmp_path / "out"
