@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import distributed, outputs
-from .options import (PATH_HELP, CLIError, add_max_pixels_argument, add_model_arguments, check_max_pixels,
+from .options import (PATH_HELP, CLIError, write_failed, add_max_pixels_argument, add_model_arguments, check_max_pixels,
                       check_model_arguments, input_paths, load_model, resolve_device, smoothing,
                       add_smoothing_arguments)
 from .paper_protocol import FILES as PAPER_FILES
@@ -203,8 +203,12 @@ def _run(args, ctx) -> int:
     sigmas_present = {name: next((list(p["per_image"][name]["robustness"]) for p in parts
                                   if p["per_image"][name]["robustness"] is not None), None) for name in methods}
     result, names, grid_displays = _merge(parts, methods, sigmas_present, scalar_keys(args.metrics))
-    write_report(out, args, methods, sigmas, result, names, grid_displays, info, layer, device,
-                 forward_batch_size, t_start, log, processes=processes, skipped=failures)
+    try:
+        write_report(out, args, methods, sigmas, result, names, grid_displays, info, layer, device,
+                     forward_batch_size, t_start, log, processes=processes, skipped=failures)
+    except OSError as error:
+        distributed.barrier()
+        raise write_failed(out, error, "the report is incomplete; rerun with --overwrite") from None
     distributed.barrier()
     return code
 

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, outputs, results
-from .options import (PATH_HELP, PROG, CLIError, add_data_arguments, add_model_arguments,
+from .options import (PATH_HELP, PROG, CLIError, write_failed, add_data_arguments, add_model_arguments,
                       check_data_arguments, check_model_arguments, input_paths, load_model, make_loader, method_names,
                       resolve_device, smoothing, uses_layer, add_smoothing_arguments)
 
@@ -42,7 +42,9 @@ examples:
   cfcam explain test/ --model resnet50 --num-classes 2 --weights best_model.pth --layer layer4
   cfcam explain list.txt --target 281 --method gradcam --json
 
-exit status: 0 all explained, 1 some images failed (see stderr and the manifest), 2 bad usage."""
+exit status: 0 all explained, 1 some images failed (see stderr and the manifest), 2 bad usage, 3 DIR
+could not be written (disk full, ...; rerun with --resume), 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM)."""
 
 AMP_CHOICES = {"off": False, "bf16": "bfloat16", "fp16": "float16"}
 SHEET_MAX_TILES = 100  # the contact sheet shows the first 100 explained images
@@ -300,6 +302,10 @@ def _prepare_output(job: Job) -> tuple[list[int], int]:
             job.held.enter_context(outputs.output_lock(job.out))
             kept = outputs.prepare_output(job.out, job.args.resume, job.args.overwrite, job.config,
                                           order=job.keys)
+        except OSError as error:
+            failed = write_failed(job.out, error, "nothing was explained")
+            distributed.broadcast_object((str(failed), failed.code))
+            raise failed from None
         except CLIError as error:
             distributed.broadcast_object((str(error), error.code))
             raise
@@ -341,7 +347,9 @@ def _explain(job: Job, pending: list[int], quiet: bool) -> tuple[int, int]:
             for batch in loader:
                 writer.submit(*_explain_batch(job, engine, batch, pending))
     except OSError as error:
-        raise CLIError(f"--out: writing to {str(job.out)!r} failed ({error})", code=1) from None
+        done = writer.counts["ok"] + writer.counts["error"]
+        raise write_failed(job.out, error, f"stopped with {len(pending) - done} of {len(pending)} image(s) not "
+                                           "done; free some space and rerun with --resume") from None
     finally:
         progress.close()
         engine.close()
@@ -358,7 +366,11 @@ def _finish(job: Job, n_ok: int, n_failed: int, n_skipped: int, seconds: float, 
     """Rank 0: one manifest in input order, the contact sheet, the summary -> the exit code."""
     args, out, layer = job.args, job.out, job.layer
     # one manifest.jsonl in input order (a resumed run appended its rows; torchrun: one file per rank)
-    rows = {row["path"]: row for row in outputs.merge_manifests(out, order=job.keys)}
+    try:
+        rows = {row["path"]: row for row in outputs.merge_manifests(out, order=job.keys)}
+    except OSError as error:
+        raise write_failed(out, error, "the images are explained but the manifest is not in input order; "
+                                       "rerun with --resume to finish it") from None
     ok_rows = [rows[key] for key in job.keys if key in rows and rows[key].get("status") == "ok"]
     sheet_rows = ok_rows[:SHEET_MAX_TILES]
     n_blank = sum(bool(row.get("blank")) for row in ok_rows)
@@ -368,7 +380,11 @@ def _finish(job: Job, n_ok: int, n_failed: int, n_skipped: int, seconds: float, 
         print(f"{PROG}: warning: {n_blank} of {len(ok_rows)} CAMs are all zero (blank heatmaps) at layer "
               f"{layer!r}{why}; try another --layer or --method", file=sys.stderr)
     if sheet_rows:
-        results.write_contact_sheet(out, sheet_rows, job.info.input_size, args.method)
+        try:
+            results.write_contact_sheet(out, sheet_rows, job.info.input_size, args.method)
+        except OSError as error:
+            raise write_failed(out, error, f"the images are explained (see {outputs.MANIFEST}) but not "
+                                           f"{outputs.CONTACT_SHEET}; rerun with --resume to write it") from None
     summary = {"n_images": len(job.items), "n_ok": n_ok, "n_failed": n_failed, "n_skipped": n_skipped,
                "n_blank": n_blank,
                "seconds": round(seconds, 3), "images_per_s": round(n_ok / seconds, 2) if seconds > 0 else None,

@@ -23,6 +23,18 @@ PATH_HELP = (f"image files, folders or .txt lists of paths; folders are searched
              f"{' '.join(IMAGE_EXTENSIONS)} files (any case; other files, e.g. .gif, are not collected)")
 
 
+# Exit statuses besides 0 (done), 1 (some inputs failed, the rest done) and 2 (usage or configuration).
+EXIT_WRITE_FAILED = 3  # DIR could not be written (disk full, ...): the run stopped, --resume finishes it
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM
+
+
+def write_failed(out, error: OSError, what: str) -> "CLIError":
+    """The CLIError (exit 3) for a failed write into DIR: ``what`` says what was left undone."""
+    return CLIError(f"--out: writing to {str(out)!r} failed ({error.strerror or error}); {what}",
+                    EXIT_WRITE_FAILED)
+
+
 class CLIError(Exception):
     """A usage or configuration error: ``cli.main`` prints ``cfcam: error: MESSAGE`` and returns ``code``."""
 
