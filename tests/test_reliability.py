@@ -342,15 +342,16 @@ def test_sigterm_stops_like_ctrl_c(images, tmp_path, monkeypatch, capsys):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_workers_ignore_ctrl_c():
+def test_workers_ignore_ctrl_c_and_sigterm():
     from cfcam_gpu.app.options import quiet_worker
 
-    previous = signal.getsignal(signal.SIGINT)
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         quiet_worker(0)
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
 
 
 def test_a_batch_written_before_ctrl_c_is_recorded(tmp_path, monkeypatch):

@@ -251,10 +251,21 @@ def check_data_arguments(args: argparse.Namespace) -> None:
     check_max_pixels(args)
 
 
+def quiet_worker(worker_id: int) -> None:
+    """A DataLoader worker ignores Ctrl-C and SIGTERM: the main process handles them and stops its workers
+    (which also stop by themselves when the main process is gone), so a signal sent to the whole process
+    group prints no traceback per worker, and no worker dies under the loader's feet."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size: int, workers: int, device: torch.device):
-    """DataLoader over an ImageFolderDataset (or ArrayDataset) yielding data.Batch, in order."""
+    """DataLoader over an ImageFolderDataset (or ArrayDataset) yielding data.Batch, in order; its worker
+    processes ignore Ctrl-C and SIGTERM (``quiet_worker``)."""
     from torch.utils.data import DataLoader
 
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=dataset.collate, pin_memory=device.type == "cuda",
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=quiet_worker if workers else None)

@@ -303,8 +303,8 @@ class BatchWriter:
     A batch's files ((path, array) pairs) are written by worker threads while the caller explains the next
     batch; its manifest rows are appended (flushed, fsynced) once all its files are written, batches in
     submission order, so an ok row always names files that exist. At most ``max_in_flight`` batches wait
-    (bounded host memory). On an error or Ctrl-C inside the block the batches already written are still
-    committed. ``counts`` holds the rows committed by status ("ok" / "error"); ``on_commit(rows)`` is
+    (bounded host memory). On an error, Ctrl-C or SIGTERM inside the block the writes under way finish,
+    the queued ones are cancelled, and every batch whose files were all written is still committed. ``counts`` holds the rows committed by status ("ok" / "error"); ``on_commit(rows)`` is
     called after each batch is committed.
     """
 
@@ -350,11 +350,13 @@ class BatchWriter:
             if error is None:
                 while self._in_flight:
                     self.commit()
-            else:  # commit what is already written; the original error is the one to report
-                while self._in_flight and all(f.done() or f.cancel() for f in self._in_flight[0][1]):
+            else:  # let the writes under way finish, then commit every batch whose files were all written
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                while self._in_flight and all(f.done() and not f.cancelled() and f.exception() is None
+                                              for f in self._in_flight[0][1]):
                     try:
                         self.commit()
-                    except Exception:  # noqa: BLE001
+                    except Exception:  # noqa: BLE001 - the original error is the one to report
                         break
         finally:
             self._pool.shutdown(wait=True)
