@@ -259,6 +259,8 @@ class _CAMEngine:
         check_not_inference_mode()
         check_ndim(images, 4, "images", "(B, 3, H, W)")
         check_floating(images, "images")
+        if images.shape[0] == 0:  # refused before any forward, whatever the targets
+            raise ValueError(f"images: expected at least one image (B >= 1), got shape {tuple(images.shape)}")
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with model_lock(self.model):  # hooks, mode and forward: one engine call per model at a time

@@ -408,12 +408,15 @@ def test_aug_smooth_with_one_batch_callable_target():
     assert by_callable.cams.shape == (2, 12, 12)
 
 
-def test_an_empty_batch_with_empty_targets():
-    model = _small_net().eval()
-    cam = GradCAM(model, "4")
-    for targets in ([], None, np.zeros(0, np.int64)):
-        result = cam(torch.zeros(0, 3, 12, 12), targets)
-        assert result.cams.shape == (0, 12, 12) and result.targets.dtype == torch.int64
+def test_an_empty_batch_is_refused_clearly_whatever_the_targets():
+    from cfcam_gpu.targets import class_indices
+
+    cam = GradCAM(_small_net().eval(), "4")
+    for targets in ([], None, np.zeros(0, np.int64), 3):
+        with pytest.raises(ValueError, match=r"images: expected at least one image \(B >= 1\), got shape "
+                                             r"\(0, 3, 12, 12\)"):
+            cam(torch.zeros(0, 3, 12, 12), targets)
+    assert class_indices([], 0, "cpu").dtype == torch.int64  # no indices for no images
 
 
 def test_a_fake_png_says_so_without_decoder_noise(tmp_path, capfd):
