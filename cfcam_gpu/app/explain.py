@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="class to explain: 'top1' (each image's predicted class, the default) or a "
                             "class index for every image")
     add_smoothing_arguments(group)
+    group.add_argument("--seed", type=int, default=0, metavar="N",
+                       help="seed of the model's random weights (any model without --weights, and a new "
+                            "--num-classes head): the same seed, the same model in every run (default 0; "
+                            "recorded in run.json, so --resume refuses another)")
     group = parser.add_argument_group("speed")
     group.add_argument("--amp", choices=tuple(AMP_CHOICES), default="off",
                        help="autocast the model pass to bf16 or fp16 (clustering and filtering stay float32 "
@@ -276,7 +280,8 @@ def _check(args: argparse.Namespace, ctx: distributed.Context) -> Job:
         outputs.check_output_folder(out)
         config = {"model": args.model, "weights": os.path.abspath(args.weights) if args.weights else None,
                   "num_classes": args.num_classes, "layer": args.layer, "method": args.method,
-                  "target": "top1" if target is None else target, "amp": args.amp, **smoothing(args)}
+                  "target": "top1" if target is None else target, "amp": args.amp, **smoothing(args),
+                  "seed": args.seed}
         job = Job(args, ctx, items, arrays, target, device, out, config, started=started)
         if args.layer and not uses_layer(args.method):
             raise CLIError(f"--layer: --method {args.method} uses no target layer; omit --layer")

@@ -165,7 +165,8 @@ def default_target(model: torch.nn.Module, info) -> tuple[str | None, object]:
 def load_model(args: argparse.Namespace, device: torch.device):
     """--model/--weights/--num-classes/--layer -> (model, ModelInfo, layer name, reshape_transform).
 
-    The architecture is built (random, or the packaged efficientnet_lite0 weights) and the layer checked
+    The architecture is built (random, or the packaged efficientnet_lite0 weights; random weights drawn
+    from ``args.seed`` when it is set, so every run builds the same model) and the layer checked
     before ``--weights`` is read. The default layer and the reshape (``default_target``); a --layer of a
     transformer family gets the family's reshape too. CLIError on unknown names, TorchScript models (CAMs
     need forward hooks), unknown layers, no default layer, and missing or mismatched weights.
@@ -174,8 +175,12 @@ def load_model(args: argparse.Namespace, device: torch.device):
     from .models import build_model, load_weights
 
     check_model_arguments(args)
+    seed = getattr(args, "seed", None)
     try:
-        model, info = build_model(args.model, num_classes=args.num_classes, device=device)
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            if seed is not None:
+                torch.manual_seed(seed)  # random weights (and a new head) are the same in every run
+            model, info = build_model(args.model, num_classes=args.num_classes, device=device)
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise CLIError(option_message(error)) from None
     if isinstance(model, torch.jit.ScriptModule):
