@@ -108,7 +108,7 @@ def assert_same_run(out: Path, ref: Path, paths: set[str] | None = None) -> None
     strip = lambda row: {k: v for k, v in row.items() if k not in TIMING_FIELDS}  # noqa: E731
     assert [strip(r) for r in rows] == [strip(r) for r in ref_rows]  # same rows, same order
     files = {f for r in ref_rows if r["status"] == "ok" for f in r["files"].values()}
-    others = {"manifest.jsonl", "run.json", "contact_sheet.png"}
+    others = {"manifest.jsonl", "run.json", "contact_sheet.png", outputs.LOCK}
     assert {p.name for p in out.iterdir()} == files | others  # no per-rank manifest, no temporary file
     for row in ref_rows:
         if row["status"] == "ok":
