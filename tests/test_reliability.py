@@ -258,7 +258,7 @@ def test_resume_keeps_input_order_and_paths_are_relative(images, tmp_path, monke
 
 
 def test_input_keys_unit(tmp_path):
-    from cfcam_gpu.app.explain import input_keys
+    from cfcam_gpu.app.inputs import input_keys
 
     a, b = tmp_path / "data" / "a.png", tmp_path / "data" / "x" / "b.png"
     b.parent.mkdir(parents=True)
