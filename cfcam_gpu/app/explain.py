@@ -280,7 +280,8 @@ def _explain(job: Job, pending: list[int], quiet: bool) -> tuple[int, int]:
                                info.input_size, info.mean, info.std, keep_original=True)
     else:
         dataset = ImageFolderDataset([job.items[i].file for i in pending], **info.preprocess,
-                                     keep_original=True, max_pixels=args.max_pixels)  # overlays at each image's own size
+                                     keep_original=True,  # overlays at each image's own size
+                                     max_pixels=args.max_pixels)
     progress = tqdm(total=len(pending), file=sys.stderr, unit="img", dynamic_ncols=True,
                     desc=f"rank 0 of {ctx.world_size}" if ctx.distributed else None,
                     disable=quiet or not sys.stderr.isatty())
@@ -295,7 +296,7 @@ def _explain(job: Job, pending: list[int], quiet: bool) -> tuple[int, int]:
     except OSError as error:
         done = writer.counts["ok"] + writer.counts["error"]
         raise write_failed(job.out, error, f"stopped with {len(pending) - done} of {len(pending)} image(s) not "
-                                           "done; free some space and rerun with --resume") from None
+                                           "done; rerun with --resume once DIR can be written") from None
     finally:
         progress.close()
         engine.close()
