@@ -342,8 +342,12 @@ def test_sigterm_stops_like_ctrl_c(images, tmp_path, monkeypatch, capsys):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_workers_ignore_ctrl_c_and_sigterm():
-    from cfcam_gpu.app.options import quiet_worker
+def test_workers_ignore_ctrl_c_and_sigterm(tmp_path):
+    from cfcam_gpu.app.options import make_loader, quiet_worker
+
+    dataset = ImageFolderDataset([tmp_path / "a.png"])
+    assert make_loader(dataset, 1, 2, torch.device("cpu")).worker_init_fn is quiet_worker
+    assert make_loader(dataset, 1, 0, torch.device("cpu")).worker_init_fn is None
 
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
