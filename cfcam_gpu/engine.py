@@ -1,9 +1,10 @@
 """Model-facing engine: hooks on the target layer, targets, one ``autograd.grad`` to that layer.
 
 The classes are thin: they capture (activations, gradients) and hand them to the pure functions in
-``cam.py``. The model runs in eval mode (BatchNorm makes batch items independent only there) and its
-train/eval state is restored afterwards; parameters' ``.grad`` are never touched; every hook is removed
-when a call returns or raises.
+``cam.py``. The model runs in eval mode (BatchNorm makes batch items independent only there, and leaves
+its running statistics alone) and its train/eval state is restored afterwards; parameters' ``.grad``
+are never touched; every hook is removed when a call returns or raises. A call holds the model's lock
+(``hooks.model_lock``) throughout: engines sharing a model in several threads take turns.
 
 With ``compile`` the model pass goes through ``torch.compile``. The capture hooks are wrapped in
 ``torch.compiler.disable``: the layer output has to become a leaf that autograd sees, which cannot happen
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from ._checks import check_floating, check_ndim
 from .cam import VARIANTS, CAMResult, cfcam_from_features, gradcam_from_features
 from .fuse import fuse_cams
-from .hooks import LeafCapture, PipelineCapture, capture_hook, eval_mode, forward_hook
+from .hooks import LeafCapture, PipelineCapture, capture_hook, eval_mode, forward_hook, model_lock
 from .layers import resolve_layer
 from .targets import detach_output, output_batch_size, resolve
 
@@ -258,12 +259,15 @@ class _CAMEngine:
         check_not_inference_mode()
         check_ndim(images, 4, "images", "(B, 3, H, W)")
         check_floating(images, "images")
+        if images.shape[0] == 0:  # refused before any forward, whatever the targets
+            raise ValueError(f"images: expected at least one image (B >= 1), got shape {tuple(images.shape)}")
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if aug_smooth:
-            from .smoothing import aug_smooth as smooth
-            return smooth(lambda x, t: self._explain_batch(x, t, eigen_smooth), images, targets)
-        return self._explain_batch(images, targets, eigen_smooth)
+        with model_lock(self.model):  # hooks, mode and forward: one engine call per model at a time
+            if aug_smooth:
+                from .smoothing import aug_smooth as smooth
+                return smooth(lambda x, t: self._explain_batch(x, t, eigen_smooth), images, targets)
+            return self._explain_batch(images, targets, eigen_smooth)
 
     def _explain_batch(self, images: Tensor, targets, eigen_smooth: bool) -> CAMResult:
         B = images.shape[0]

@@ -1,7 +1,10 @@
 """Hooks on the target layer and the model's train/eval state: each written once, used by every engine.
 
-- ``eval_mode(model)``: eval mode inside, every submodule's own ``training`` flag restored afterwards
-  (also on error; a frozen BatchNorm inside a training model stays frozen).
+- ``model_lock(model)``: the model's own re-entrant lock. Every engine call holds it from the moment it
+  attaches its hooks until it has removed them and restored the mode, so engines sharing one model in
+  several threads take turns: each call sees only its own forward pass, in eval mode.
+- ``eval_mode(model)``: eval mode inside (holding ``model_lock``), every submodule's own ``training``
+  flag restored afterwards (also on error; a frozen BatchNorm inside a training model stays frozen).
 - ``LeafCapture``: the engine's forward hook; the layer output becomes an autograd leaf.
 - ``PipelineCapture``: the hook of ``with cam:`` / ``cam.explain(logits)``; keeps the caller's output.
 - ``capture_hook(fn)``: a hook that ``torch.compile`` never traces (a graph break), without importing
@@ -11,22 +14,41 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
+import weakref
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its RLock
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock of ``model`` (made on first use, dropped with the model). Re-entrant: an engine call that
+    holds it may run other engine calls on the same model in the same thread."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model.eval()`` inside the block; every submodule's own mode restored on exit (also on error)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
+    """``model.eval()`` inside the block; every submodule's own mode restored on exit (also on error).
+    Holds ``model_lock(model)``: another thread's block on the same model waits, so that no thread
+    saves a mode another thread set or runs a forward in a mode another thread restored."""
+    with model_lock(model):
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            yield model
+        finally:
+            for module, training in modes:
+                module.training = training
 
 
 def capture_hook(fn: Callable) -> Callable:

@@ -59,8 +59,11 @@ def deaugment_mean(cams: Tensor, augs: Sequence[tuple[bool, float]]) -> Tensor:
 
 
 def _repeat_targets(targets, B: int, A: int):
-    """None or an int as is; B per-image targets repeated for the A copies (copy-major order)."""
+    """None, an int or one callable on the whole batch's output as is (it scores each row on its own);
+    B per-image targets (indices or callables) repeated for the A copies (copy-major order)."""
     if targets is None or isinstance(targets, int) or (hasattr(targets, "ndim") and targets.ndim == 0):
+        return targets
+    if callable(targets) and not isinstance(targets, (Tensor, list, tuple)):
         return targets
     if len(targets) != B:
         raise ValueError(f"targets: expected {B} class indices (one per image), got {len(targets)}")

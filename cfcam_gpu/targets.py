@@ -41,6 +41,8 @@ def class_indices(targets, B: int, device, num_classes: int | None = None) -> Te
         if num_classes is not None and not 0 <= targets < num_classes:
             raise ValueError(f"targets: expected a class index in [0, {num_classes}), got {targets}")
         return torch.full((B,), targets, dtype=torch.long, device=device)
+    if isinstance(targets, (list, tuple)) and not targets:  # no images: [] is no indices, not float
+        targets = torch.zeros(0, dtype=torch.long, device=device)
     t = targets if isinstance(targets, Tensor) else torch.as_tensor(targets, device=device)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"targets: expected integer class indices, got dtype {t.dtype}")

@@ -165,7 +165,7 @@ def test_duplicate_stems_get_a_deterministic_hash(tmp_path, photos):
     write_png(tmp_path / "data" / "coffee.png", photos["coffee"])
     out = tmp_path / "out"
     assert main(["explain", str(tmp_path / "data"), "--out", str(out), *FAST]) == 0
-    rows = {Path(r["path"]).relative_to(tmp_path / "data").as_posix(): r for r in manifest(out)}
+    rows = {r["path"]: r for r in manifest(out)}  # relative to the input folder
     sha = {rel: hashlib.sha1(rel.encode()).hexdigest()[:8] for rel in ("a/cat.png", "b/Cat.png")}
     assert rows["a/cat.png"]["files"]["overlay"] == f"cat_{sha['a/cat.png']}_cfcam.png"
     assert rows["b/Cat.png"]["files"]["overlay"] == f"Cat_{sha['b/Cat.png']}_cfcam.png"
@@ -581,8 +581,9 @@ def test_smoothing_flags_reach_the_engine_and_are_recorded(three_images, tmp_pat
 def test_transformers_get_their_default_layer_and_token_reshape(three_images, tmp_path, model, layer):
     out = tmp_path / "out"
     images = [str(three_images / "chelsea.png"), str(three_images / "coffee.png")]
+    # random weights from --seed: with seed 0 the random ViT's Grad-CAM of one photo is all zero
     assert main(["explain", *images, "--out", str(out), "--model", model, "--method", "gradcam",
-                 "--workers", "0", "--quiet", "--device", "cpu"]) == 0
+                 "--workers", "0", "--quiet", "--device", "cpu", "--seed", "1"]) == 0
     assert json.loads((out / "run.json").read_text())["layer"] == layer
     for row in manifest(out):
         cam = np.load(out / row["files"]["cam"])

@@ -5,7 +5,9 @@ adds its arguments to its argparse sub-parser and a function that runs it and re
 The jobs live in their own modules (``explain``, ``evaluate``); the options they share in ``options``.
 
 Exit codes: 0 success, 1 some images failed (the rest are done), 2 usage or configuration error (one
-line on stderr, no traceback), 130 interrupted.
+line on stderr, no traceback), 3 the output folder could not be written (disk full, ...: the run
+stopped), 130 interrupted (Ctrl-C, SIGINT), 143 terminated (SIGTERM, handled as Ctrl-C is: what is
+written is recorded, temporary files are removed).
 
 Importing this module (and ``cfcam --help``) loads torch but none of the heavy libraries (timm,
 torchvision's models, scikit-learn, scikit-image, SciPy, OpenCV, matplotlib, torch._dynamo).
@@ -13,14 +15,38 @@ torchvision's models, scikit-learn, scikit-image, SciPy, OpenCV, matplotlib, tor
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import evaluate, explain
-from .options import PROG, CLIError
+from .options import EXIT_INTERRUPTED, EXIT_TERMINATED, PROG, CLIError
 
-__all__ = ["CLIError", "PROG", "SUBCOMMANDS", "Subcommand", "build_parser", "main"]
+__all__ = ["CLIError", "PROG", "SUBCOMMANDS", "Subcommand", "Terminated", "build_parser", "main"]
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM while a command runs: every clean-up that Ctrl-C gets runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises ``Terminated`` inside the block (main thread only); the previous handler after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass(frozen=True)
@@ -64,14 +90,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2), already printed
         return exit_.code if isinstance(exit_.code, int) else 2
     try:
-        return args._run(args)
+        with sigterm_as_interrupt():
+            return args._run(args)
     except CLIError as error:
         if error.echo:
             print(f"{PROG}: error: {error}", file=sys.stderr)
         return error.code
+    except Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

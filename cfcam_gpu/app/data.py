@@ -25,6 +25,9 @@ from .._checks import channel_stats
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Files are refused above this many pixels (width x height), read from the header before decoding: a
+# small crafted file can claim a huge image (a 446 KB PNG of 12000 x 12000 needs ~11 GB to decode).
+DEFAULT_MAX_PIXELS = 64_000_000
 
 # RGB photos shipped inside the scikit-image wheel (no pooch download needed).
 _SKIMAGE_PHOTOS = (
@@ -213,7 +216,9 @@ class ImageFolderDataset(Dataset):
     """Image files decoded to RGB (torchvision.io, PIL for BMP / TIFF) and resized.
 
     An unreadable or corrupt file does not raise: its Sample has ok=False and
-    an error message. Use ``DataLoader(dataset, collate_fn=dataset.collate)``.
+    an error message. So does a file whose header claims more than
+    ``max_pixels`` pixels (width x height; checked before decoding).
+    Use ``DataLoader(dataset, collate_fn=dataset.collate)``.
     """
 
     def __init__(
@@ -223,7 +228,11 @@ class ImageFolderDataset(Dataset):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         keep_original: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+            raise ValueError(f"max_pixels: expected a positive int, got {max_pixels!r}")
+        self.max_pixels = max_pixels
         self.paths = [Path(p) for p in paths]
         self.size = _check_size(size)
         channel_stats(mean, std, torch.empty(0, 3, 1, 1))  # validate now, not in a worker
@@ -239,7 +248,9 @@ class ImageFolderDataset(Dataset):
         if problem:
             return Sample(None, None, index, False, problem)
         try:
-            image = _decode_rgb(path)
+            image = _decode_rgb(path, self.max_pixels)
+        except TooLarge as error:
+            return Sample(None, None, index, False, str(error))
         except Exception as error:  # any decoder failure is reported, never raised
             return Sample(None, None, index, False, _error_message(error))
         display = _resize(image[None], self.size)  # (1, 3, H, W) in [0, 1]
@@ -304,19 +315,69 @@ def _error_message(error: Exception) -> str:
     detail = re.sub(r"^\w+, \S+:\d+, ", "", last_line).strip()
     if detail.startswith("Unsupported image file") or "cannot identify image file" in detail:
         detail = "unknown format: not JPEG, PNG, BMP, WebP or TIFF data"
+    elif "truncated" in detail.lower():  # PIL: "Truncated File Read"; torchvision: "... incomplete or truncated"
+        detail = "the file is incomplete or truncated"
     return f"not a readable image ({detail or type(error).__name__})"
 
 
-def _decode_rgb(path: Path) -> torch.Tensor:
-    """File -> (3, h, w) float32 in [0, 1], EXIF orientation applied."""
+class TooLarge(ValueError):
+    """The file's header claims more pixels than the limit."""
+
+
+# PIL modes whose pixels have no white level to scale by: refused rather than shown black or white.
+_NO_WHITE_LEVEL = {"F": "32-bit floating-point", "I": "32-bit integer"}
+
+
+def _pil_rgb(pil) -> torch.Tensor:
+    """A PIL image (header read) -> (3, h, w) float32 in [0, 1], EXIF orientation applied. 16-bit
+    grayscale is scaled by 65535 (as 16-bit PNGs are); 32-bit integer or float pixels are refused."""
+    from PIL import ImageOps
+
+    if pil.mode in _NO_WHITE_LEVEL:
+        raise ValueError(f"{_NO_WHITE_LEVEL[pil.mode]} pixels have no defined white level; convert the file "
+                         "to 8- or 16-bit")
+    pil = ImageOps.exif_transpose(pil)
+    if pil.mode.startswith("I;16"):
+        gray = torch.from_numpy(np.asarray(pil).astype(np.int32)).float() / 65535
+        return gray[None].expand(3, -1, -1).contiguous()
+    rgb = np.asarray(pil.convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
+
+
+def _open_header(path: Path, max_pixels: int):
+    """PIL's view of the file's header (nothing decoded yet) -> the open PIL image, or None for a format
+    PIL does not know (left to torchvision). TooLarge above ``max_pixels``; a file PIL recognises but
+    cannot parse raises here, before a decoder library can print to stderr."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+        try:
+            pil = Image.open(path)
+        except UnidentifiedImageError:
+            return None
+        except Image.DecompressionBombError as error:  # above PIL's own hard limit, which is higher
+            raise TooLarge(f"too large: {error.args[0] if error.args else ''} (above the limit of "
+                           f"{max_pixels} pixels, --max-pixels)") from None
+    width, height = pil.size
+    if width * height > max_pixels:
+        pil.close()
+        raise TooLarge(f"too large: {width} x {height} = {width * height} pixels, above the limit of "
+                       f"{max_pixels} (--max-pixels)")
+    return pil
+
+
+def _decode_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """File -> (3, h, w) float32 in [0, 1], EXIF orientation applied; TooLarge above ``max_pixels``."""
     from torchvision.io import ImageReadMode, decode_image
 
-    if path.suffix.lower() in (".bmp", ".tif", ".tiff"):  # not decoded by torchvision.io
-        from PIL import Image, ImageOps
-
-        with Image.open(path) as pil:
-            rgb = np.asarray(ImageOps.exif_transpose(pil).convert("RGB"))
-        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
+    pil = _open_header(path, max_pixels)
+    if pil is not None:
+        with pil:
+            if pil.format in ("BMP", "DIB", "TIFF") or path.suffix.lower() in (".bmp", ".tif", ".tiff"):
+                return _pil_rgb(pil)  # not decoded by torchvision.io
     image = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     # 16-bit PNGs decode to uint16; scale every integer type by its own maximum.
     return image.float() / torch.iinfo(image.dtype).max

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from . import distributed, outputs
-from .options import (PATH_HELP, CLIError, add_model_arguments, check_model_arguments, input_paths,
-                      load_model, resolve_device, smoothing, add_smoothing_arguments)
+from .options import (PATH_HELP, CLIError, write_failed, add_max_pixels_argument, add_model_arguments, check_max_pixels,
+                      check_model_arguments, input_paths, load_model, resolve_device, smoothing,
+                      add_smoothing_arguments)
 from .paper_protocol import FILES as PAPER_FILES
 from .report import FILES, write_report
 from .scores import DEFAULT_METHODS, EXTRA_METRICS, known_methods, scalar_keys
@@ -79,7 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-images", type=int, metavar="N", help="evaluate at most the first N images")
     group.add_argument("--grid-images", type=int, default=6, metavar="N",
                        help="rows of comparison.png (default 6)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the gradient noise (default 0)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed of the gradient noise and of a model's random weights (default 0)")
+    add_max_pixels_argument(group)
     add_smoothing_arguments(group)
     group.add_argument("--protocol", choices=("default", "paper", "both"), default="default",
                        help="'paper': the CF-CAM authors' protocol alone (paper_metrics.json/.md), 'both': "
@@ -126,6 +129,7 @@ def check_arguments(args) -> None:
         raise CLIError("--demo: expected either --demo or PATHs, not both")
     if not args.demo and not args.paths:
         raise CLIError("PATH: expected image files or folders, or --demo")
+    check_max_pixels(args)
     check_model_arguments(args)
 
 
@@ -199,8 +203,12 @@ def _run(args, ctx) -> int:
     sigmas_present = {name: next((list(p["per_image"][name]["robustness"]) for p in parts
                                   if p["per_image"][name]["robustness"] is not None), None) for name in methods}
     result, names, grid_displays = _merge(parts, methods, sigmas_present, scalar_keys(args.metrics))
-    write_report(out, args, methods, sigmas, result, names, grid_displays, info, layer, device,
-                 forward_batch_size, t_start, log, processes=processes, skipped=failures)
+    try:
+        write_report(out, args, methods, sigmas, result, names, grid_displays, info, layer, device,
+                     forward_batch_size, t_start, log, processes=processes, skipped=failures)
+    except OSError as error:
+        distributed.barrier()
+        raise write_failed(out, error, "the report is incomplete; rerun with --overwrite") from None
     distributed.barrier()
     return code
 
@@ -250,7 +258,8 @@ def _load_shard(args, paths, info, ctx):
             return data.normalize(display, info.mean, info.std)[0], display[0], None
     else:
         keys, names = [str(p) for p in paths], [p.stem for p in paths]
-        dataset = data.ImageFolderDataset(paths, info.input_size, info.mean, info.std)
+        dataset = data.ImageFolderDataset(paths, info.input_size, info.mean, info.std,
+                                          max_pixels=args.max_pixels)
 
         def decode(i):
             sample = dataset[i]

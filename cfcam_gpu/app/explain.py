@@ -10,6 +10,7 @@ Under ``torchrun`` each rank explains a ``distributed.shard`` of the pending inp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -23,8 +24,9 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, outputs, results
-from .options import (PATH_HELP, PROG, CLIError, add_data_arguments, add_model_arguments,
-                      check_data_arguments, check_model_arguments, input_paths, load_model, make_loader, method_names,
+from .inputs import Item, _short, collect_inputs
+from .options import (PATH_HELP, PROG, CLIError, write_failed, add_data_arguments, add_model_arguments,
+                      check_data_arguments, check_model_arguments, load_model, make_loader, method_names,
                       resolve_device, smoothing, uses_layer, add_smoothing_arguments)
 
 HELP = "explain images with CF-CAM / Grad-CAM / other CAM heatmaps"
@@ -41,11 +43,12 @@ examples:
   cfcam explain test/ --model resnet50 --num-classes 2 --weights best_model.pth --layer layer4
   cfcam explain list.txt --target 281 --method gradcam --json
 
-exit status: 0 all explained, 1 some images failed (see stderr and the manifest), 2 bad usage."""
+exit status: 0 all explained, 1 some images failed (see stderr and the manifest), 2 bad usage, 3 DIR
+could not be written (disk full, ...; rerun with --resume), 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM)."""
 
 AMP_CHOICES = {"off": False, "bf16": "bfloat16", "fp16": "float16"}
 SHEET_MAX_TILES = 100  # the contact sheet shows the first 100 explained images
-DEMO_PREFIX = "bundled:"  # manifest path of a bundled photo: "bundled:chelsea"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="class to explain: 'top1' (each image's predicted class, the default) or a "
                             "class index for every image")
     add_smoothing_arguments(group)
+    group.add_argument("--seed", type=int, default=0, metavar="N",
+                       help="seed of the model's random weights (any model without --weights, and a new "
+                            "--num-classes head): the same seed, the same model in every run (default 0; "
+                            "recorded in run.json, so --resume refuses another)")
     group = parser.add_argument_group("speed")
     group.add_argument("--amp", choices=tuple(AMP_CHOICES), default="off",
                        help="autocast the model pass to bf16 or fp16 (clustering and filtering stay float32 "
@@ -94,44 +101,6 @@ def parse_target(spec: str) -> int | None:
     if value < 0:
         raise CLIError(f"--target: expected a class index >= 0, got {value}")
     return value
-
-
-@dataclass
-class Item:
-    key: str  # manifest path: absolute file path, or "bundled:NAME"
-    stem: str
-    name: str = ""  # output name (outputs.output_names)
-
-
-def collect_inputs(args: argparse.Namespace) -> tuple[list[Item], list[np.ndarray] | None]:
-    """-> (items, the bundled photos' arrays with --demo, else None)."""
-    if args.demo:
-        from .data import bundled_images
-
-        if args.paths:
-            raise CLIError("--demo: explains the bundled photos; give either PATHs or --demo, not both")
-        photos = bundled_images()
-        if not photos:
-            raise CLIError("--demo: no bundled photos found (scikit-image / scikit-learn sample data)")
-        items = [Item(DEMO_PREFIX + name, name) for name, _ in photos]
-        arrays = [image for _, image in photos]
-    else:
-        if not args.paths:
-            raise CLIError("no input: give image files, folders or .txt lists, or --demo")
-        items = [Item(os.path.abspath(p), p.stem) for p in input_paths(args.paths)]
-        arrays = None
-    for item, name in zip(items, outputs.output_names([i.key for i in items], [i.stem for i in items])):
-        item.name = name
-    return items, arrays
-
-
-def _short(path: str) -> str:
-    if path.startswith(DEMO_PREFIX):
-        return path
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return path
 
 
 def _warn(message: str) -> None:
@@ -195,6 +164,7 @@ class Job:
     layer: str = ""
     reshape: object = None  # the layer's reshape_transform (transformer tokens) or None
     started: float = 0.0
+    held: contextlib.ExitStack = None  # rank 0: DIR's lock (outputs.output_lock), held to the end of the run
 
     @property
     def keys(self) -> list[str]:
@@ -205,9 +175,20 @@ class Job:
         """Input key -> its place in the input order (manifest rows follow it)."""
         return {item.key: i for i, item in enumerate(self.items)}
 
+    @functools.cached_property
+    def key_of_file(self) -> dict[str, str]:
+        """str(file) -> the input's key (the dataset reports failures by file)."""
+        return {str(item.file): item.key for item in self.items if item.file is not None}
+
 
 def _run(args: argparse.Namespace, ctx: distributed.Context) -> int:
     job = _check(args, ctx)
+    with contextlib.ExitStack() as job.held:
+        return _run_locked(job)
+
+
+def _run_locked(job: Job) -> int:
+    args, ctx = job.args, job.ctx
     pending_all, n_skipped = _prepare_output(job)
     pending = distributed.shard(pending_all, ctx.rank, ctx.world_size)  # this rank's share of the work
     quiet = args.quiet or not ctx.is_main
@@ -240,7 +221,8 @@ def _check(args: argparse.Namespace, ctx: distributed.Context) -> Job:
         outputs.check_output_folder(out)
         config = {"model": args.model, "weights": os.path.abspath(args.weights) if args.weights else None,
                   "num_classes": args.num_classes, "layer": args.layer, "method": args.method,
-                  "target": "top1" if target is None else target, "amp": args.amp, **smoothing(args)}
+                  "target": "top1" if target is None else target, "amp": args.amp, **smoothing(args),
+                  "seed": args.seed}
         job = Job(args, ctx, items, arrays, target, device, out, config, started=started)
         if args.layer and not uses_layer(args.method):
             raise CLIError(f"--layer: --method {args.method} uses no target layer; omit --layer")
@@ -263,8 +245,13 @@ def _prepare_output(job: Job) -> tuple[list[int], int]:
     outcome: tuple[str, int] | list[int] | None = None
     if job.ctx.is_main:
         try:
+            job.held.enter_context(outputs.output_lock(job.out))
             kept = outputs.prepare_output(job.out, job.args.resume, job.args.overwrite, job.config,
                                           order=job.keys)
+        except OSError as error:
+            failed = write_failed(job.out, error, "nothing was explained")
+            distributed.broadcast_object((str(failed), failed.code))
+            raise failed from None
         except CLIError as error:
             distributed.broadcast_object((str(error), error.code))
             raise
@@ -292,8 +279,9 @@ def _explain(job: Job, pending: list[int], quiet: bool) -> tuple[int, int]:
         dataset = ArrayDataset([job.items[i].key for i in pending], [job.arrays[i] for i in pending],
                                info.input_size, info.mean, info.std, keep_original=True)
     else:
-        dataset = ImageFolderDataset([Path(job.items[i].key) for i in pending], **info.preprocess,
-                                     keep_original=True)  # overlays at each image's own size
+        dataset = ImageFolderDataset([job.items[i].file for i in pending], **info.preprocess,
+                                     keep_original=True,  # overlays at each image's own size
+                                     max_pixels=args.max_pixels)
     progress = tqdm(total=len(pending), file=sys.stderr, unit="img", dynamic_ncols=True,
                     desc=f"rank 0 of {ctx.world_size}" if ctx.distributed else None,
                     disable=quiet or not sys.stderr.isatty())
@@ -306,7 +294,9 @@ def _explain(job: Job, pending: list[int], quiet: bool) -> tuple[int, int]:
             for batch in loader:
                 writer.submit(*_explain_batch(job, engine, batch, pending))
     except OSError as error:
-        raise CLIError(f"--out: writing to {str(job.out)!r} failed ({error})", code=1) from None
+        done = writer.counts["ok"] + writer.counts["error"]
+        raise write_failed(job.out, error, f"stopped with {len(pending) - done} of {len(pending)} image(s) not "
+                                           "done; rerun with --resume once DIR can be written") from None
     finally:
         progress.close()
         engine.close()
@@ -322,10 +312,12 @@ def _explain(job: Job, pending: list[int], quiet: bool) -> tuple[int, int]:
 def _finish(job: Job, n_ok: int, n_failed: int, n_skipped: int, seconds: float, processes: str) -> int:
     """Rank 0: one manifest in input order, the contact sheet, the summary -> the exit code."""
     args, out, layer = job.args, job.out, job.layer
-    if job.ctx.distributed:  # one manifest.jsonl, in input order, as one process writes it
+    # one manifest.jsonl in input order (a resumed run appended its rows; torchrun: one file per rank)
+    try:
         rows = {row["path"]: row for row in outputs.merge_manifests(out, order=job.keys)}
-    else:
-        rows = {row["path"]: row for row in outputs.read_manifest(out / outputs.MANIFEST)}
+    except OSError as error:
+        raise write_failed(out, error, "the images are explained but the manifest is not in input order; "
+                                       "rerun with --resume to finish it") from None
     ok_rows = [rows[key] for key in job.keys if key in rows and rows[key].get("status") == "ok"]
     sheet_rows = ok_rows[:SHEET_MAX_TILES]
     n_blank = sum(bool(row.get("blank")) for row in ok_rows)
@@ -335,7 +327,11 @@ def _finish(job: Job, n_ok: int, n_failed: int, n_skipped: int, seconds: float, 
         print(f"{PROG}: warning: {n_blank} of {len(ok_rows)} CAMs are all zero (blank heatmaps) at layer "
               f"{layer!r}{why}; try another --layer or --method", file=sys.stderr)
     if sheet_rows:
-        results.write_contact_sheet(out, sheet_rows, job.info.input_size, args.method)
+        try:
+            results.write_contact_sheet(out, sheet_rows, job.info.input_size, args.method)
+        except OSError as error:
+            raise write_failed(out, error, f"the images are explained (see {outputs.MANIFEST}) but not "
+                                           f"{outputs.CONTACT_SHEET}; rerun with --resume to write it") from None
     summary = {"n_images": len(job.items), "n_ok": n_ok, "n_failed": n_failed, "n_skipped": n_skipped,
                "n_blank": n_blank,
                "seconds": round(seconds, 3), "images_per_s": round(n_ok / seconds, 2) if seconds > 0 else None,
@@ -359,7 +355,8 @@ def _finish(job: Job, n_ok: int, n_failed: int, n_skipped: int, seconds: float, 
 
 def _explain_batch(job: Job, engine, batch, pending: list[int]):
     """One data.Batch -> (manifest rows, [(path, array) to write])."""
-    rows = [{"path": str(path), "status": "error", "error": message} for path, message in batch.failures]
+    rows = [{"path": job.key_of_file.get(str(path), str(path)), "status": "error", "error": message}
+            for path, message in batch.failures]
     for path, message in batch.failures:
         _warn(f"skipped {_short(str(path))}: {message}")
     files: list[tuple[Path, np.ndarray]] = []
@@ -373,7 +370,7 @@ def _explain_batch(job: Job, engine, batch, pending: list[int]):
         if isinstance(result, Exception):
             message = f"{type(result).__name__}: {str(result).strip().splitlines()[0] if str(result) else ''}"
             for item in part:
-                _warn(f"failed {_short(item.key)}: {message}")
+                _warn(f"failed {item.shown}: {message}")
                 rows.append({"path": item.key, "status": "error", "error": message})
             continue
         part_rows, part_files = results.explained(result, batch.originals[where], part, job.info, job.out,

@@ -16,11 +16,23 @@ from pathlib import Path
 
 import torch
 
-from .data import IMAGE_EXTENSIONS
+from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 
 PROG = "cfcam"
 PATH_HELP = (f"image files, folders or .txt lists of paths; folders are searched recursively for "
              f"{' '.join(IMAGE_EXTENSIONS)} files (any case; other files, e.g. .gif, are not collected)")
+
+
+# Exit statuses besides 0 (done), 1 (some inputs failed, the rest done) and 2 (usage or configuration).
+EXIT_WRITE_FAILED = 3  # DIR could not be written (disk full, ...): the run stopped, --resume finishes it
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM
+
+
+def write_failed(out, error: OSError, what: str) -> "CLIError":
+    """The CLIError (exit 3) for a failed write into DIR: ``what`` says what was left undone."""
+    return CLIError(f"--out: writing to {str(out)!r} failed ({error.strerror or error}); {what}",
+                    EXIT_WRITE_FAILED)
 
 
 class CLIError(Exception):
@@ -153,7 +165,8 @@ def default_target(model: torch.nn.Module, info) -> tuple[str | None, object]:
 def load_model(args: argparse.Namespace, device: torch.device):
     """--model/--weights/--num-classes/--layer -> (model, ModelInfo, layer name, reshape_transform).
 
-    The architecture is built (random, or the packaged efficientnet_lite0 weights) and the layer checked
+    The architecture is built (random, or the packaged efficientnet_lite0 weights; random weights drawn
+    from ``args.seed`` when it is set, so every run builds the same model) and the layer checked
     before ``--weights`` is read. The default layer and the reshape (``default_target``); a --layer of a
     transformer family gets the family's reshape too. CLIError on unknown names, TorchScript models (CAMs
     need forward hooks), unknown layers, no default layer, and missing or mismatched weights.
@@ -162,8 +175,12 @@ def load_model(args: argparse.Namespace, device: torch.device):
     from .models import build_model, load_weights
 
     check_model_arguments(args)
+    seed = getattr(args, "seed", None)
     try:
-        model, info = build_model(args.model, num_classes=args.num_classes, device=device)
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            if seed is not None:
+                torch.manual_seed(seed)  # random weights (and a new head) are the same in every run
+            model, info = build_model(args.model, num_classes=args.num_classes, device=device)
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise CLIError(option_message(error)) from None
     if isinstance(model, torch.jit.ScriptModule):
@@ -217,6 +234,18 @@ def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int = 16) ->
     default_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
     group.add_argument("--workers", type=int, default=default_workers, metavar="N",
                        help=f"DataLoader worker processes decoding images (default {default_workers})")
+    add_max_pixels_argument(group)
+
+
+def add_max_pixels_argument(group) -> None:
+    group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                       help="refuse image files whose header claims more than N pixels (width x height), "
+                            f"with an error row (default {DEFAULT_MAX_PIXELS})")
+
+
+def check_max_pixels(args: argparse.Namespace) -> None:
+    if args.max_pixels < 1:
+        raise CLIError(f"--max-pixels: expected a positive int, got {args.max_pixels}")
 
 
 def check_data_arguments(args: argparse.Namespace) -> None:
@@ -224,12 +253,24 @@ def check_data_arguments(args: argparse.Namespace) -> None:
         raise CLIError(f"--batch-size: expected a positive int, got {args.batch_size}")
     if args.workers < 0:
         raise CLIError(f"--workers: expected an int >= 0, got {args.workers}")
+    check_max_pixels(args)
+
+
+def quiet_worker(worker_id: int) -> None:
+    """A DataLoader worker ignores Ctrl-C and SIGTERM: the main process handles them and stops its workers
+    (which also stop by themselves when the main process is gone), so a signal sent to the whole process
+    group prints no traceback per worker, and no worker dies under the loader's feet."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size: int, workers: int, device: torch.device):
-    """DataLoader over an ImageFolderDataset (or ArrayDataset) yielding data.Batch, in order."""
+    """DataLoader over an ImageFolderDataset (or ArrayDataset) yielding data.Batch, in order; its worker
+    processes ignore Ctrl-C and SIGTERM (``quiet_worker``)."""
     from torch.utils.data import DataLoader
 
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=dataset.collate, pin_memory=device.type == "cuda",
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=quiet_worker if workers else None)

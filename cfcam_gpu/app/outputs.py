@@ -7,6 +7,7 @@ merged into ``manifest.jsonl`` at the end (or by the next ``--resume``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ _RANK_MANIFEST_RE = re.compile(r"manifest\.rank(\d+)\.jsonl")
 _TEMPORARY_RE = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # the temporary names of write_atomic
 RUN_CONFIG = "run.json"
 CONTACT_SHEET = "contact_sheet.png"
+LOCK = ".cfcam.lock"  # held (an OS file lock) by the run writing into DIR
 WRITE_THREADS = max(1, min(4, os.cpu_count() or 1))  # PNG encoding releases the GIL
 MAX_BATCHES_IN_FLIGHT = 4  # batches explained but not yet written (bounds host memory)
 
@@ -121,10 +123,17 @@ def read_manifest(path: Path) -> list[dict]:
     return rows
 
 
+def is_plain_name(name) -> bool:
+    """Whether ``name`` names a file directly inside DIR: a non-empty string, not '.' or '..', without a
+    folder separator, a drive or a NUL. Manifest rows naming anything else are not trusted."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+            and not os.path.splitdrive(name)[0])
+
+
 def _row_files_exist(row: dict, out: Path) -> bool:
     files = row.get("files")
     return (isinstance(files, dict) and bool(files)
-            and all(isinstance(f, str) and (out / f).is_file() for f in files.values()))
+            and all(is_plain_name(f) and (out / f).is_file() for f in files.values()))
 
 
 def rank_manifests(out: Path, names: Sequence[str] | None = None) -> list[Path]:
@@ -161,14 +170,51 @@ def gather_manifests(out: Path, order: Sequence[str] | None = None, rank_files: 
 
 
 def merge_manifests(out: Path, order: Sequence[str] | None = None) -> list[dict]:
-    """Fold DIR's per-rank manifests into DIR/manifest.jsonl (rows in ``order``, atomically), then delete
-    them; returns the rows. Nothing happens when there are no per-rank manifests."""
+    """Fold DIR's per-rank manifests into DIR/manifest.jsonl and sort its rows in ``order`` (atomically),
+    then delete the per-rank files; returns the rows. The manifest is rewritten only when there are
+    per-rank manifests or its rows are out of order (a resumed run appends its rows at the end)."""
     rows, rank_files, _ = gather_manifests(out, order)
-    if rank_files:
+    if rank_files or [row["path"] for row in rows] != [row["path"] for row in read_manifest(out / MANIFEST)]:
         write_text_atomic(out / MANIFEST, "".join(json.dumps(row) + "\n" for row in rows))
         for path in rank_files:
             path.unlink(missing_ok=True)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# DIR: one run at a time.
+
+def _try_lock(file) -> None:
+    """An exclusive, non-blocking OS lock on ``file`` (OSError when another process holds it). The OS
+    drops it when the file is closed or the process ends, however it ends (kill -9 included)."""
+    if os.name == "nt":
+        import msvcrt
+
+        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """``with output_lock(DIR):`` DIR is this run's alone: DIR/.cfcam.lock is locked for the block.
+    CLIError when another run holds it. A lock file left by a killed run is not held, so it never blocks."""
+    make_output_folder(out)
+    try:
+        file = open(out / LOCK, "a+b")
+    except OSError as error:
+        raise CLIError(f"--out: cannot write to {str(out)!r} ({error.strerror or error})") from None
+    try:
+        try:
+            _try_lock(file)
+        except OSError:
+            raise CLIError(f"--out: {str(out)!r} is in use by another cfcam run (it holds {LOCK}); wait for "
+                           "it to finish or pass another --out") from None
+        yield
+    finally:
+        file.close()  # releases the lock
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,8 +260,9 @@ def prepare_output(out: Path, resume: bool, overwrite: bool, config: dict,
     previous, rank_files, has_rows = gather_manifests(out, order, rank_manifests(out, names))
     if overwrite:
         for row in previous:
-            for name in (row.get("files") or {}).values():
-                if isinstance(name, str) and "/" not in name and "\\" not in name:
+            files = row.get("files")
+            for name in (files.values() if isinstance(files, dict) else ()):
+                if is_plain_name(name) and not (out / name).is_dir():
                     (out / name).unlink(missing_ok=True)
         for path in [out / name for name in (MANIFEST, RUN_CONFIG, CONTACT_SHEET)] + rank_files:
             path.unlink(missing_ok=True)
@@ -256,8 +303,8 @@ class BatchWriter:
     A batch's files ((path, array) pairs) are written by worker threads while the caller explains the next
     batch; its manifest rows are appended (flushed, fsynced) once all its files are written, batches in
     submission order, so an ok row always names files that exist. At most ``max_in_flight`` batches wait
-    (bounded host memory). On an error or Ctrl-C inside the block the batches already written are still
-    committed. ``counts`` holds the rows committed by status ("ok" / "error"); ``on_commit(rows)`` is
+    (bounded host memory). On an error, Ctrl-C or SIGTERM inside the block the writes under way finish,
+    the queued ones are cancelled, and every batch whose files were all written is still committed. ``counts`` holds the rows committed by status ("ok" / "error"); ``on_commit(rows)`` is
     called after each batch is committed.
     """
 
@@ -303,11 +350,13 @@ class BatchWriter:
             if error is None:
                 while self._in_flight:
                     self.commit()
-            else:  # commit what is already written; the original error is the one to report
-                while self._in_flight and all(f.done() or f.cancel() for f in self._in_flight[0][1]):
+            else:  # let the writes under way finish, then commit every batch whose files were all written
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                while self._in_flight and all(f.done() and not f.cancelled() and f.exception() is None
+                                              for f in self._in_flight[0][1]):
                     try:
                         self.commit()
-                    except Exception:  # noqa: BLE001
+                    except Exception:  # noqa: BLE001 - the original error is the one to report
                         break
         finally:
             self._pool.shutdown(wait=True)

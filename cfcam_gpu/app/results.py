@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .options import CLIError, option_message
-from .outputs import CONTACT_SHEET
+from .outputs import CONTACT_SHEET, is_plain_name
 
 
 def _config_message(error: Exception) -> str:
@@ -98,15 +98,17 @@ def output_name(row: dict, method: str) -> str:
 
 
 def write_contact_sheet(out: Path, rows: list[dict], size: tuple[int, int], method: str) -> None:
+    """The first explained images' overlays in a grid, labelled with the class, its probability, the target
+    when it is not the predicted class, and the output name -> DIR/contact_sheet.png. Tiles are the
+    overlays resized to ``size`` (H, W), the model's input size; only files inside DIR are read."""
     from PIL import Image
 
     from .viz import contact_sheet, save_png
 
-    """The first explained images' overlays in a grid, labelled with the class, its probability, the target
-    when it is not the predicted class, and the output name -> DIR/contact_sheet.png. Tiles are the
-    overlays resized to ``size`` (H, W), the model's input size."""
     tiles, labels = [], []
     for row in rows:
+        if not is_plain_name(row["files"]["overlay"]):
+            continue
         try:
             with Image.open(out / row["files"]["overlay"]) as image:
                 tile = image.convert("RGB")

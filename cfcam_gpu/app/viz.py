@@ -138,10 +138,11 @@ def label_font() -> tuple[ImageFont.ImageFont, Callable[[str], bool]]:
 
 
 def renderable(text: str) -> str:
-    """``text`` with every character the label font cannot draw replaced by '?', a visible mark instead of
-    an empty box ("café 猫" -> "café ?" with DejaVu Sans)."""
+    """``text`` on one line, with every character the label font cannot draw replaced by '?', a visible
+    mark instead of an empty box ("café 猫" -> "café ?" with DejaVu Sans); line breaks, tabs and other
+    control characters (a file name may hold them) become '?' too."""
     _, has_glyph = label_font()
-    return "".join(ch if ch.isspace() or has_glyph(ch) else "?" for ch in str(text))
+    return "".join(ch if ch.isprintable() and (ch == " " or has_glyph(ch)) else "?" for ch in str(text))
 
 
 def contact_sheet(
