@@ -249,3 +249,32 @@ def test_published_variant_through_the_drop_in(resnet18, small):
     assert maps.shape == (len(small), *small.shape[-2:]) and np.isfinite(maps).all()
     np.testing.assert_allclose(maps, expected, atol=1e-6)
     assert maps.max() > 0.99
+
+
+@pytest.fixture(scope="module")
+def resnet18_10(seeded):
+    """torchvision ResNet18 with a 10-class head, seeded weights."""
+    import torchvision
+
+    return seeded(lambda: torchvision.models.resnet18(weights=None, num_classes=10)).eval()
+
+
+@pytest.mark.parametrize("flags", [{"eigen_smooth": True}, {"aug_smooth": True},
+                                   {"aug_smooth": True, "eigen_smooth": True}], ids=["eigen", "aug", "both"])
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_smoothing_where_the_plain_map_is_zero(resnet18_10, x3, monkeypatch, flags, n_layers):
+    """Targets 1, 2, 3: the plain Grad-CAM of image 1 is all zero, its eigen-smoothed map is not; the
+    drop-in's map must be pytorch-grad-cam's (the scale of every transformed map, ``CAMResult.peak``,
+    taken after the transformation), for one layer and fused layers."""
+    patch_pgc_sign(monkeypatch)
+    layers = [resnet18_10.layer4[-1], resnet18_10.layer3[-1]][:n_layers]
+    targets = [ClassifierOutputTarget(c) for c in (1, 2, 3)]
+    with pgc.GradCAM(resnet18_10, layers) as theirs:
+        reference = theirs(x3, targets, **flags)
+        plain = theirs(x3, targets)
+    with cc.GradCAM(resnet18_10, layers) as ours:
+        mine = ours(x3, targets, **flags)
+    if n_layers == 1:
+        assert plain[1].max() == 0  # the case of the report
+    assert reference[1].max() > 0.5
+    np.testing.assert_allclose(mine, reference, atol=2e-3)
