@@ -275,6 +275,8 @@ def test_smoothing_where_the_plain_map_is_zero(resnet18_10, x3, monkeypatch, fla
     with cc.GradCAM(resnet18_10, layers) as ours:
         mine = ours(x3, targets, **flags)
     if n_layers == 1:
-        assert plain[1].max() == 0  # the case of the report
-    assert reference[1].max() > 0.5
+        assert plain[1].max() == 0  # the reported case
+    if flags.get("eigen_smooth"):  # the plain map is zero in every copy: aug_smooth alone keeps it zero
+        assert reference[1].max() > 0.5
+    assert reference.max() > 0.5  # (an aug-smoothed map is a mean: its max may be below 1)
     np.testing.assert_allclose(mine, reference, atol=2e-3)
