@@ -183,7 +183,8 @@ def _base_engine(base_method):
     if base_method is None:
         return GradCAM.engine
     ours = globals().get(getattr(base_method, "__name__", ""))
-    if isinstance(ours, type) and issubclass(ours, _Compat):
+    if isinstance(ours, type) and issubclass(ours, _Compat) and ours is not FinerCAM \
+            and ours.engine._explain_images is _engine._CAMEngine._explain_images:
         return ours.engine
     raise ValueError(f"base_method: expected a gradient CAM class of cfcam_gpu.compat (e.g. GradCAM, "
                      f"GradCAMPlusPlus, LayerCAM), got {base_method!r}")
@@ -249,3 +250,15 @@ class AblationCAM(_Compat):
                              f"{ratio_channels_to_ablate!r}")
         options.setdefault("ablation_value", "pytorch-grad-cam")
         super().__init__(model, target_layers, reshape_transform, pgc_batch_size=batch_size, **options)
+
+    @property
+    def batch_size(self) -> int:
+        """Ablations per group (pytorch-grad-cam's batch size, which sets its ablation value); settable
+        later, ``cam.batch_size = 32``."""
+        return self.cam.pgc_batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {value!r}")
+        self.cam.pgc_batch_size = value
