@@ -26,9 +26,14 @@ import torch
 from torch import nn
 
 from . import engine as _engine
-from .fuse import fuse_cams
+from .fuse import fuse_cams, minmax_scale
+from .methods import eigen as _eigen
+from .methods import fem as _fem
+from .methods import finer as _finer
+from .methods import fullgrad as _fullgrad
 from .methods import gradient as _gradient
 from .methods import perturbation as _perturbation
+from .methods import shapley as _shapley
 
 SCALE_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
 
@@ -59,7 +64,10 @@ class _Compat:
         self.outputs = result.logits
         if aug_smooth:  # already pytorch-grad-cam's mean of scaled maps at the input size, not rescaled
             return result.cams.clamp(0, 1).cpu().numpy()
-        return to_numpy_maps(result, input_tensor.shape[-2:])
+        return self._to_numpy(result, input_tensor.shape[-2:])
+
+    def _to_numpy(self, result, size) -> np.ndarray:
+        return to_numpy_maps(result, size)
 
     def __enter__(self):
         return self
@@ -108,6 +116,103 @@ class HiResCAM(_Compat):
     engine = _gradient.HiResCAM
 
 
+class GradCAMElementWise(_Compat):
+    """pytorch_grad_cam.GradCAMElementWise's interface: relu(sum_c relu(g A))."""
+
+    engine = _gradient.GradCAMElementWise
+
+
+class ShapleyCAM(_Compat):
+    """pytorch_grad_cam.ShapleyCAM's interface: Grad-CAM weights from g - H A / 2."""
+
+    engine = _shapley.ShapleyCAM
+
+
+class FEM(_Compat):
+    """pytorch_grad_cam.FEM's interface: ``k`` (2) the threshold in standard deviations; gradient-free,
+    ``eigen_smooth`` changes nothing (as in pytorch-grad-cam)."""
+
+    engine = _fem.FEM
+
+    def __init__(self, model: nn.Module, target_layers, reshape_transform=None, k: float = 2, **options):
+        super().__init__(model, target_layers, reshape_transform, k=k, **options)
+
+
+class EigenCAM(_Compat):
+    """pytorch_grad_cam.EigenCAM's interface: the activations' first principal component."""
+
+    engine = _eigen.EigenCAM
+
+
+class EigenGradCAM(_Compat):
+    """pytorch_grad_cam.EigenGradCAM's interface: the first principal component of g A."""
+
+    engine = _eigen.EigenGradCAM
+
+
+class KPCA_CAM(_Compat):  # noqa: N801 (pytorch-grad-cam's name)
+    """pytorch_grad_cam.KPCA_CAM's interface: ``kernel`` ("sigmoid") and ``gamma`` (None: 1 / C) as
+    scikit-learn's KernelPCA."""
+
+    engine = _eigen.KPCACAM
+
+    def __init__(self, model: nn.Module, target_layers, reshape_transform=None, kernel: str = "sigmoid",
+                 gamma: float | None = None, **options):
+        super().__init__(model, target_layers, reshape_transform, kernel=kernel, gamma=gamma, **options)
+
+
+class FullGrad(_Compat):
+    """pytorch_grad_cam.FullGrad's interface; ``target_layers`` is ignored (every Conv2d and BatchNorm2d
+    with a bias is used, as pytorch-grad-cam), so an empty list is fine."""
+
+    engine = _fullgrad.FullGrad
+
+    def __init__(self, model: nn.Module, target_layers=(), reshape_transform=None, **options):
+        self.model, self.target_layers, self.outputs = model, [], None
+        self.cam = self.engine(model, None, reshape_transform=reshape_transform, **options)
+
+    def _to_numpy(self, result, size) -> np.ndarray:
+        """The map is at the input size already: min-max scaled once, as pytorch-grad-cam's FullGrad."""
+        raw = result.cams * result.peak[:, None, None]
+        return minmax_scale(raw, SCALE_EPS).clamp_(0, 1).cpu().numpy()
+
+
+def _base_engine(base_method):
+    """FinerCAM's ``base_method``: one of our drop-in classes, or a pytorch-grad-cam class of the same
+    name -> our engine class."""
+    if base_method is None:
+        return GradCAM.engine
+    ours = globals().get(getattr(base_method, "__name__", ""))
+    if isinstance(ours, type) and issubclass(ours, _Compat) and ours is not FinerCAM \
+            and ours.engine._explain_images is _engine._CAMEngine._explain_images:
+        return ours.engine
+    raise ValueError(f"base_method: expected a gradient CAM class of cfcam_gpu.compat (e.g. GradCAM, "
+                     f"GradCAMPlusPlus, LayerCAM), got {base_method!r}")
+
+
+class FinerCAM(_Compat):
+    """pytorch_grad_cam.FinerCAM's interface: ``FinerCAM(model, target_layers, reshape_transform=None,
+    base_method=GradCAM)``, called with ``(input_tensor, targets=None, eigen_smooth=False, alpha=1,
+    comparison_categories=None, target_idx=None)``. With ``targets=None`` each image's main class is its
+    top-1 class (or ``target_idx``) compared with the classes at ``comparison_categories`` ([1, 2, 3])
+    in the order of their logit's distance to it; given targets are explained as they are by the base
+    method (as pytorch-grad-cam)."""
+
+    engine = _finer.FinerCAM
+
+    def __init__(self, model: nn.Module, target_layers, reshape_transform=None, base_method=None, **options):
+        super().__init__(model, target_layers, reshape_transform, base=_base_engine(base_method), **options)
+
+    def __call__(self, input_tensor: torch.Tensor, targets=None, eigen_smooth: bool = False, alpha: float = 1,
+                 comparison_categories=None, target_idx: int | None = None) -> np.ndarray:
+        self.cam.alpha = float(alpha)
+        self.cam.comparison_categories = tuple(_finer.COMPARISONS if comparison_categories is None
+                                               else comparison_categories)
+        if targets is None and target_idx is not None:
+            targets = int(target_idx)
+        return super().__call__(input_tensor, targets, aug_smooth=False, eigen_smooth=eigen_smooth)
+
+
 class ScoreCAM(_Compat):
     """pytorch_grad_cam.ScoreCAM's interface: masked inputs scored by the targets (default: the top-1
     logit), a softmax over channels; ``batch_size`` masked inputs per forward (16, settable later as in
@@ -145,3 +250,15 @@ class AblationCAM(_Compat):
                              f"{ratio_channels_to_ablate!r}")
         options.setdefault("ablation_value", "pytorch-grad-cam")
         super().__init__(model, target_layers, reshape_transform, pgc_batch_size=batch_size, **options)
+
+    @property
+    def batch_size(self) -> int:
+        """Ablations per group (pytorch-grad-cam's batch size, which sets its ablation value); settable
+        later, ``cam.batch_size = 32``."""
+        return self.cam.pgc_batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {value!r}")
+        self.cam.pgc_batch_size = value

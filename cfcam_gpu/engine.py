@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_floating, check_ndim
-from .cam import VARIANTS, CAMResult, cfcam_from_features, gradcam_from_features
+from .cam import VARIANTS, CAMResult, cfcam_from_features, gradcam_from_features, unit_peak
 from .fuse import fuse_cams
 from .hooks import LeafCapture, PipelineCapture, capture_hook, eval_mode, forward_hook, model_lock
 from .layers import resolve_layer
@@ -228,16 +228,13 @@ class _CAMEngine:
         of the weighted activations replaces their sum (``smoothing.eigen_smooth``)."""
         if eigen_smooth:
             from .smoothing import eigen_smooth as project  # smoothing imports the methods, which import us
-            result.cams = project(self._weighted_activations(activations, gradients, result),
-                                  getattr(self, "sync_free", None))
+            result.cams, result.peak = project(self._weighted_activations(activations, gradients, result),
+                                               getattr(self, "sync_free", None), with_peak=True)
         return result
 
     def _combine(self, acts: list, grads: list, size, eigen_smooth: bool = False) -> CAMResult:
         results = [self._smooth(self._from_features(a, g), a, g, eigen_smooth) for a, g in zip(acts, grads)]
-        if len(results) == 1:
-            return results[0]
-        return CAMResult(cams=fuse_cams([r.cams for r in results], size),
-                         weights=torch.cat([r.weights for r in results], dim=1), layers=results)
+        return combine_layers(results, size)
 
     def _explain_images(self, images: Tensor, targets, eigen_smooth: bool = False) -> CAMResult:
         acts, grads, target, output = self._capture(images, targets)
@@ -316,6 +313,17 @@ class _CAMEngine:
         result = self._combine([m[0] for m in maps], [m[1] for m in maps], size, eigen_smooth)
         result.targets, result.logits = target.indices, detach_output(logits)
         return result
+
+
+def combine_layers(results: "list[CAMResult]", size) -> CAMResult:
+    """One result per target layer -> the result: the only one as is, or several fused at ``size`` (H, W)
+    (``fuse.fuse_cams``) with the layers' weights side by side and each layer's result in ``layers``;
+    a fused map is final, so its peak is ``unit_peak``."""
+    if len(results) == 1:
+        return results[0]
+    cams = fuse_cams([r.cams for r in results], size)
+    return CAMResult(cams=cams, weights=torch.cat([r.weights for r in results], dim=1), layers=results,
+                     peak=unit_peak(cams))
 
 
 def check_not_inference_mode() -> None:

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .cam import CAMResult
+from .cam import CAMResult, unit_peak
 import torch.nn.functional as F
 
 from .methods.eigen import minmax, pca_projection, relu_max
@@ -33,10 +33,11 @@ FLIPS = (False, True)
 FACTORS = (0.9, 1.0, 1.1)  # pytorch-grad-cam 1.5.7: tta.Compose([HorizontalFlip(), Multiply([0.9, 1, 1.1])])
 
 
-def eigen_smooth(weighted: Tensor, sync_free: bool | None = None) -> Tensor:
+def eigen_smooth(weighted: Tensor, sync_free: bool | None = None, with_peak: bool = False):
     """weighted activations (B, C, h, w) -> cams (B, h, w) float32 in [0, 1]: relu of the first principal
-    component's projection (``methods.eigen.pca_projection``), divided by its max."""
-    return relu_max(pca_projection(weighted, sync_free)[0])
+    component's projection (``methods.eigen.pca_projection``), divided by its max; with ``with_peak``
+    also that max (B,), the smoothed map's ``CAMResult.peak``."""
+    return relu_max(pca_projection(weighted, sync_free)[0], with_peak)
 
 
 def augmentations(flips: Sequence[bool] = FLIPS, factors: Sequence[float] = FACTORS) -> list[tuple[bool, float]]:
@@ -98,4 +99,7 @@ def aug_smooth(explain: Callable[[Tensor, object], CAMResult], images: Tensor, t
         maps = F.interpolate(maps[:, None].float(), size=tuple(images.shape[-2:]), mode="bilinear",
                              align_corners=False)[:, 0]
     smoothed.cams = deaugment_mean(minmax(maps.float()), augs)
+    smoothed.peak = unit_peak(smoothed.cams)  # the mean is final: it is not divided by its max
+    if result.layers is not None:
+        smoothed.layers = [_rows(layer, slice(identity * B, (identity + 1) * B)) for layer in result.layers]
     return smoothed

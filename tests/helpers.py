@@ -164,7 +164,8 @@ def assert_matches_reference(res: CAMResult, acts: np.ndarray, grads: np.ndarray
 # ----------------------------------------------------------------------------------------------------
 # The eigen family and smoothing: pytorch-grad-cam as oracle with our sign rule, host-read detector.
 
-PGC_PROJECTION_MODULES = ("base_cam", "eigen_cam", "eigen_grad_cam", "layer_cam", "hirescam", "fullgrad_cam")
+PGC_PROJECTION_MODULES = ("base_cam", "eigen_cam", "eigen_grad_cam", "layer_cam", "hirescam", "fullgrad_cam",
+                          "grad_cam_elementwise")
 
 
 def orient_like_ours(projection_fn):

@@ -83,11 +83,12 @@ def test_wrong_target_count_raises(resnet18, batch, cls):
             cam(input_tensor=x, targets=TARGETS + [ClassifierOutputTarget(1)])
 
 
-def pgc_and_ours(name, model, layers, x, targets, **kwargs):
+def pgc_and_ours(name, model, layers, x, targets, call=None, **kwargs):
+    """Class ``name`` of pytorch-grad-cam and ours built with ``kwargs``, called with ``call`` options."""
     with getattr(pgc, name)(model, layers, **kwargs) as theirs:
-        reference = theirs(x, targets)
+        reference = theirs(x, targets, **(call or {}))
     with getattr(cc, name)(model, layers, **kwargs) as ours:
-        mine = ours(x, targets)
+        mine = ours(x, targets, **(call or {}))
     return mine, reference
 
 
@@ -231,9 +232,12 @@ def test_smoothing_flags_equal_pytorch_grad_cam(resnet18, small, monkeypatch, fl
     np.testing.assert_allclose(mine, reference, atol=2e-3)
 
 
+NEW = ["GradCAMElementWise", "FEM", "ShapleyCAM", "FinerCAM", "EigenCAM", "EigenGradCAM", "KPCA_CAM", "FullGrad"]
+
+
 def test_every_class_is_exported():
-    for name in GRADIENT + ["ScoreCAM", "AblationCAM", "ClusteredFilteredGradCAM"]:
-        assert callable(getattr(cc, name))
+    for name in GRADIENT + NEW + ["ScoreCAM", "AblationCAM", "ClusteredFilteredGradCAM"]:
+        assert callable(getattr(cc, name)) and hasattr(pgc, name) or name == "ClusteredFilteredGradCAM"
 
 
 def test_published_variant_through_the_drop_in(resnet18, small):
@@ -249,3 +253,175 @@ def test_published_variant_through_the_drop_in(resnet18, small):
     assert maps.shape == (len(small), *small.shape[-2:]) and np.isfinite(maps).all()
     np.testing.assert_allclose(maps, expected, atol=1e-6)
     assert maps.max() > 0.99
+
+
+@pytest.fixture(scope="module")
+def resnet18_10(seeded):
+    """torchvision ResNet18 with a 10-class head, seeded weights."""
+    import torchvision
+
+    return seeded(lambda: torchvision.models.resnet18(weights=None, num_classes=10)).eval()
+
+
+@pytest.mark.parametrize("flags", [{"eigen_smooth": True}, {"aug_smooth": True},
+                                   {"aug_smooth": True, "eigen_smooth": True}], ids=["eigen", "aug", "both"])
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_smoothing_where_the_plain_map_is_zero(resnet18_10, x3, monkeypatch, flags, n_layers):
+    """Targets 1, 2, 3: the plain Grad-CAM of image 1 is all zero, its eigen-smoothed map is not; the
+    drop-in's map must be pytorch-grad-cam's (the scale of every transformed map, ``CAMResult.peak``,
+    taken after the transformation), for one layer and fused layers."""
+    patch_pgc_sign(monkeypatch)
+    layers = [resnet18_10.layer4[-1], resnet18_10.layer3[-1]][:n_layers]
+    targets = [ClassifierOutputTarget(c) for c in (1, 2, 3)]
+    with pgc.GradCAM(resnet18_10, layers) as theirs:
+        reference = theirs(x3, targets, **flags)
+        plain = theirs(x3, targets)
+    with cc.GradCAM(resnet18_10, layers) as ours:
+        mine = ours(x3, targets, **flags)
+    if n_layers == 1:
+        assert plain[1].max() == 0  # the reported case
+    if flags.get("eigen_smooth"):  # the plain map is zero in every copy: aug_smooth alone keeps it zero
+        assert reference[1].max() > 0.5
+    assert reference.max() > 0.5  # (an aug-smoothed map is a mean: its max may be below 1)
+    np.testing.assert_allclose(mine, reference, atol=2e-3)
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# The classes added for the complete drop-in, on real activations of two architectures.
+
+def architecture(request, name):
+    """("resnet18" | "lite0") -> the model and its last feature layer: seeded ResNet18 at ``layer4[-1]``,
+    the pretrained EfficientNet-Lite0 (ReLU6, depthwise convolutions) at ``bn2``."""
+    if name == "resnet18":
+        model = request.getfixturevalue("resnet18")
+        return model, [model.layer4[-1]]
+    model = request.getfixturevalue("efficientnet_lite0")
+    return model, [model.bn2]
+
+
+SOFT = [ClassifierOutputSoftmaxTarget(1), ClassifierOutputTarget(2), ClassifierOutputSoftmaxTarget(3)]
+
+
+@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("arch", ["resnet18", "lite0"])
+@pytest.mark.parametrize("targets", [None, SOFT], ids=["top1", "softmax+logit"])
+@pytest.mark.parametrize("eigen_smooth", [False, True], ids=["plain", "eigen"])
+def test_new_classes_equal_pytorch_grad_cam(request, x3, monkeypatch, name, arch, targets, eigen_smooth):
+    """Maps within 2e-3 of pytorch-grad-cam's (its principal components oriented by our sign rule, the
+    projection methods' only freedom) on photos through seeded ResNet18 and pretrained EfficientNet-Lite0."""
+    patch_pgc_sign(monkeypatch)
+    model, layers = architecture(request, arch)
+    if targets is not None and arch == "lite0":  # the photos' own classes (Egyptian cat, ...) in a real model
+        targets = [type(t)(c) for t, c in zip(targets, (285, 823, 430))]
+    mine, reference = pgc_and_ours(name, model, layers, x3, targets, {"eigen_smooth": eigen_smooth})
+    assert mine.shape == reference.shape == (3, 96, 96) and mine.dtype == np.float32
+    np.testing.assert_allclose(mine, reference, atol=2e-3)
+    assert reference.max() > 0.99
+
+
+def test_shapley_cam_uses_the_hessian(resnet18, x3):
+    """Through a linear head a logit has no curvature in layer4's output: ShapleyCAM is Grad-CAM there; a
+    softmax target has, and ShapleyCAM (equal to pytorch-grad-cam, above) differs from Grad-CAM."""
+    layers = [resnet18.layer4[-1]]
+    with cc.ShapleyCAM(resnet18, layers) as shapley, cc.GradCAM(resnet18, layers) as grad:
+        np.testing.assert_allclose(shapley(x3, [1, 2, 3]), grad(x3, [1, 2, 3]), atol=1e-6)
+        soft = [ClassifierOutputSoftmaxTarget(c) for c in (1, 2, 3)]
+        assert np.abs(shapley(x3, soft) - grad(x3, soft)).max() > 0.05
+
+
+@pytest.mark.parametrize("call", [{"target_idx": 5}, {"alpha": 0.5, "comparison_categories": [1, 4]},
+                                  {"eigen_smooth": True, "comparison_categories": [2]}],
+                         ids=["target_idx", "alpha+places", "eigen"])
+@pytest.mark.parametrize("base", ["GradCAM", "GradCAMPlusPlus", "LayerCAM"])
+def test_finer_cam_options_equal_pytorch_grad_cam(resnet18, x3, monkeypatch, call, base):
+    patch_pgc_sign(monkeypatch)
+    layers = [resnet18.layer4[-1]]
+    with pgc.FinerCAM(resnet18, layers, base_method=getattr(pgc, base)) as theirs:
+        reference = theirs(x3, **call)
+    with cc.FinerCAM(resnet18, layers, base_method=getattr(cc, base)) as ours:
+        mine = ours(x3, **call)
+        plain = cc.GradCAM(resnet18, layers)(x3, [5] * 3 if "target_idx" in call else None)
+    np.testing.assert_allclose(mine, reference, atol=2e-3)
+    assert np.abs(mine - plain).max() > 0.05  # the comparison classes change the map
+
+
+def test_finer_cam_given_targets_are_the_base_methods(resnet18, x3):
+    layers = [resnet18.layer4[-1]]
+    with cc.FinerCAM(resnet18, layers) as finer, cc.GradCAM(resnet18, layers) as grad:
+        np.testing.assert_array_equal(finer(x3, SOFT), grad(x3, SOFT))
+    with pytest.raises(ValueError, match="base_method"):
+        cc.FinerCAM(resnet18, layers, base_method=cc.ScoreCAM)
+
+
+def test_fem_and_kpca_options_equal_pytorch_grad_cam(resnet18, x3, monkeypatch):
+    patch_pgc_sign(monkeypatch)
+    layers = [resnet18.layer3[-1]]
+    for name, kwargs in (("FEM", {"k": 1}), ("KPCA_CAM", {"kernel": "rbf", "gamma": 0.01})):
+        mine, reference = pgc_and_ours(name, resnet18, layers, x3, None, **kwargs)
+        np.testing.assert_allclose(mine, reference, atol=2e-3, err_msg=name)
+        assert reference.max() > 0.99
+
+
+@pytest.mark.parametrize("name", ["ScoreCAM", "AblationCAM"])
+def test_perturbation_classes_with_several_layers(request, seeded, name):
+    """Score-CAM and Ablation-CAM with two target layers: each layer perturbed on its own, then fused, as
+    pytorch-grad-cam: a small two-stage net (a negative layer minimum at "mid") and ResNet18."""
+    net = seeded(SmallNet).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    mine, reference = pgc_and_ours(name, net, [net.stem, net.mid], x, None)
+    np.testing.assert_allclose(mine, reference, atol=2e-3)
+    resnet = request.getfixturevalue("resnet18")
+    photo = torch.nn.functional.interpolate(request.getfixturevalue("x3")[:1], size=(32, 32), mode="bilinear",
+                                            align_corners=False)
+    mine, reference = pgc_and_ours(name, resnet, [resnet.layer2, resnet.layer3], photo, SOFT[:1])
+    assert mine.shape == (1, 32, 32) and reference.max() > 0.99
+    np.testing.assert_allclose(mine, reference, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# pytorch-grad-cam's own usage examples (its README and example script), with only the import changed.
+
+def test_readme_usage_block(resnet18, batch):
+    """The README's first example: construct once in a ``with`` block, call with ClassifierOutputTargets,
+    take image 0's map, overlay it, read the model outputs."""
+    from cfcam_gpu.compat import (AblationCAM, EigenCAM, FullGrad, GradCAM, GradCAMPlusPlus, HiResCAM,
+                                  ScoreCAM, XGradCAM)
+
+    display, x = batch
+    model = resnet18
+    target_layers = [model.layer4[-1]]
+    input_tensor = torch.nn.functional.interpolate(x[:1], size=(64, 64), mode="bilinear", align_corners=False)
+    rgb_img = torch.nn.functional.interpolate(display[:1], size=(64, 64), mode="bilinear",
+                                              align_corners=False)[0].permute(1, 2, 0).numpy()
+    targets = [ClassifierOutputTarget(281)]
+    for cls in (GradCAM, HiResCAM, ScoreCAM, GradCAMPlusPlus, AblationCAM, XGradCAM, EigenCAM, FullGrad):
+        with cls(model=model, target_layers=target_layers) as cam:
+            grayscale_cam = cam(input_tensor=input_tensor, targets=targets)
+            grayscale_cam = grayscale_cam[0, :]
+            visualization = show_cam_on_image(rgb_img, grayscale_cam, use_rgb=True)
+            model_outputs = cam.outputs
+        assert grayscale_cam.shape == (64, 64) and visualization.shape == (64, 64, 3)
+        torch.testing.assert_close(model_outputs, model(input_tensor))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "scorecam", "gradcam++", "ablationcam", "xgradcam",
+                                    "eigencam", "eigengradcam", "layercam", "fullgrad", "gradcamelementwise"])
+def test_example_script_loop(seeded, monkeypatch, method):
+    """The example script's loop: a class picked by name, ``cam.batch_size = 32`` set on every class,
+    top-1 targets, both smoothings; equal to pytorch-grad-cam's maps."""
+    methods = {"gradcam": "GradCAM", "hirescam": "HiResCAM", "scorecam": "ScoreCAM", "gradcam++": "GradCAMPlusPlus",
+               "ablationcam": "AblationCAM", "xgradcam": "XGradCAM", "eigencam": "EigenCAM",
+               "eigengradcam": "EigenGradCAM", "layercam": "LayerCAM", "fullgrad": "FullGrad",
+               "gradcamelementwise": "GradCAMElementWise"}
+    patch_pgc_sign(monkeypatch)
+    net = seeded(lambda: SmallNet(linear=True)).eval()
+    input_tensor = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    maps = []
+    for module in (pgc, cc):
+        with getattr(module, methods[method])(model=net, target_layers=[net.mid]) as cam:
+            cam.batch_size = 4
+            maps.append(cam(input_tensor=input_tensor, targets=None, aug_smooth=True, eigen_smooth=True))
+    reference, mine = maps
+    assert mine.shape == (1, 16, 16) and reference.max() > 0.5
+    np.testing.assert_allclose(mine, reference, atol=2e-3)

@@ -42,5 +42,21 @@ def test_engine_with_two_layers(resnet18):
     torch.testing.assert_close(both.cams, fuse_cams([a.cams for a in alone], (64, 64)))
     chunked = cg.GradCAM(resnet18, layers, chunk_size=1)(x, [1, 2])
     torch.testing.assert_close(chunked.cams, both.cams)
-    with pytest.raises(ValueError, match="one layer at a time"):
-        cg.ScoreCAM(resnet18, layers)
+    assert torch.equal(both.peak, (both.cams.amax(dim=(1, 2)) > 0).float())  # a fused map is final
+
+
+@pytest.mark.parametrize("name", ["ScoreCAM", "AblationCAM"])
+def test_perturbation_methods_with_two_layers(name):
+    """Each layer explained on its own (as alone), then fused: the same as fusing the single-layer maps."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Conv2d(6, 5, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(5, 3)).eval()
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    layers = [net[1], net[4]]
+    both = getattr(cg, name)(net, layers)(x, [0, 2])
+    alone = [getattr(cg, name)(net, layer)(x, [0, 2]) for layer in layers]
+    assert both.cams.shape == (2, 12, 12) and both.weights.shape == (2, 6 + 5)
+    for mine, single in zip(both.layers, alone):
+        torch.testing.assert_close(mine.cams, single.cams)
+    torch.testing.assert_close(both.cams, fuse_cams([a.cams for a in alone], (12, 12)))

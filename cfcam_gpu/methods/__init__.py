@@ -4,11 +4,17 @@
 - ``perturbation``: Score-CAM, Ablation-CAM (extra forward passes);
 - ``eigen``: EigenCAM, EigenGradCAM, KPCA-CAM and the batched (kernel) principal-component projections;
 - ``fullgrad``: FullGrad (bias gradients of every layer);
+- ``fem``: FEM (k-sigma activation statistics); ``shapley``: ShapleyCAM (a Hessian-vector product);
+  ``finer``: Finer-CAM (a gradient method explaining the main class against its closest rivals);
 - ``registry``: ``METHODS``, ``build_method``, ``from_features_fn`` (and the names of the CF-CAM variants: exclude-dead, as published).
 """
 from ..cluster import dead_channels
-from .gradient import (GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM, elementwise_cam, gradcampp_from_features,
-                       hirescam_from_features, layercam_from_features, xgradcam_from_features)
+from .gradient import (GradCAMElementWise, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM, elementwise_cam,
+                       gradcam_elementwise_from_features, gradcampp_from_features, hirescam_from_features,
+                       layercam_from_features, xgradcam_from_features)
+from .fem import FEM, fem_from_features, fem_weights
+from .finer import FinerCAM, finer_scores
+from .shapley import ShapleyCAM, shapleycam_from_features
 from .eigen import (KPCACAM, EigenCAM, EigenGradCAM, eigencam_from_features, eigengradcam_from_features,
                     kernel_pca_projection, kpcacam_from_features, pca_projection)
 from .fullgrad import FullGrad, fullgrad_from_gradients
@@ -23,4 +29,6 @@ __all__ = [
     "from_features_fn", "gradcampp_from_features", "head_after", "hirescam_from_features",
     "layercam_from_features", "xgradcam_from_features", "eigencam_from_features", "eigengradcam_from_features",
     "kpcacam_from_features", "pca_projection", "kernel_pca_projection", "fullgrad_from_gradients",
+    "GradCAMElementWise", "gradcam_elementwise_from_features", "FEM", "fem_from_features", "fem_weights",
+    "FinerCAM", "finer_scores", "ShapleyCAM", "shapleycam_from_features",
 ]

@@ -37,11 +37,13 @@ REFINE = 3
 KERNELS = ("sigmoid", "rbf", "poly", "linear", "cosine")
 
 
-def relu_max(maps: Tensor) -> Tensor:
-    """relu(maps) divided by its per-image max where that is > 0: (B, h, w) -> (B, h, w) float32 in [0, 1]."""
+def relu_max(maps: Tensor, with_peak: bool = False):
+    """relu(maps) divided by its per-image max where that is > 0: (B, h, w) -> (B, h, w) float32 in [0, 1];
+    with ``with_peak`` also the (B,) maxima before the division (``CAMResult.peak``)."""
     maps = maps.float().clamp_min(0)
     peak = maps.amax(dim=(1, 2), keepdim=True)
-    return maps / torch.where(peak > 0, peak, torch.ones_like(peak))
+    out = maps / torch.where(peak > 0, peak, torch.ones_like(peak))
+    return (out, peak[:, 0, 0]) if with_peak else out
 
 
 def minmax(maps: Tensor, eps: float = 0.0) -> Tensor:
@@ -170,7 +172,8 @@ def eigencam_from_features(activations: Tensor, gradients: Tensor | None = None,
     """
     validate_features(activations, activations if gradients is None else gradients, check_values)
     projection, v = pca_projection(activations, sync_free)
-    return CAMResult(cams=relu_max(projection), weights=v.float())
+    cams, peak = relu_max(projection, with_peak=True)
+    return CAMResult(cams=cams, weights=v.float(), peak=peak)
 
 
 def eigengradcam_from_features(activations: Tensor, gradients: Tensor, check_values: bool = True,
@@ -181,7 +184,8 @@ def eigengradcam_from_features(activations: Tensor, gradients: Tensor, check_val
     """
     validate_features(activations, gradients, check_values)
     projection, v = pca_projection(gradients * activations, sync_free)
-    return CAMResult(cams=relu_max(projection), weights=v.float())
+    cams, peak = relu_max(projection, with_peak=True)
+    return CAMResult(cams=cams, weights=v.float(), peak=peak)
 
 
 def kpcacam_from_features(activations: Tensor, gradients: Tensor | None = None, check_values: bool = True,
@@ -194,7 +198,8 @@ def kpcacam_from_features(activations: Tensor, gradients: Tensor | None = None, 
     """
     validate_features(activations, activations if gradients is None else gradients, check_values)
     projection = kernel_pca_projection(activations, kernel, gamma, degree, coef0, sync_free)
-    return CAMResult(cams=relu_max(projection), weights=activations.float().mean(dim=(2, 3)))
+    cams, peak = relu_max(projection, with_peak=True)
+    return CAMResult(cams=cams, weights=activations.float().mean(dim=(2, 3)), peak=peak)
 
 
 class _EigenEngine(_CAMEngine):

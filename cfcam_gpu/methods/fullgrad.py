@@ -49,11 +49,13 @@ def _resize(maps: Tensor, size) -> Tensor:
 
 def fullgrad_from_gradients(images: Tensor, input_grads: Tensor, biases: list[Tensor],
                             layer_grads: list[Tensor], eigen_smooth: bool = False,
-                            sync_free: bool | None = None) -> Tensor:
+                            sync_free: bool | None = None, with_peak: bool = False):
     """FullGrad maps from the gradients of the score.
 
     images, input_grads: (B, 3, H, W); biases[l]: (C_l,); layer_grads[l]: (B, C_l, h_l, w_l), the score's
-    gradient at bias layer l's output -> (B, H, W) float32 in [0, 1].
+    gradient at bias layer l's output -> (B, H, W) float32 in [0, 1]; with ``with_peak`` also the (B,)
+    span (max - min) of the total before its min-max scaling (``CAMResult.peak``: cams * peak is the
+    total up to an offset).
     """
     size = images.shape[-2:]
     terms = [minmax((input_grads.float() * images.float()).abs(), CHANNEL_EPS)]  # (B, 3, H, W)
@@ -61,11 +63,16 @@ def fullgrad_from_gradients(images: Tensor, input_grads: Tensor, biases: list[Te
         per_channel = minmax((bias.float()[None, :, None, None] * grads.float()).abs(), CHANNEL_EPS)
         terms.append(_resize(per_channel.sum(dim=1, keepdim=True), size))  # resize is linear: sum first
     if not eigen_smooth:
-        return minmax(sum(t.sum(dim=1) for t in terms))
-    stack = torch.cat(terms, dim=1)  # (B, 3 + L, H, W)
-    small = _resize(minmax(stack, CHANNEL_EPS), (size[0] // 8, size[1] // 8))
-    projection = minmax(pca_projection(small, sync_free)[0], CHANNEL_EPS)
-    return minmax(_resize(projection[:, None], size)[:, 0])
+        total = sum(t.sum(dim=1) for t in terms)
+    else:
+        stack = torch.cat(terms, dim=1)  # (B, 3 + L, H, W)
+        small = _resize(minmax(stack, CHANNEL_EPS), (size[0] // 8, size[1] // 8))
+        projection = minmax(pca_projection(small, sync_free)[0], CHANNEL_EPS)
+        total = _resize(projection[:, None], size)[:, 0]
+    cams = minmax(total)
+    if not with_peak:
+        return cams
+    return cams, total.amax(dim=(1, 2)) - total.amin(dim=(1, 2))
 
 
 class FullGrad(_CAMEngine):
@@ -102,6 +109,7 @@ class FullGrad(_CAMEngine):
                 target = resolve(targets, logits)  # every kind of target, as the other engines
                 grads = torch.autograd.grad(target.scores(logits).sum(), [x] + [out for out, _ in captured])
         biases = [bias_of_layer for _, bias_of_layer in captured]
-        cams = fullgrad_from_gradients(images, grads[0], biases, list(grads[1:]), eigen_smooth, self.sync_free)
+        cams, peak = fullgrad_from_gradients(images, grads[0], biases, list(grads[1:]), eigen_smooth,
+                                             self.sync_free, with_peak=True)
         return CAMResult(cams=cams, weights=cams.new_zeros(images.shape[0], 0), targets=target.indices,
-                         logits=logits.detach())
+                         logits=logits.detach(), peak=peak)

@@ -7,6 +7,7 @@ subclass (``Cls(model, target_layer, **options)``, ``cam(images, targets)``):
     XGradCAM         xgradcam_from_features    w_c = sum_ij g A / (sum_ij A + 1e-7)
     LayerCAM         layercam_from_features    cam = sum_c relu(g) A          (element-wise weights)
     HiResCAM         hirescam_from_features    cam = sum_c g A                (element-wise weights)
+    GradCAMElementWise  gradcam_elementwise_from_features  cam = sum_c relu(g A)  (element-wise weights)
 
 Every map is relu(sum) divided by its maximum (``cam.weighted_cam``'s normalisation); pytorch-grad-cam
 min-max scales after the ReLU and resizes with cv2, so maps agree up to an affine change (the tests
@@ -98,6 +99,18 @@ def hirescam_from_features(activations: Tensor, gradients: Tensor, check_values:
     return _result(*elementwise_cam(acts, grads, with_peak=True), grads.mean(dim=(2, 3)))
 
 
+def gradcam_elementwise_from_features(activations: Tensor, gradients: Tensor,
+                                      check_values: bool = True) -> CAMResult:
+    """Element-wise Grad-CAM (pytorch-grad-cam's GradCAMElementWise): cam = relu(sum_c relu(g A)).
+    weights: spatial mean of g (informational).
+
+    activations, gradients: (B, C, h, w) -> CAMResult (cams (B, h, w), weights (B, C)).
+    """
+    acts, grads = _prepare(activations, gradients, check_values)
+    cams, peak = normalise((grads * acts).clamp_min(0).sum(dim=1), with_peak=True)
+    return _result(cams, peak, grads.mean(dim=(2, 3)))
+
+
 class GradCAMPlusPlus(_CAMEngine):
     """Grad-CAM++ with the batched engine; ``eps`` as ``gradcampp_from_features`` (1e-6: pytorch-grad-cam)."""
 
@@ -134,3 +147,13 @@ class HiResCAM(_CAMEngine):
 
     def _weighted_activations(self, activations, gradients, result):
         return gradients.float() * activations.float()
+
+
+class GradCAMElementWise(_CAMEngine):
+    """Element-wise Grad-CAM with the batched engine; ``eigen_smooth`` projects relu(g A)."""
+
+    def _from_features(self, activations, gradients):
+        return gradcam_elementwise_from_features(activations, gradients, check_values=self.check_values)
+
+    def _weighted_activations(self, activations, gradients, result):
+        return (gradients.float() * activations.float()).clamp_min(0)

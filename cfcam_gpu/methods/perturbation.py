@@ -3,7 +3,9 @@
     ScoreCAM     one masked forward per (image, channel), chunked over (image, channel) pairs
     AblationCAM  one forward of the layers *above* the target per (image, channel), channel zeroed
 
-Both override the engine's ``_explain_images`` (they need the images, not only the features).
+Both override the engine's ``_explain_images`` (they need the images, not only the features). With
+several target layers each layer is explained on its own (its own masked inputs or ablations), and the
+maps are fused as the engine fuses layers (``engine.combine_layers``), as pytorch-grad-cam does.
 Shapes: B images, C channels, H x W input, h x w feature map, L classes.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 
 from ..cam import CAMResult, weighted_cam
 from ..cluster import dead_channels
-from ..engine import _CAMEngine
+from ..engine import _CAMEngine, combine_layers
 from ..hooks import eval_mode, forward_hook
 from ..targets import Target
 
@@ -35,11 +37,6 @@ def _pair_chunks(B: int, C: int, chunk: int, device, keep: Tensor | None = None)
 
 class _ForwardMixin:
     """Model passes in eval mode under no_grad and the engine's autocast, state restored afterwards."""
-
-    def _one_layer(self) -> None:
-        if len(self.target_layers) != 1:
-            raise ValueError(f"target_layer: {type(self).__name__} explains one layer at a time, got "
-                             f"{len(self.target_layers)} layers")
 
     def _no_grad_forward(self, fn: Callable, *args):
         with eval_mode(self.model), torch.no_grad(), self._autocast(args[0]):
@@ -75,7 +72,6 @@ class ScoreCAM(_ForwardMixin, _CAMEngine):
         if score not in ("softmax", "logit"):
             raise ValueError(f"score: expected 'softmax' or 'logit', got {score!r}")
         self.score_batch_size, self.score, self.channel_softmax = score_batch_size, score, channel_softmax
-        self._one_layer()
 
     def _target_score(self, output, target: Target, b: Tensor) -> Tensor:
         """Scores (S,) of the masked outputs, row s from image b[s]: ``score`` applies to class-index
@@ -85,12 +81,17 @@ class ScoreCAM(_ForwardMixin, _CAMEngine):
         return target.rows(output, b).float()
 
     def _explain_images(self, images: Tensor, targets, eigen_smooth: bool = False) -> CAMResult:
-        acts, grads, target, output = self._capture_one(images, targets)
-        scores = self.channel_scores(images, acts, target)
-        weights = scores.softmax(dim=1) if self.channel_softmax else scores
-        cams, peak = weighted_cam(acts, weights, with_peak=True)
-        result = CAMResult(cams=cams, weights=weights, peak=peak, targets=target.indices, logits=output)
-        return self._smooth(result, acts, grads, eigen_smooth)
+        layers_acts, layers_grads, target, output = self._capture(images, targets)
+        results = []
+        for acts, grads in zip(layers_acts, layers_grads):
+            scores = self.channel_scores(images, acts, target)
+            weights = scores.softmax(dim=1) if self.channel_softmax else scores
+            cams, peak = weighted_cam(acts, weights, with_peak=True)
+            results.append(self._smooth(CAMResult(cams=cams, weights=weights, peak=peak), acts, grads,
+                                        eigen_smooth))
+        result = combine_layers(results, images.shape[-2:])
+        result.targets, result.logits = target.indices, output
+        return result
 
     def channel_scores(self, images: Tensor, acts: Tensor, target: Target) -> Tensor:
         """The target's score for every masked input: (B, C)."""
@@ -174,7 +175,6 @@ class AblationCAM(_ForwardMixin, _CAMEngine):
     def __init__(self, model: nn.Module, target_layer, ablation_batch_size: int = 256,
                  ablation_value: str = "zero", pgc_batch_size: int = 32, **options):
         super().__init__(model, target_layer, **options)
-        self._one_layer()
         if ablation_value not in ("zero", "pytorch-grad-cam"):
             raise ValueError(f"ablation_value: expected 'zero' or 'pytorch-grad-cam', got {ablation_value!r}")
         self.ablation_value, self.pgc_batch_size = ablation_value, pgc_batch_size
@@ -185,32 +185,34 @@ class AblationCAM(_ForwardMixin, _CAMEngine):
                 or ablation_batch_size < 1):
             raise ValueError(f"ablation_batch_size: expected an int >= 1, got {ablation_batch_size!r}")
         self.ablation_batch_size = ablation_batch_size
-        self._head: nn.Module | None | bool = False  # False: not built yet
+        self._heads: list = [False] * len(self.target_layers)  # per layer; False: not built yet
         self.uses_head = False
 
-    def _full_forward(self, images: Tensor, feats: Tensor) -> Tensor:
-        with forward_hook(self.target_layer, lambda module, inputs, output: feats):
+    def _full_forward(self, images: Tensor, feats: Tensor, layer: nn.Module) -> Tensor:
+        with forward_hook(layer, lambda module, inputs, output: feats):
             return self.model(images)
 
-    def _head_fn(self, images: Tensor, acts: Tensor, logits) -> Callable[[Tensor, Tensor], Tensor]:
-        if self._head is False and not isinstance(logits, Tensor):
-            self._head = None  # a structured output: re-run the whole model
-        if self._head is False:
-            self._head = head_after(self.model, self.target_layer)
-            if self._head is not None:
-                check = self._no_grad_forward(self._head, acts)
+    def _head_fn(self, images: Tensor, acts: Tensor, logits, n: int = 0) -> Callable[[Tensor, Tensor], Tensor]:
+        """The forward of target layer n's ablated features: its traced head, or the whole model."""
+        layer = self.target_layers[n]
+        if self._heads[n] is False and not isinstance(logits, Tensor):
+            self._heads[n] = None  # a structured output: re-run the whole model
+        if self._heads[n] is False:
+            self._heads[n] = head_after(self.model, layer)
+            if self._heads[n] is not None:
+                check = self._no_grad_forward(self._heads[n], acts)
                 check = check.float() if isinstance(check, Tensor) else check
                 scale = logits.abs().amax().clamp_min(1e-6)
                 if (not isinstance(check, Tensor) or check.shape != logits.shape
                         or (check - logits.float()).abs().amax() > 1e-3 * scale):
                     warnings.warn("AblationCAM: the traced head does not reproduce the logits; re-running "
                                   "the whole model per ablation instead", RuntimeWarning, stacklevel=3)
-                    self._head = None
-        self.uses_head = self._head is not None
-        if self._head is not None:
-            head = self._head
+                    self._heads[n] = None
+        head = self._heads[n]
+        self.uses_head = head is not None
+        if head is not None:
             return lambda b, feats: self._no_grad_forward(head, feats)
-        return lambda b, feats: self._no_grad_forward(self._full_forward, images[b], feats)
+        return lambda b, feats: self._no_grad_forward(self._full_forward, images[b], feats, layer)
 
     def _values(self, acts: Tensor) -> Tensor:
         """(B, C) the value each ablated channel is set to."""
@@ -222,11 +224,20 @@ class AblationCAM(_ForwardMixin, _CAMEngine):
         return torch.where(low == 0, torch.zeros_like(low), low - k * 1e7)
 
     def _explain_images(self, images: Tensor, targets, eigen_smooth: bool = False) -> CAMResult:
-        acts, grads, target, output = self._capture_one(images, targets)
-        B, C = acts.shape[:2]
-        run = self._head_fn(images, acts, output)
-        everyone = torch.arange(B, device=images.device)
+        layers_acts, layers_grads, target, output = self._capture(images, targets)
+        everyone = torch.arange(images.shape[0], device=images.device)
         original = target.rows(output, everyone).float()  # (B,)
+        results = [self._smooth(self._ablate(images, acts, target, output, original, n), acts, grads, eigen_smooth)
+                   for n, (acts, grads) in enumerate(zip(layers_acts, layers_grads))]
+        result = combine_layers(results, images.shape[-2:])
+        result.targets, result.logits = target.indices, output
+        return result
+
+    def _ablate(self, images: Tensor, acts: Tensor, target: Target, output, original: Tensor,
+                n: int) -> CAMResult:
+        """Target layer n's map: acts (B, C, h, w), original (B,) the target's scores -> CAMResult."""
+        B, C = acts.shape[:2]
+        run = self._head_fn(images, acts, output, n)
         ablated = original[:, None].repeat(1, C)
         flat = ablated.view(-1)
         values = self._values(acts)
@@ -237,5 +248,4 @@ class AblationCAM(_ForwardMixin, _CAMEngine):
             flat[b * C + c] = target.rows(run(b, feats), b).float()
         weights = (original[:, None] - ablated) / original[:, None]
         cams, peak = weighted_cam(acts, weights, with_peak=True)
-        result = CAMResult(cams=cams, weights=weights, peak=peak, targets=target.indices, logits=output)
-        return self._smooth(result, acts, grads, eigen_smooth)
+        return CAMResult(cams=cams, weights=weights, peak=peak)

@@ -10,12 +10,16 @@ from torch import Tensor, nn
 
 from ..cam import CAMResult, cfcam_from_features, gradcam_from_features
 from ..engine import CFCAM, GradCAM, _CAMEngine
-from .gradient import (GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM, gradcampp_from_features,
-                       hirescam_from_features, layercam_from_features, xgradcam_from_features)
+from .fem import FEM, fem_from_features
+from .finer import FinerCAM
+from .gradient import (GradCAMElementWise, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM,
+                       gradcam_elementwise_from_features, gradcampp_from_features, hirescam_from_features,
+                       layercam_from_features, xgradcam_from_features)
 from .eigen import (EigenCAM, EigenGradCAM, KPCACAM, eigencam_from_features, eigengradcam_from_features,
                     kpcacam_from_features)
 from .fullgrad import FullGrad
 from .perturbation import AblationCAM, ScoreCAM
+from .shapley import ShapleyCAM
 
 
 def cfcam_exclude_dead_from_features(activations: Tensor, gradients: Tensor,
@@ -61,6 +65,10 @@ METHODS: dict[str, type] = {
     "kpcacam": KPCACAM,
     "fullgrad": FullGrad,
     "cfcam-paper": CFCAMPaper,
+    "gradcam-elementwise": GradCAMElementWise,
+    "finercam": FinerCAM,
+    "shapleycam": ShapleyCAM,
+    "fem": FEM,
 }
 
 _FROM_FEATURES: dict[str, Callable] = {
@@ -75,6 +83,8 @@ _FROM_FEATURES: dict[str, Callable] = {
     "eigengradcam": eigengradcam_from_features,
     "kpcacam": kpcacam_from_features,
     "cfcam-paper": cfcam_paper_from_features,
+    "gradcam-elementwise": gradcam_elementwise_from_features,
+    "fem": fem_from_features,
 }
 
 
@@ -91,6 +101,7 @@ def build_method(name: str, model: nn.Module, target_layer, **options) -> _CAMEn
 
 def from_features_fn(name: str) -> Callable | None:
     """The pure (activations, gradients) -> CAMResult function of a method; None for those that need the
-    images (scorecam, ablationcam, fullgrad). eigencam and kpcacam ignore the gradients."""
+    images (scorecam, ablationcam, fullgrad), second derivatives (shapleycam) or their own target
+    (finercam). eigencam, kpcacam and fem ignore the gradients."""
     _check_name(name)
     return _FROM_FEATURES.get(name)
