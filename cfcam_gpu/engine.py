@@ -232,6 +232,14 @@ class _CAMEngine:
                                                getattr(self, "sync_free", None), with_peak=True)
         return result
 
+    def from_features(self, activations: Tensor, gradients: Tensor, eigen_smooth: bool = False) -> CAMResult:
+        """The engine's map of features already captured at its (first) target layer, as ``__call__``
+        makes it after the backward pass (``eigen_smooth`` as there).
+
+        activations, gradients: (B, C, h, w) -> CAMResult with cams (B, h, w).
+        """
+        return self._smooth(self._from_features(activations, gradients), activations, gradients, eigen_smooth)
+
     def _combine(self, acts: list, grads: list, size, eigen_smooth: bool = False) -> CAMResult:
         results = [self._smooth(self._from_features(a, g), a, g, eigen_smooth) for a, g in zip(acts, grads)]
         return combine_layers(results, size)

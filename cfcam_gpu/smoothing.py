@@ -94,12 +94,17 @@ def aug_smooth(explain: Callable[[Tensor, object], CAMResult], images: Tensor, t
     result = explain(augment(images, augs), _repeat_targets(targets, B, len(augs)))
     identity = next((a for a, (flip, factor) in enumerate(augs) if not flip and factor == 1.0), 0)
     smoothed = _rows(result, slice(identity * B, (identity + 1) * B))
-    maps = result.cams
-    if tuple(maps.shape[-2:]) != tuple(images.shape[-2:]):
-        maps = F.interpolate(maps[:, None].float(), size=tuple(images.shape[-2:]), mode="bilinear",
-                             align_corners=False)[:, 0]
-    smoothed.cams = deaugment_mean(minmax(maps.float()), augs)
+    smoothed.cams = aug_mean(result.cams, tuple(images.shape[-2:]), augs)
     smoothed.peak = unit_peak(smoothed.cams)  # the mean is final: it is not divided by its max
     if result.layers is not None:
         smoothed.layers = [_rows(layer, slice(identity * B, (identity + 1) * B)) for layer in result.layers]
     return smoothed
+
+
+def aug_mean(cams: Tensor, size, augs: Sequence[tuple[bool, float]]) -> Tensor:
+    """The maps of ``augment``'s copies (A * B, h, w) -> the smoothed maps (B, H, W): each upsampled to
+    ``size`` = (H, W) (bilinear, align_corners=False), min-max scaled, de-augmented, averaged."""
+    maps = cams.float()
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return deaugment_mean(minmax(maps), augs)

@@ -159,6 +159,39 @@ def test_smoothing_flags_change_the_maps_and_are_recorded(tmp_path, photos):
     assert not np.allclose(curves[""], curves["--eigen-smooth"])
 
 
+@pytest.mark.parametrize("aug,eigen", [(False, False), (True, False), (False, True), (True, True)])
+def test_robustness_perturbs_the_map_that_was_asked_for(aug, eigen):
+    """score_methods' robustness perturbs smoothed_map_fn's map, whose clean map is the engine's
+    (smoothed) map; a share of a batch (torchrun) gets the whole batch's values, aug copies included."""
+    import torch
+    import torchvision
+
+    from cfcam_gpu.app.scores import _robustness, features, score_methods, smoothed_map_fn
+    from cfcam_gpu.methods import build_method
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    x = torch.randn(3, 3, 48, 48)
+    acts, grads, tgt, _ = features(model, "layer3", x)
+    engine = build_method("gradcam++", model, "layer3")
+    fn, a, g, copies = smoothed_map_fn(engine, model, "layer3", x, tgt, acts, grads, aug, eigen)
+    assert copies == (6 if aug else 1) and a.shape[0] == 3 * copies
+    want = engine(x, tgt, aug_smooth=aug, eigen_smooth=eigen).cams
+    torch.testing.assert_close(fn(a, g).cams, want, rtol=0, atol=1e-5)
+    if not (aug or eigen):
+        torch.testing.assert_close(want, build_method("gradcam++", model, "layer3")(x, tgt).cams)
+    gen = torch.Generator().manual_seed(0)  # score_methods' seed
+    whole = _robustness(fn, a, g, (0.5,), gen, (48, 48), [0, 1, 2], 3, copies)[0.5]
+    fn2, a2, g2, _ = smoothed_map_fn(engine, model, "layer3", x[1:], tgt[1:], acts[1:], grads[1:], aug, eigen)
+    share = _robustness(fn2, a2, g2, (0.5,), gen.manual_seed(0), (48, 48), [1, 2], 3, copies)[0.5]
+    torch.testing.assert_close(share.mse, whole.mse[1:], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(share.ssim, whole.ssim[1:], rtol=1e-4, atol=1e-7)
+    scored = score_methods(model, "layer3", x, ["gradcam++"], (0.5,) * 3, (0.2,) * 3, [0, 1, 2], 3, steps=1,
+                           sigmas=(0.5,), aug_smooth=aug, eigen_smooth=eigen)["per_image"]["gradcam++"]
+    np.testing.assert_allclose(scored["robustness"][0.5]["mse"], whole.mse.numpy(), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(scored["robustness"][0.5]["ssim"], whole.ssim.numpy(), rtol=1e-5, atol=1e-9)
+
+
 def test_intervals_stay_within_each_quantity_range():
     from cfcam_gpu.app import report
 

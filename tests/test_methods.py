@@ -258,3 +258,52 @@ def test_exclude_dead_engine_and_degenerate_images(resnet18, x2):
     assert (out.labels == -1).all() and (out.cams == 0).all() and (out.n_clusters == 0).all()
     with pytest.raises(ValueError, match="backend"):
         bl.CFCAMExcludeDead(resnet18, "layer4", backend="sklearn")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Extreme scales: power-of-two scaling inside the gradient family, against NumPy float64 formulas.
+
+def _formula_maps(name: str, A: np.ndarray, G: np.ndarray):
+    """(weights (B, C) or None, cams (B, h, w)) in float64 from pytorch-grad-cam's formulas."""
+    sum_a = A.sum(axis=(2, 3), keepdims=True)
+    if name == "gradcampp":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            aij = np.where(G != 0, G**2 / (2 * G**2 + sum_a * G**3 + 1e-6), 0)
+        w = (np.maximum(G, 0) * aij).sum(axis=(2, 3))
+        cam = (w[:, :, None, None] * A).sum(1)
+    elif name == "xgradcam":
+        w = (G * A / (sum_a + 1e-7)).sum(axis=(2, 3))
+        cam = (w[:, :, None, None] * A).sum(1)
+    else:
+        W = np.maximum(G, 0) if name == "layercam" else G
+        w, cam = W.mean(axis=(2, 3)), (W * A).sum(1)
+    cam = np.maximum(cam, 0)
+    peak = cam.max(axis=(1, 2), keepdims=True)
+    return w, cam / np.where(peak > 0, peak, 1)
+
+
+@pytest.fixture(scope="module")
+def resnet18_layer4(resnet18, x3, capture):
+    acts, grads, _, _ = capture(resnet18, resnet18.layer4[-1], x3)
+    return acts.double(), grads.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["gradcampp", "xgradcam", "layercam", "hirescam"])
+def test_gradient_family_at_extreme_scales(resnet18_layer4, name, dtype):
+    """Real ResNet18 layer4 features scaled by 1e-30 .. 1e30 (activations and gradients independently):
+    finite CAMs equal to the float64 formulas on the same (rounded) values, weights too where float32
+    holds them."""
+    fn = {"gradcampp": bl.gradcampp_from_features, "xgradcam": bl.xgradcam_from_features,
+          "layercam": bl.layercam_from_features, "hirescam": bl.hirescam_from_features}[name]
+    for sa in (1e-30, 1.0, 1e30):
+        for sg in (1e-30, 1.0, 1e30):
+            a, g = (resnet18_layer4[0] * sa).to(dtype), (resnet18_layer4[1] * sg).to(dtype)
+            res = fn(a, g)
+            w_ref, cam_ref = _formula_maps(name, a.double().numpy(), g.double().numpy())
+            assert np.isfinite(cam_ref).all() and cam_ref.max() == 1, (sa, sg)
+            assert torch.isfinite(res.cams).all(), (name, sa, sg)
+            np.testing.assert_allclose(res.cams.numpy(), cam_ref, rtol=0, atol=2e-5, err_msg=f"{sa} {sg}")
+            held = (np.abs(w_ref) > 1e-37) & (np.abs(w_ref) < 1e37)
+            np.testing.assert_allclose(res.weights.double().numpy()[held], w_ref[held], rtol=1e-4,
+                                       err_msg=f"{sa} {sg}")

@@ -66,7 +66,8 @@ def markdown(summary: dict, result: dict, context: dict) -> str:
              f"mean [{INTERVAL}]. Deletion: zero (mean-colour) baseline; insertion: blurred "
              f"image; {context['steps']} steps. Robustness: Gaussian noise of sigma x std(gradients) on the "
              f"target-layer gradients, CAMs compared at the input size (SSIM: Gaussian window 1.5)"
-             + ("; of the maps without --aug-smooth / --eigen-smooth" if context.get("smoothed") else "") + ".", "",
+             + ("; of the smoothed maps (with --aug-smooth, the noise is on every augmented copy's gradients)"
+                if context.get("smoothed") else "") + ".", "",
              "| Method | Avg Drop % ↓ | Increase % ↑ | Avg Drop % (CAM>0.5) ↓ | Increase % (CAM>0.5) ↑ "
              "| Deletion AUC ↓ | Insertion AUC ↑ | s / image |",
              "|---|---|---|---|---|---|---|---|"]

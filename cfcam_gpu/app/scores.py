@@ -59,21 +59,23 @@ def _engine(name: str, model, layer, forward_batch_size: int, reshape_transform=
 
 
 def _fn(name: str):
-    """The (activations, gradients) function the robustness metric perturbs; None where it does not apply."""
+    """The method's pure (activations, gradients) function; None where the robustness metric does not
+    apply (it then perturbs ``smoothed_map_fn``'s map)."""
     return None if robustness_free(name) else from_features_fn(name)
 
 
-def features(model, layer, images: torch.Tensor, reshape_transform=None):
-    """The target layer's activations and gradients (B, C, h, w) for the top-1 logits, the top-1 classes
-    (B,) and the logits (B, L): one forward pass (eval mode, no graph below the layer), one backward.
-    ``reshape_transform`` maps the layer's output and its gradient to (B, C, h, w) (transformer tokens)."""
+def features(model, layer, images: torch.Tensor, reshape_transform=None, targets: torch.Tensor | None = None):
+    """The target layer's activations and gradients (B, C, h, w) for the logits of ``targets`` (B,) (None:
+    the top-1 classes), those classes (B,) and the logits (B, L): one forward pass (eval mode, no graph
+    below the layer), one backward. ``reshape_transform`` maps the layer's output and its gradient to
+    (B, C, h, w) (transformer tokens)."""
     capture = LeafCapture()
     with forward_hook(resolve_layer(model, layer), capture), eval_mode(model):
         with torch.no_grad():
             logits = model(images)
         if capture.output is None:
             raise ValueError("target_layer: expected the layer to run in the model's forward pass")
-        targets = resolve_targets(None, logits)
+        targets = resolve_targets(targets, logits)
         with torch.enable_grad():
             (grads,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), capture.output)
     acts = capture.output.detach()
@@ -99,17 +101,47 @@ def global_spans(positions: Sequence[int], batch_size: int, total: int) -> list:
     return spans
 
 
-def _robustness(fn, acts, grads, sigmas, generator, size, rows: list[int], n: int) -> dict:
+def smoothed_map_fn(engine, model, layer, x: torch.Tensor, targets: torch.Tensor, acts, grads,
+                    aug_smooth: bool = False, eigen_smooth: bool = False, reshape_transform=None):
+    """What the robustness metric perturbs, for the map the evaluation asked for: (fn, acts, grads,
+    copies) with ``fn(acts, grads).cams`` equal to ``engine(x, targets, aug_smooth, eigen_smooth).cams``.
+
+    Without ``aug_smooth``: the engine's map of the given features (acts, grads (B, C, h, w)), copies = 1.
+    With it: the features of the A augmented copies of x (``smoothing.augment``, (A * B, C, h, w),
+    copy-major, every copy explaining ``targets``), copies = A, and fn averages the copies' maps as
+    ``smoothing.aug_smooth`` does ((B, H, W)); the noise then perturbs every copy's gradients."""
+    def plain(a, g):
+        return engine.from_features(a, g, eigen_smooth)
+
+    if not aug_smooth:
+        return plain, acts, grads, 1
+    from ..smoothing import aug_mean, augment, augmentations
+
+    augs = augmentations()
+    acts, grads, _, _ = features(model, layer, augment(x, augs), reshape_transform, targets.repeat(len(augs)))
+
+    def smoothed(a, g):
+        result = plain(a, g)
+        result.cams = aug_mean(result.cams, x.shape[-2:], augs)
+        return result
+
+    return smoothed, acts, grads, len(augs)
+
+
+def _robustness(fn, acts, grads, sigmas, generator, size, rows: list[int], n: int, copies: int = 1) -> dict:
     """``metrics.robustness`` for rows ``rows`` of a batch of ``n``, with the noise the whole batch draws.
 
     A share of a batch (under torchrun) is padded to ``n`` rows (copies of its first row) so that
-    ``metrics.robustness`` draws the noise of the whole batch; the rows' own values are kept."""
+    ``metrics.robustness`` draws the noise of the whole batch; the rows' own values are kept. With
+    ``copies`` > 1 (aug smoothing), acts and grads hold ``copies`` blocks of len(rows) rows (copy-major)
+    and fn maps ``copies`` * n rows to n maps."""
     if rows == list(range(n)):
         return M.robustness(fn, acts, grads, sigmas, generator, size=size)
     index = torch.as_tensor(rows, device=grads.device)
-    padded_acts = acts[:1].repeat(n, *([1] * (acts.ndim - 1)))
-    padded_grads = grads[:1].repeat(n, *([1] * (grads.ndim - 1)))
-    padded_acts[index], padded_grads[index] = acts, grads
+    blocks = torch.cat([index + a * n for a in range(copies)])
+    padded_acts = acts[:1].repeat(n * copies, *([1] * (acts.ndim - 1)))
+    padded_grads = grads[:1].repeat(n * copies, *([1] * (grads.ndim - 1)))
+    padded_acts[blocks], padded_grads[blocks] = acts, grads
     result = M.robustness(fn, padded_acts, padded_grads, sigmas, generator, size=size)
     return {s: M.Robustness(r.ssim[index], r.mse[index]) for s, r in result.items()}
 
@@ -159,8 +191,9 @@ def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], me
     one process; one rank's share under torchrun). They are batched as that whole list is (batch k:
     places [k * batch_size, (k + 1) * batch_size)) and each image gets the gradient noise it gets when the
     whole list is evaluated in one process, so every per-image value is the one-process value.
-    ``aug_smooth`` / ``eigen_smooth`` go to every engine call (the robustness metric perturbs the method's
-    plain (activations, gradients) function: it measures the map without smoothing). ``metrics``: the
+    ``aug_smooth`` / ``eigen_smooth`` go to every engine call, and the robustness metric measures that
+    smoothed map (``smoothed_map_fn``: with ``aug_smooth`` the noise is added to the gradients of every
+    augmented copy). ``metrics``: the
     optional ones (EXTRA_METRICS) to add, e.g. ("road",). ``reshape_transform``: the layer's (tokens ->
     (B, C, h, w)), for the engines and the captured features.
 
@@ -210,13 +243,16 @@ def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], me
             curves["deletion"].append(dele.deletion_curve.cpu())
             curves["insertion"].append(ins.insertion_curve.cpu())
             if fn is not None:
+                cam_fn, r_acts, r_grads, copies = smoothed_map_fn(engine, model, layer, x, tgt, acts, grads,
+                                                                  aug_smooth, eigen_smooth, reshape_transform)
                 for skipped in range(next_batch, batch):  # batches of other ranks alone: the same draws
-                    n = min(batch_size, total - skipped * batch_size)
+                    n = min(batch_size, total - skipped * batch_size) * copies
                     for _ in sigmas:
-                        torch.randn((n, *grads.shape[1:]), generator=generator, device=grads.device,
-                                    dtype=grads.dtype)
+                        torch.randn((n, *r_grads.shape[1:]), generator=generator, device=r_grads.device,
+                                    dtype=r_grads.dtype)
                 next_batch = batch + 1
-                for s, r in _robustness(fn, acts, grads, sigmas, generator, (H, W), rows, size).items():
+                for s, r in _robustness(cam_fn, r_acts, r_grads, sigmas, generator, (H, W), rows, size,
+                                        copies).items():
                     robust[s]["ssim"] += r.ssim.tolist()
                     robust[s]["mse"] += r.mse.tolist()
             if res.n_clusters is not None:
