@@ -16,6 +16,10 @@ from .eigen import (EigenCAM, EigenGradCAM, KPCACAM, eigencam_from_features, eig
                     kpcacam_from_features)
 from .fullgrad import FullGrad
 from .perturbation import AblationCAM, ScoreCAM
+from .random_cam import RandomCAM, randomcam_from_features
+from .refine import RefineCAM
+from .seg_eigen import SegEigenCAM, segeigencam_from_features
+from .sess import SESS
 
 
 def cfcam_exclude_dead_from_features(activations: Tensor, gradients: Tensor,
@@ -61,6 +65,10 @@ METHODS: dict[str, type] = {
     "kpcacam": KPCACAM,
     "fullgrad": FullGrad,
     "cfcam-paper": CFCAMPaper,
+    "randomcam": RandomCAM,
+    "segeigencam": SegEigenCAM,
+    "refinecam": RefineCAM,
+    "sess": SESS,
 }
 
 _FROM_FEATURES: dict[str, Callable] = {
@@ -75,6 +83,8 @@ _FROM_FEATURES: dict[str, Callable] = {
     "eigengradcam": eigengradcam_from_features,
     "kpcacam": kpcacam_from_features,
     "cfcam-paper": cfcam_paper_from_features,
+    "randomcam": randomcam_from_features,
+    "segeigencam": segeigencam_from_features,
 }
 
 
@@ -91,6 +101,7 @@ def build_method(name: str, model: nn.Module, target_layer, **options) -> _CAMEn
 
 def from_features_fn(name: str) -> Callable | None:
     """The pure (activations, gradients) -> CAMResult function of a method; None for those that need the
-    images (scorecam, ablationcam, fullgrad). eigencam and kpcacam ignore the gradients."""
+    images (scorecam, ablationcam, fullgrad) or run a base method themselves (refinecam, sess). eigencam,
+    kpcacam and randomcam ignore the gradients."""
     _check_name(name)
     return _FROM_FEATURES.get(name)
