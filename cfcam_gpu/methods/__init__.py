@@ -6,6 +6,9 @@
 - ``fullgrad``: FullGrad (bias gradients of every layer);
 - ``fem``: FEM (k-sigma activation statistics); ``shapley``: ShapleyCAM (a Hessian-vector product);
   ``finer``: Finer-CAM (a gradient method explaining the main class against its closest rivals);
+- ``random_cam``: RandomCAM (random channel weights, a baseline); ``seg_eigen``: SegEigenCAM;
+- ``refine``: RefineCAM (product over layers); ``sess``: SESS (scales and sliding windows), meta-methods;
+- ``guided``: guided backpropagation; ``nmf``, ``dff``: Deep Feature Factorization (a torch NMF);
 - ``registry``: ``METHODS``, ``build_method``, ``from_features_fn`` (and the names of the CF-CAM variants: exclude-dead, as published).
 """
 from ..cluster import dead_channels
@@ -19,6 +22,13 @@ from .eigen import (KPCACAM, EigenCAM, EigenGradCAM, eigencam_from_features, eig
                     kernel_pca_projection, kpcacam_from_features, pca_projection)
 from .fullgrad import FullGrad, fullgrad_from_gradients
 from .perturbation import AblationCAM, ScoreCAM, head_after
+from .dff import DeepFeatureFactorization, dff
+from .guided import deprocess, guided_backprop
+from .nmf import nmf
+from .random_cam import RandomCAM, randomcam_from_features
+from .refine import RefineCAM, refine_fuse
+from .seg_eigen import SegEigenCAM, segeigencam_from_features
+from .sess import SESS
 from .registry import (METHODS, CFCAMExcludeDead, CFCAMPaper, build_method, cfcam_exclude_dead_from_features,
                        cfcam_paper_from_features, from_features_fn)
 
@@ -31,4 +41,6 @@ __all__ = [
     "kpcacam_from_features", "pca_projection", "kernel_pca_projection", "fullgrad_from_gradients",
     "GradCAMElementWise", "gradcam_elementwise_from_features", "FEM", "fem_from_features", "fem_weights",
     "FinerCAM", "finer_scores", "ShapleyCAM", "shapleycam_from_features",
+    "DeepFeatureFactorization", "RandomCAM", "RefineCAM", "SESS", "SegEigenCAM", "deprocess", "dff",
+    "guided_backprop", "nmf", "randomcam_from_features", "refine_fuse", "segeigencam_from_features",
 ]

@@ -20,6 +20,10 @@ from .eigen import (EigenCAM, EigenGradCAM, KPCACAM, eigencam_from_features, eig
 from .fullgrad import FullGrad
 from .perturbation import AblationCAM, ScoreCAM
 from .shapley import ShapleyCAM
+from .random_cam import RandomCAM, randomcam_from_features
+from .refine import RefineCAM
+from .seg_eigen import SegEigenCAM, segeigencam_from_features
+from .sess import SESS
 
 
 def cfcam_exclude_dead_from_features(activations: Tensor, gradients: Tensor,
@@ -69,6 +73,10 @@ METHODS: dict[str, type] = {
     "finercam": FinerCAM,
     "shapleycam": ShapleyCAM,
     "fem": FEM,
+    "randomcam": RandomCAM,
+    "segeigencam": SegEigenCAM,
+    "refinecam": RefineCAM,
+    "sess": SESS,
 }
 
 _FROM_FEATURES: dict[str, Callable] = {
@@ -85,6 +93,8 @@ _FROM_FEATURES: dict[str, Callable] = {
     "cfcam-paper": cfcam_paper_from_features,
     "gradcam-elementwise": gradcam_elementwise_from_features,
     "fem": fem_from_features,
+    "randomcam": randomcam_from_features,
+    "segeigencam": segeigencam_from_features,
 }
 
 
@@ -101,7 +111,8 @@ def build_method(name: str, model: nn.Module, target_layer, **options) -> _CAMEn
 
 def from_features_fn(name: str) -> Callable | None:
     """The pure (activations, gradients) -> CAMResult function of a method; None for those that need the
-    images (scorecam, ablationcam, fullgrad), second derivatives (shapleycam) or their own target
-    (finercam). eigencam, kpcacam and fem ignore the gradients."""
+    images (scorecam, ablationcam, fullgrad), second derivatives (shapleycam), their own target
+    (finercam) or a base method they run themselves (refinecam, sess). eigencam, kpcacam, fem and
+    randomcam ignore the gradients."""
     _check_name(name)
     return _FROM_FEATURES.get(name)
