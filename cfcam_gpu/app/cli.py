@@ -17,8 +17,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from . import evaluate, explain
-from .options import PROG, CLIError
+from . import require_extra
+
+require_extra()  # a clear message naming the app extra, before the imports that need it
+
+from . import evaluate, explain  # noqa: E402
+from .options import PROG, CLIError  # noqa: E402
 
 __all__ = ["CLIError", "PROG", "SUBCOMMANDS", "Subcommand", "build_parser", "main"]
 

@@ -4,7 +4,8 @@
 - ``perturbation``: Score-CAM, Ablation-CAM (extra forward passes);
 - ``eigen``: EigenCAM, EigenGradCAM, KPCA-CAM and the batched (kernel) principal-component projections;
 - ``fullgrad``: FullGrad (bias gradients of every layer);
-- ``registry``: ``METHODS``, ``build_method``, ``from_features_fn`` (and the names of the CF-CAM variants: exclude-dead, as published).
+- ``registry``: ``METHODS``, ``build_method``, ``from_features_fn`` (and the names of the CF-CAM variants:
+  exclude-dead, as published).
 """
 from ..cluster import dead_channels
 from .gradient import (GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM, elementwise_cam, gradcampp_from_features,
