@@ -123,7 +123,7 @@ def _compiled_split():
 def pairs(x: torch.Tensor) -> dict[str, dict]:
     from cfcam_gpu import cluster, distance, screened
     from cfcam_gpu.dbscan import _masked_min, dbscan_by_search, dbscan_from_adjacency, row_counts
-    from cfcam_gpu.percentile import matrix_rank, percentile_from_squared, sampled_bracket
+    from cfcam_gpu.percentile import matrix_rank, sampled_bracket
 
     C = x.shape[0]
     q = cluster.EPS_PERCENTILE

@@ -22,10 +22,12 @@ class CAMResult:
 
     cams: (B, h, w) float32 in [0, 1]; weights: (B, C) channel weights. CF-CAM also fills
     labels: (B, C) int64 DBSCAN channel clusters (-1 = noise; -2 = an important channel of the published
-    variant), n_clusters: (B,), eps: (B,) DBSCAN radius, min_samples (None where it varies per image). peak: (B,) the maximum of relu(weighted sum) before the division (0 for an all-zero
-    map), so ``cams * peak[:, None, None]`` is the unnormalised map; every transformation of a map sets
-    it anew (eigen_smooth: the max of the relu'd projection; fused layers, aug_smooth: ``unit_peak``). The engine adds targets: (B,) class
-    indices (None for callable targets) and logits: the model output (B, L) (any structure the model
+    variant), n_clusters: (B,), eps: (B,) DBSCAN radius, min_samples (None where it varies per image).
+    peak: (B,) the maximum of relu(weighted sum) before the division (0 for an all-zero map), so
+    ``cams * peak[:, None, None]`` is the unnormalised map; every transformation of a map sets it anew
+    (eigen_smooth: the max of the relu'd projection; fused layers, aug_smooth: ``unit_peak``). The engine
+    adds targets: (B,) class indices (None for callable targets) and logits: the model output (B, L) (any
+    structure the model
     returns, detached). With several target layers cams are the fused maps (B, H, W) at the input size,
     weights the layers' weights side by side (B, C_1 + C_2 + ...), ``layers`` each layer's own result.
     """

@@ -142,10 +142,11 @@ def road(model: nn.Module, images: Tensor, cams: Tensor, targets, percentiles: S
     """ROAD MoRF and LeRF score changes for every image and percentile, and their combination.
 
     images: (B, 3, H, W) model input; cams: (B, h, w) or (B, H, W) (upsampled bilinearly to the input,
-    as in ``metrics``; NumPy maps accepted); targets: an int, B class indices or ClassifierOutputTargets; ``noise`` (std of the Gaussian noise added
-    to imputed values; 0 for the deterministic imputation), ``generator`` for that noise; ``iterations``
-    conjugate-gradient steps per level (``linear_impute``); ``batch_size`` images per model pass. Eval mode, no_grad, the model's
-    train/eval state restored. No host read.
+    as in ``metrics``; NumPy maps accepted); targets: an int, B class indices or ClassifierOutputTargets;
+    ``noise`` (std of the Gaussian noise added to imputed values; 0 for the deterministic imputation),
+    ``generator`` for that noise; ``iterations`` conjugate-gradient steps per level (``linear_impute``);
+    ``batch_size`` images per model pass. Eval mode, no_grad, the model's train/eval state restored.
+    No host read.
     """
     cams, t = _check_inputs(images, cams, targets)
     _check_batch_size(batch_size)

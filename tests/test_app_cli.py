@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cfcam_gpu.app import cli, explain
+from cfcam_gpu.app import cli
 from cfcam_gpu.app.cli import main
 from cfcam_gpu.app.data import bundled_images
 from cfcam_gpu.app.outputs import output_names

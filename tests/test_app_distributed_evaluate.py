@@ -70,6 +70,7 @@ def test_torchrun_evaluate_matches_one_process(tmp_path):
     for key in ("images", "targets", "classes", "clusters"):
         assert per_two[key] == per_one[key], key
     _close(per_two["methods"], per_one["methods"])
-    strip = lambda md: [l for l in md.splitlines() if not l.startswith("Seconds") and "s / image" not in l]
+    def strip(md):
+        return [line for line in md.splitlines() if not line.startswith("Seconds") and "s / image" not in line]
     md_one, md_two = strip((one / "metrics.md").read_text()), strip((two / "metrics.md").read_text())
-    assert [l.rsplit("|", 2)[0] for l in md_two] == [l.rsplit("|", 2)[0] for l in md_one]  # less s / image
+    assert [line.rsplit("|", 2)[0] for line in md_two] == [line.rsplit("|", 2)[0] for line in md_one]  # less s / image

@@ -219,7 +219,8 @@ def _identity_cam(acts, grads):
 def test_robustness_noise_is_sigma_times_the_gradients_std():
     torch.manual_seed(0)
     B = 8
-    grads = torch.randn(B, 1, 32, 32, dtype=torch.float64) * torch.logspace(-4, 0, B, dtype=torch.float64)[:, None, None, None]
+    scale = torch.logspace(-4, 0, B, dtype=torch.float64)[:, None, None, None]
+    grads = torch.randn(B, 1, 32, 32, dtype=torch.float64) * scale
     acts = torch.ones_like(grads)
     g = torch.Generator().manual_seed(1)
     out = M.robustness(_identity_cam, acts, grads, [0.0, 0.5], g)

@@ -22,8 +22,12 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from . import evaluate, explain
-from .options import EXIT_INTERRUPTED, EXIT_TERMINATED, PROG, CLIError
+from . import require_extra
+
+require_extra()  # a clear message naming the app extra, before the imports that need it
+
+from . import evaluate, explain  # noqa: E402
+from .options import EXIT_INTERRUPTED, EXIT_TERMINATED, PROG, CLIError  # noqa: E402
 
 __all__ = ["CLIError", "PROG", "SUBCOMMANDS", "Subcommand", "Terminated", "build_parser", "main"]
 

@@ -230,8 +230,8 @@ def _evaluate_share(args, model, info, target, images, displays, names, position
                 "seconds": {name: {"cam": 0.0, "metrics": 0.0} for name in methods}, "clusters": {}, "grid": {}}
     result = score_methods(model, layer, images.to(device), methods, info.mean, info.std, positions, total,
                            steps=args.steps, sigmas=sigmas, batch_size=args.batch_size,
-                           forward_batch_size=forward_batch_size, seed=args.seed, log=log, metrics=args.metrics, reshape_transform=reshape,
-                           **smoothing(args))
+                           forward_batch_size=forward_batch_size, seed=args.seed, log=log, metrics=args.metrics,
+                           reshape_transform=reshape, **smoothing(args))
     return {"positions": positions, "names": names, "targets": result["targets"].tolist(),
             "probs": result["probs"].tolist(), "per_image": result["per_image"], "curves": result["curves"],
             "seconds": result["seconds"], "clusters": result["clusters"],

@@ -225,7 +225,8 @@ def write_report(out, args, methods, sigmas, result, names, displays, info, laye
                           f"--batch-size {args.batch_size} --forward-batch-size {forward_batch_size} --seed {args.seed}"
                           + (f" --max-images {args.max_images}" if args.max_images else "")
                           + (f" --metrics {','.join(args.metrics)}" if args.metrics else "")
-                          + (" --aug-smooth" if args.aug_smooth else "") + (" --eigen-smooth" if args.eigen_smooth else "")}
+                          + (" --aug-smooth" if args.aug_smooth else "")
+                          + (" --eigen-smooth" if args.eigen_smooth else "")}
     write_text_atomic(out / "metrics.md", markdown(summary, result, context))
     log(f"wrote {out}/metrics.json, metrics.md, per_image.json, curves.npz, deletion_insertion.png, "
         f"robustness.png, comparison.png in {context['seconds']:.0f} s")

@@ -9,7 +9,8 @@
 - ``random_cam``: RandomCAM (random channel weights, a baseline); ``seg_eigen``: SegEigenCAM;
 - ``refine``: RefineCAM (product over layers); ``sess``: SESS (scales and sliding windows), meta-methods;
 - ``guided``: guided backpropagation; ``nmf``, ``dff``: Deep Feature Factorization (a torch NMF);
-- ``registry``: ``METHODS``, ``build_method``, ``from_features_fn`` (and the names of the CF-CAM variants: exclude-dead, as published).
+- ``registry``: ``METHODS``, ``build_method``, ``from_features_fn`` (and the names of the CF-CAM variants:
+  exclude-dead, as published).
 """
 from ..cluster import dead_channels
 from .gradient import (GradCAMElementWise, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM, elementwise_cam,
