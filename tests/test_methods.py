@@ -274,6 +274,8 @@ def _formula_maps(name: str, A: np.ndarray, G: np.ndarray):
     elif name == "xgradcam":
         w = (G * A / (sum_a + 1e-7)).sum(axis=(2, 3))
         cam = (w[:, :, None, None] * A).sum(1)
+    elif name == "elementwise":
+        w, cam = G.mean(axis=(2, 3)), np.maximum(G * A, 0).sum(1)
     else:
         W = np.maximum(G, 0) if name == "layercam" else G
         w, cam = W.mean(axis=(2, 3)), (W * A).sum(1)
@@ -289,13 +291,14 @@ def resnet18_layer4(resnet18, x3, capture):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", ["gradcampp", "xgradcam", "layercam", "hirescam"])
+@pytest.mark.parametrize("name", ["gradcampp", "xgradcam", "layercam", "hirescam", "elementwise"])
 def test_gradient_family_at_extreme_scales(resnet18_layer4, name, dtype):
     """Real ResNet18 layer4 features scaled by 1e-30 .. 1e30 (activations and gradients independently):
     finite CAMs equal to the float64 formulas on the same (rounded) values, weights too where float32
     holds them."""
     fn = {"gradcampp": bl.gradcampp_from_features, "xgradcam": bl.xgradcam_from_features,
-          "layercam": bl.layercam_from_features, "hirescam": bl.hirescam_from_features}[name]
+          "layercam": bl.layercam_from_features, "hirescam": bl.hirescam_from_features,
+          "elementwise": bl.gradcam_elementwise_from_features}[name]
     for sa in (1e-30, 1.0, 1e30):
         for sg in (1e-30, 1.0, 1e30):
             a, g = (resnet18_layer4[0] * sa).to(dtype), (resnet18_layer4[1] * sg).to(dtype)

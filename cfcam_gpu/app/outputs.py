@@ -304,8 +304,9 @@ class BatchWriter:
     batch; its manifest rows are appended (flushed, fsynced) once all its files are written, batches in
     submission order, so an ok row always names files that exist. At most ``max_in_flight`` batches wait
     (bounded host memory). On an error, Ctrl-C or SIGTERM inside the block the writes under way finish,
-    the queued ones are cancelled, and every batch whose files were all written is still committed. ``counts`` holds the rows committed by status ("ok" / "error"); ``on_commit(rows)`` is
-    called after each batch is committed.
+    the queued ones are cancelled, and every batch whose files were all written is still committed.
+    ``counts`` holds the rows committed by status ("ok" / "error"); ``on_commit(rows)`` is called after
+    each batch is committed.
     """
 
     def __init__(self, manifest_path: Path, on_commit: Callable[[list[dict]], None] | None = None,

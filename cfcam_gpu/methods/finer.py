@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ..engine import _CAMEngine

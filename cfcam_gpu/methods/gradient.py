@@ -146,8 +146,12 @@ def gradcam_elementwise_from_features(activations: Tensor, gradients: Tensor,
     activations, gradients: (B, C, h, w) -> CAMResult (cams (B, h, w), weights (B, C)).
     """
     acts, grads = _prepare(activations, gradients, check_values)
-    cams, peak = normalise((grads * acts).clamp_min(0).sum(dim=1), with_peak=True)
-    return _result(cams, peak, grads.mean(dim=(2, 3)))
+    (a, s_a), (u, s_g) = _unit(acts), _unit(grads)
+    cam = (u * a).clamp_min(0).sum(dim=1)  # (B, h, w) float64, power-of-two scaled: no overflow
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    cams = (cam / torch.where(peak > 0, peak, torch.ones_like(peak))).float()
+    peak = (peak.flatten() / (s_a.flatten() * s_g.flatten())).float()
+    return _result(cams, peak, spatial_mean(grads), acts)
 
 
 class GradCAMPlusPlus(_CAMEngine):

@@ -25,7 +25,6 @@ Shapes: B images, P patches per image, H x W input, S x S window.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,6 @@ from ..engine import _CAMEngine
 from ..fuse import fuse_cams, minmax_scale
 from ..hooks import eval_mode
 from ..targets import Target, detach_output, primary_output, resolve
-from .refine import ENGINE_OPTIONS
 
 POOLS = ("mean", "max")
 BLUR_SIZE, BLUR_SIGMA = 11, 5.0
