@@ -293,11 +293,10 @@ def test_smoothing_where_the_plain_map_is_zero(resnet18_10, x3, monkeypatch, fla
 def architecture(request, name):
     """("resnet18" | "lite0") -> the model and its last feature layer: seeded ResNet18 at ``layer4[-1]``,
     the pretrained EfficientNet-Lite0 (ReLU6, depthwise convolutions) at ``bn2``."""
-    if name == "resnet18":
-        model = request.getfixturevalue("resnet18")
-        return model, [model.layer4[-1]]
-    model = request.getfixturevalue("efficientnet_lite0")
-    return model, [model.bn2]
+    model = request.getfixturevalue("resnet18" if name == "resnet18" else "efficientnet_lite0")
+    # pytorch-grad-cam calls backward(), which fills the shared models' parameter .grad: cleared after
+    request.addfinalizer(lambda: model.zero_grad(set_to_none=True))
+    return (model, [model.layer4[-1]]) if name == "resnet18" else (model, [model.bn2])
 
 
 SOFT = [ClassifierOutputSoftmaxTarget(1), ClassifierOutputTarget(2), ClassifierOutputSoftmaxTarget(3)]
