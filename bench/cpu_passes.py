@@ -84,7 +84,7 @@ def _blocked_sweep(P, Q, lo_v, hi_v, below, split):
 
 def _bracket_sorted(flat, ranks, width):
     """What ``percentile.sampled_bracket`` replaced: the same sample, sorted whole."""
-    from cfcam_gpu.percentile import bracket_positions, sample_step
+    from cfcam_gpu.percentile_ops import bracket_positions, sample_step
 
     sample = flat[::sample_step(flat.numel(), width)].sort().values
     i_lo, i_hi = bracket_positions(sample.numel(), flat.numel(), ranks)
@@ -94,7 +94,7 @@ def _bracket_sorted(flat, ranks, width):
 def _percentile_all_bounds(sc, q):
     """What ``screened.screened_percentile`` replaced: a bound for every bracket entry, D over all of them."""
     from cfcam_gpu import screened
-    from cfcam_gpu.percentile import matrix_rank, next_value
+    from cfcam_gpu.percentile_ops import matrix_rank, next_value
 
     lo, hi, _ = matrix_rank(sc.x64.shape[0], q)
     below, vals, delta = sc.n_below, sc.vals.double(), sc.bounds(sc.idx)
@@ -122,8 +122,8 @@ def _compiled_split():
 
 def pairs(x: torch.Tensor) -> dict[str, dict]:
     from cfcam_gpu import cluster, distance, screened
-    from cfcam_gpu.dbscan import _masked_min, dbscan_by_search, dbscan_from_adjacency, row_counts
-    from cfcam_gpu.percentile import matrix_rank, sampled_bracket
+    from cfcam_gpu.dbscan_ops import _masked_min, dbscan_by_search, dbscan_from_adjacency, row_counts
+    from cfcam_gpu.percentile_ops import matrix_rank, sampled_bracket
 
     C = x.shape[0]
     q = cluster.EPS_PERCENTILE

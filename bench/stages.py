@@ -11,7 +11,7 @@ features):
 elsewhere (accelerators: the sync-free all-pairs route):
 
   distances       cfcam_gpu.distance.squared_distances (exact V for every pair, float64)
-  percentile      cfcam_gpu.percentile.radius_from_squared(d2, 25, dtype): eps and the exact reach
+  percentile      cfcam_gpu.percentile_ops.radius_from_squared(d2, 25, dtype): eps and the exact reach
   dbscan          the exact relation d2 <= reach, dbscan.dbscan_from_adjacency
 
 then, on both:
@@ -59,10 +59,10 @@ def stage_functions(acts: Tensor, grads: Tensor) -> list[tuple[str, Callable[[di
     outputs there, so each stage can be re-run alone on the previous stage's real output."""
     from cfcam_gpu import cam as cam_mod
     from cfcam_gpu import cluster as cluster_mod
-    from cfcam_gpu.dbscan import dbscan_by_search, dbscan_from_adjacency
+    from cfcam_gpu.dbscan_ops import dbscan_by_search, dbscan_from_adjacency
     from cfcam_gpu import distance as dist_mod
     from cfcam_gpu._checks import decide_sync_free
-    from cfcam_gpu.percentile import radius_from_squared
+    from cfcam_gpu.percentile_ops import radius_from_squared
 
     feats = acts.flatten(2)
     feats = feats if feats.dtype == torch.float64 else feats.float()

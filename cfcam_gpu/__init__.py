@@ -6,7 +6,7 @@ Shapes everywhere: B images, C channels, H x W input, h x w feature map, K clust
 """
 from .cam import CAMResult, cfcam_from_features, cluster_weights, gradcam_from_features, weighted_cam
 from .cluster import channel_clusters, cluster_channels
-from .dbscan import dbscan
+from .dbscan_ops import dbscan
 from .distance import pairwise_distances
 from .engine import CFCAM, GradCAM
 from .filters import box_filter, guided_filter
@@ -14,7 +14,7 @@ from .fuse import fuse_cams, minmax_scale
 from .layers import resolve_layer
 from .methods import (KPCACAM, METHODS, AblationCAM, CFCAMExcludeDead, EigenCAM, EigenGradCAM, FullGrad,
                       GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM, build_method)
-from .percentile import percentile
+from .percentile_ops import percentile
 from . import reshape  # noqa: E402  (cfcam_gpu.reshape.vit(), .swin(), .default_target(model))
 from .targets import Target, resolve
 

@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from ._checks import check_ndim, check_tensor, decide_sync_free
-from .dbscan import dbscan_by_search, dbscan_from_adjacency
+from .dbscan_ops import dbscan_by_search, dbscan_from_adjacency
 from .distance import squared_distances
-from .percentile import percentile_from_squared, radius_from_squared, with_floor
+from .percentile_ops import percentile_from_squared, radius_from_squared, with_floor
 from .screened import screened_neighbours
 
 BACKENDS = ("torch", "sklearn", "cuml")

@@ -184,7 +184,7 @@ def _base_engine(base_method):
         return GradCAM.engine
     ours = globals().get(getattr(base_method, "__name__", ""))
     if isinstance(ours, type) and issubclass(ours, _Compat) and ours is not FinerCAM \
-            and ours.engine._explain_images is _engine._CAMEngine._explain_images:
+            and ours.engine._explain_images is _engine.CAMEngine._explain_images:
         return ours.engine
     raise ValueError(f"base_method: expected a gradient CAM class of cfcam_gpu.compat (e.g. GradCAM, "
                      f"GradCAMPlusPlus, LayerCAM), got {base_method!r}")

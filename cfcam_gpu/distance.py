@@ -16,6 +16,14 @@ from torch import Tensor
 from ._checks import check_floating, check_ndim, decide_sync_free
 
 
+def channel_features(activations: Tensor) -> Tensor:
+    """The rows the distances are taken between: (B, C, h, w) -> (B, C, h*w), float32 unless float64
+    (the features scikit-learn would see)."""
+    check_ndim(activations, 4, "activations", "(B, C, h, w)")
+    feats = activations.flatten(2)
+    return feats if feats.dtype == torch.float64 else feats.float()
+
+
 def _mix64(z: Tensor) -> Tensor:
     """splitmix64's finaliser on int64 tensors (wrapping arithmetic): spreads every input bit over the
     word. Float bit patterns of round numbers end in long runs of zeros, which a plain multiply would keep

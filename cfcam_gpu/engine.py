@@ -67,7 +67,7 @@ def compile_options(compile) -> dict | None:
     return dict(compile)
 
 
-class _CAMEngine:
+class CAMEngine:
     """Common engine; subclasses choose the pure function that turns features into maps.
 
     ``target_layer``: a module or dotted name, or a list of them. With several layers each layer's CAM
@@ -341,12 +341,12 @@ def check_not_inference_mode() -> None:
                            "`with torch.inference_mode():` (under torch.no_grad() it works)")
 
 
-class CFCAM(_CAMEngine):
+class CFCAM(CAMEngine):
     """CF-CAM: DBSCAN-clustered, guided-filtered Grad-CAM, for a whole batch in one call.
 
     ``CFCAM(model, target_layer, backend="torch", exclude_dead=False, sync_free=None, variant="seed",
     **options)`` (``exclude_dead``, ``sync_free`` and ``variant`` ("seed", or "paper": CF-CAM as published)
-    as ``cfcam_from_features``; options: see ``_CAMEngine``);
+    as ``cfcam_from_features``; options: see ``CAMEngine``);
     ``cam(images, targets)`` -> CAMResult; ``with CFCAM(...) as cam: cam.explain(model(x))``.
     """
 
@@ -369,7 +369,7 @@ class CFCAM(_CAMEngine):
                                    exclude_dead=self.exclude_dead, variant=self.variant)
 
 
-class GradCAM(_CAMEngine):
+class GradCAM(CAMEngine):
     """Plain Grad-CAM with the same engine and normalisation as CFCAM."""
 
     def _from_features(self, activations, gradients):

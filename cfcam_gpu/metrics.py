@@ -61,7 +61,7 @@ class Robustness(NamedTuple):
 # ----------------------------------------------------------------------------------------------------
 # Helpers.
 
-def _check_inputs(images: Tensor, cams, targets) -> tuple[Tensor, Tensor]:
+def check_metric_inputs(images: Tensor, cams, targets) -> tuple[Tensor, Tensor]:
     """-> (cams as a tensor: NumPy maps, e.g. from ``cfcam_gpu.compat``, are accepted; class indices (B,))."""
     check_ndim(images, 4, "images", "(B, 3, H, W)")
     check_floating(images, "images")
@@ -75,7 +75,7 @@ def _check_inputs(images: Tensor, cams, targets) -> tuple[Tensor, Tensor]:
     return cams, metric_classes(targets, images.shape[0], images.device)
 
 
-def _upsample(cams: Tensor, size) -> Tensor:
+def upsample_cams(cams: Tensor, size) -> Tensor:
     """(B, h, w) or (B, 1, h, w) -> (B, H, W) float32 on the same device."""
     cams = cams.reshape(cams.shape[0], 1, *cams.shape[-2:]).float()
     if tuple(cams.shape[-2:]) != tuple(size):
@@ -83,14 +83,15 @@ def _upsample(cams: Tensor, size) -> Tensor:
     return cams[:, 0]
 
 
-def _check_batch_size(batch_size) -> int:
+def check_batch_size(batch_size) -> int:
+    """``batch_size`` if it is an int >= 1, else ValueError naming it."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     return batch_size
 
 
-def _probabilities(model: nn.Module, make_inputs: Callable[[Tensor], Tensor], n: int, targets: Tensor,
-                   batch_size: int, device) -> Tensor:
+def class_probabilities(model: nn.Module, make_inputs: Callable[[Tensor], Tensor], n: int, targets: Tensor,
+                        batch_size: int, device) -> Tensor:
     """Softmax probability of targets[i] for input i of n, built ``batch_size`` at a time by
     make_inputs(indices) -> (S, 3, H, W). Eval mode, no_grad, every submodule's mode restored."""
     out = torch.empty(n, device=device)
@@ -125,11 +126,11 @@ def average_drop_increase(model: nn.Module, images: Tensor, cams: Tensor, target
     indices (or B ClassifierOutputTargets).
     Means over images give "Average Drop" (%) and "Increase in Confidence" (x 100 for %).
     """
-    cams, t = _check_inputs(images, cams, targets)
-    batch_size = _check_batch_size(batch_size)
+    cams, t = check_metric_inputs(images, cams, targets)
+    batch_size = check_batch_size(batch_size)
     if mode not in ("soft", "threshold"):
         raise ValueError(f"mode: expected 'soft' or 'threshold', got {mode!r}")
-    maps = _upsample(cams.to(images.device), images.shape[-2:])[:, None].to(images.dtype)  # (B, 1, H, W)
+    maps = upsample_cams(cams.to(images.device), images.shape[-2:])[:, None].to(images.dtype)  # (B, 1, H, W)
     if mode == "soft":
         explanation = lambda idx: images[idx] * maps[idx]  # noqa: E731
     else:
@@ -138,8 +139,8 @@ def average_drop_increase(model: nn.Module, images: Tensor, cams: Tensor, target
         # pixel = x s + m; kept pixels unchanged, the rest black: (0 - m) / s after normalisation
         explanation = lambda idx: keep[idx] * images[idx] + (1 - keep[idx]) * (-m / s)  # noqa: E731
     B = images.shape[0]
-    p = _probabilities(model, lambda idx: images[idx], B, t, batch_size, images.device)
-    p_exp = _probabilities(model, explanation, B, t, batch_size, images.device)
+    p = class_probabilities(model, lambda idx: images[idx], B, t, batch_size, images.device)
+    p_exp = class_probabilities(model, explanation, B, t, batch_size, images.device)
     drop = (p - p_exp).clamp_min(0) / p * 100
     return DropIncrease(drop, p_exp > p, p, p_exp)
 
@@ -190,8 +191,8 @@ def deletion_insertion(model: nn.Module, images: Tensor, cams: Tensor, targets, 
     All (image, step) pairs run ``batch_size`` at a time.
     Returns DeletionInsertion: AUCs (B,) and curves (B, steps + 1) for each of ``curves``.
     """
-    cams, t = _check_inputs(images, cams, targets)
-    batch_size = _check_batch_size(batch_size)
+    cams, t = check_metric_inputs(images, cams, targets)
+    batch_size = check_batch_size(batch_size)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
     if baseline not in ("zero", "blur"):
@@ -201,7 +202,7 @@ def deletion_insertion(model: nn.Module, images: Tensor, cams: Tensor, targets, 
         raise ValueError(f"curves: expected 'deletion' and/or 'insertion', got {curves!r}")
     B, _, H, W = images.shape
     N = H * W
-    saliency = _upsample(cams.to(images.device), (H, W)).flatten(1)  # (B, N)
+    saliency = upsample_cams(cams.to(images.device), (H, W)).flatten(1)  # (B, N)
     order = torch.argsort(saliency, dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=images.device).expand(B, N))
     k = torch.arange(steps + 1, device=images.device)
@@ -226,7 +227,7 @@ def deletion_insertion(model: nn.Module, images: Tensor, cams: Tensor, targets, 
     out = {}
     for kind in ("deletion", "insertion"):
         if kind in curves:
-            probs = _probabilities(model, make(kind), B * (steps + 1), targets_rep, batch_size, images.device)
+            probs = class_probabilities(model, make(kind), B * (steps + 1), targets_rep, batch_size, images.device)
             out[kind] = probs.view(B, steps + 1)
     d, i = out.get("deletion"), out.get("insertion")
     return DeletionInsertion(None if d is None else auc(d), None if i is None else auc(i), d, i)
@@ -294,7 +295,7 @@ def robustness(cam_fn_from_features: Callable, acts: Tensor, grads: Tensor, sigm
     clean = cam_fn_from_features(acts, grads).cams
     if size is not None:
         size = (size, size) if isinstance(size, int) else tuple(size)
-        clean = _upsample(clean, size)
+        clean = upsample_cams(clean, size)
     scale = grads.flatten(1).float().std(dim=1).to(grads.dtype)[:, None, None, None]  # (B, 1, 1, 1)
     if not relative:
         scale = torch.ones_like(scale)
@@ -303,7 +304,7 @@ def robustness(cam_fn_from_features: Callable, acts: Tensor, grads: Tensor, sigm
         noise = torch.randn(grads.shape, generator=generator, device=grads.device, dtype=grads.dtype)
         noisy = cam_fn_from_features(acts, grads + noise * (float(sigma) * scale)).cams
         if size is not None:
-            noisy = _upsample(noisy, size)
+            noisy = upsample_cams(noisy, size)
         out[sigma] = Robustness(ssim(clean, noisy, window=window),
                                 ((clean.double() - noisy.double()) ** 2).flatten(1).mean(1))
     return out

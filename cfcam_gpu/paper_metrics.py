@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metrics import (DeletionInsertion, Robustness, _check_batch_size, _check_inputs, _probabilities,
+from .metrics import (DeletionInsertion, Robustness, check_batch_size, check_metric_inputs, class_probabilities,
                       average_drop_increase, deletion_insertion, robustness)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -80,17 +80,17 @@ def paper_average_increase(model: nn.Module, images: Tensor, cams: Tensor, targe
     """The authors' "Average Increase" (module notes): pixels with map > ``threshold`` pasted onto the
     constant model input ``fill`` (one value per colour channel, in the model's input space).
     images: (B, 3, H, W); cams: (B, h, w) -> PaperIncrease."""
-    cams, t = _check_inputs(images, cams, targets)
-    batch_size = _check_batch_size(batch_size)
+    cams, t = check_metric_inputs(images, cams, targets)
+    batch_size = check_batch_size(batch_size)
     fill_t = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
     if fill_t.shape != (images.shape[1],):
         raise ValueError(f"fill: expected {images.shape[1]} values (one per input channel), got {tuple(fill)}")
     constant = fill_t.view(1, -1, 1, 1).expand_as(images)
     keep = input_maps(cams.to(images.device), images.shape[-2:])[:, None] > threshold  # (B, 1, H, W)
     B = images.shape[0]
-    p_in = _probabilities(model, lambda idx: torch.where(keep[idx], images[idx], constant[idx]), B, t,
+    p_in = class_probabilities(model, lambda idx: torch.where(keep[idx], images[idx], constant[idx]), B, t,
                           batch_size, images.device)
-    p_const = _probabilities(model, lambda idx: constant[idx], B, t, batch_size, images.device)
+    p_const = class_probabilities(model, lambda idx: constant[idx], B, t, batch_size, images.device)
     return PaperIncrease(p_in - p_const, p_in, p_const)
 
 

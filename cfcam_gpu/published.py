@@ -23,9 +23,10 @@ from torch import Tensor
 
 from ._checks import decide_sync_free, validate_features
 from .cam import CAMResult, cluster_means, n_cluster_slots, spread_to_channels, weighted_cam
-from .cluster import EpsRule, _features, subset_clusters
+from .cluster import EpsRule, subset_clusters
+from .distance import channel_features
 from .filters import published_filter_mean
-from .percentile import percentile
+from .percentile_ops import percentile
 
 IMPORTANT_PERCENTILE = 75.0  # channels with an L2 norm at or above this percentile are "important"
 PAPER_RULE = EpsRule(q=25.0, diagonal=False, floor=1e-5)  # DBSCAN eps over the other channels
@@ -35,7 +36,7 @@ IMPORTANT = -2  # the label of an important channel
 def important_channels(activations: Tensor) -> Tensor:
     """(B, C, h, w) -> (B, C) bool: channel L2 norm (float64) >= the 75th percentile of the image's norms.
     At least one channel per image (the largest norm) is important."""
-    norms = _features(activations).double().square().sum(dim=2).sqrt()  # (B, C)
+    norms = channel_features(activations).double().square().sum(dim=2).sqrt()  # (B, C)
     return norms >= percentile(norms, IMPORTANT_PERCENTILE)[:, None]
 
 

@@ -40,18 +40,46 @@ def vit(height: int | None = None, width: int | None = None, prefix_tokens: int 
     return transform
 
 
-def swin(height: int | None = None, width: int | None = None) -> Callable:
-    """Swin tokens -> (B, C, h, w): channels-last maps (B, h, w, C) (timm >= 0.9, torchvision) are
-    permuted; token lists (B, N, C) (older timm) are laid on the h x w grid first."""
+def swin(height: int | None = None, width: int | None = None, channels_last: bool | None = None) -> Callable:
+    """Swin layer output -> (B, C, h, w), the layout told from the shape.
+
+    A token list (B, N, C) (older timm) is laid on the h x w grid. A 4-D output is either channels-last
+    tokens (B, h, w, C) (timm >= 0.9 and torchvision stages, blocks and norms), which are permuted, or
+    already a map (B, C, h, w) (the patch embedding's convolution, e.g. timm ``patch_embed.proj``,
+    torchvision ``features.0.0``), which is returned as it is. The grid is (height, width) when both are
+    given, else square: (B, h, w, C) when the middle two sizes form the grid, (B, C, h, w) when the last
+    two do. ``channels_last=True`` / ``False`` skips the test and says which (needed when C == h == w, or
+    for a non-square grid whose height and width are not given). Anything else: ValueError.
+    """
+    what = "reshape_transform: swin"
+
     def transform(t: Tensor) -> Tensor:
-        if isinstance(t, Tensor) and t.ndim == 4:
-            return t.permute(0, 3, 1, 2)
         if isinstance(t, Tensor) and t.ndim == 3:
-            h, w = _grid(t.shape[1], height, width, "reshape_transform: swin")
+            h, w = _grid(t.shape[1], height, width, what)
             return t.reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
-        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"reshape_transform: swin expected (B, h, w, C) or (B, N, C), got {got}")
+        if not isinstance(t, Tensor) or t.ndim != 4:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{what} expected (B, h, w, C), (B, C, h, w) or (B, N, C), got {got}")
+        last = channels_last if channels_last is not None else _is_channels_last(tuple(t.shape), height, width)
+        return t.permute(0, 3, 1, 2) if last else t
     return transform
+
+
+def _is_channels_last(shape: tuple[int, ...], height: int | None, width: int | None) -> bool:
+    """(B, a, b, c): True for tokens (B, h, w, C), False for a map (B, C, h, w); ValueError when the
+    shape fits both or neither."""
+    _, a, b, c = shape
+    given = height is not None and width is not None
+    tokens = (a, b) == (height, width) if given else a == b
+    maps = (b, c) == (height, width) if given else b == c
+    grid = f"the {height} x {width} grid" if given else "a square grid"
+    if tokens != maps:
+        return tokens
+    if tokens:
+        raise ValueError(f"reshape_transform: swin cannot tell (B, h, w, C) from (B, C, h, w) in {shape} "
+                         f"(channels = grid size); pass channels_last=True or False")
+    raise ValueError(f"reshape_transform: swin expected (B, h, w, C) or (B, C, h, w) on {grid}, got {shape}; "
+                     f"pass height and width, or channels_last=True or False")
 
 
 def _family(model: nn.Module) -> tuple[str, str]:

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hooks import eval_mode
-from .metrics import _check_batch_size, _check_inputs, _upsample
-from .percentile import percentile
+from .metrics import check_batch_size as _check_batch_size, check_metric_inputs as _check_inputs
+from .metrics import upsample_cams as _upsample
+from .percentile_ops import percentile
 
 PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 

@@ -57,9 +57,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .dbscan import row_counts
+from .dbscan_ops import row_counts
 from .distance import exact_sqrt, sum_squared_differences
-from .percentile import Radius, lerp, matrix_rank, order_pair, sampled_bracket, with_floor
+from .percentile_ops import Radius, lerp, matrix_rank, order_pair, sampled_bracket, with_floor
 
 # Squared norms above this could overflow the screen's products: decline (the caller goes on).
 MAX_NORM = {torch.float32: 2.0**100, torch.float64: 2.0**1000}

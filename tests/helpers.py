@@ -207,7 +207,7 @@ def refuse_host_reads(monkeypatch):
     import contextlib
     import importlib
 
-    percentile_module = importlib.import_module("cfcam_gpu.percentile")  # the module, not the function
+    percentile_module = importlib.import_module("cfcam_gpu.percentile_ops")  # the module, not the function
 
     @contextlib.contextmanager
     def guard():

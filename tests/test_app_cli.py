@@ -612,6 +612,17 @@ def test_a_layer_named_on_a_transformer_gets_the_reshape_and_token_models_need_a
     assert "--layer" in err and "(B, C, h, w)" in err
 
 
+def test_a_swin_layer_that_outputs_maps_is_not_permuted_as_tokens(three_images, tmp_path):
+    # timm Swin: patch_embed.proj is a convolution, (B, 96, 56, 56); the stages are (B, h, w, C)
+    out = tmp_path / "proj"
+    assert main(["explain", str(three_images / "chelsea.png"), "--out", str(out), "--model",
+                 "timm:swin_tiny_patch4_window7_224", "--layer", "patch_embed.proj", "--method", "gradcam",
+                 "--workers", "0", "--quiet", "--device", "cpu", "--seed", "1"]) == 0
+    (row,) = manifest(out)
+    cam = np.load(out / row["files"]["cam"])
+    assert cam.shape == (56, 56) and np.isfinite(cam).all() and not row["blank"]
+
+
 def test_contact_sheet_names_keep_method_names_with_underscores():
     from cfcam_gpu.app.results import output_name
 

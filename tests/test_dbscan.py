@@ -1,4 +1,4 @@
-"""dbscan.py: batched DBSCAN vs scikit-learn on tie-heavy graphs; connected components vs scipy."""
+"""dbscan_ops.py: batched DBSCAN vs scikit-learn on tie-heavy graphs; connected components vs scipy."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,7 @@ from sklearn.cluster import DBSCAN
 
 import sys
 
-from cfcam_gpu.dbscan import connected_components, dbscan, dbscan_by_search, dbscan_from_adjacency
+from cfcam_gpu.dbscan_ops import connected_components, dbscan, dbscan_by_search, dbscan_from_adjacency
 
 
 def sk_labels(dist: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
@@ -116,7 +116,7 @@ def test_dbscan_by_search_hands_many_small_clusters_to_the_dense_rounds(monkeypa
     (the spy proves that path ran), with scikit-learn's labels all the same."""
     pos = np.repeat(np.arange(0, 400, 10), 3)[np.random.default_rng(3).permutation(120)]  # 40 clusters of 3
     d = np.abs(pos[:, None] - pos[None, :]).astype(np.float64)
-    module = sys.modules["cfcam_gpu.dbscan"]
+    module = sys.modules["cfcam_gpu.dbscan_ops"]
     calls = []
 
     def spy(*args):

@@ -89,3 +89,48 @@ def test_command_line_without_the_extra_in_a_fresh_interpreter(how):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     else:  # importing the command line's module raises the same message
         assert "MissingExtraError" in proc.stderr
+
+
+def _private_imports(source: str) -> list[tuple[int, str, str]]:
+    """(line, module, name) of every ``from <package module> import _name`` in one module's source."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("cfcam_gpu")):
+            found += [(node.lineno, node.module or ".", a.name) for a in node.names
+                      if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_the_scan_finds_a_private_import():
+    assert _private_imports("from .metrics import upsample, _check_inputs as check\n") == [
+        (1, "metrics", "_check_inputs")]
+    assert _private_imports("from cfcam_gpu.cluster import _features\nfrom os import _exit\n") == [
+        (1, "cfcam_gpu.cluster", "_features")]
+    assert _private_imports("from ._checks import check_ndim\nfrom . import __version__\n") == []
+
+
+def test_no_module_imports_a_private_name_of_another():
+    from pathlib import Path
+
+    root = Path(cfcam_gpu.__file__).parent
+    found = [f"{path.relative_to(root)}:{line}: from {module} import {name}"
+             for path in sorted(root.rglob("*.py")) for line, module, name in _private_imports(path.read_text())]
+    assert found == [], "private helpers imported across modules:\n" + "\n".join(found)
+
+
+def test_percentile_and_dbscan_are_the_functions():
+    import importlib
+
+    import torch
+
+    assert callable(cfcam_gpu.percentile) and callable(cfcam_gpu.dbscan)
+    assert cfcam_gpu.percentile is importlib.import_module("cfcam_gpu.percentile_ops").percentile
+    assert cfcam_gpu.dbscan is importlib.import_module("cfcam_gpu.dbscan_ops").dbscan
+    assert cfcam_gpu.percentile(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), 50).tolist() == [2.5]
+    from pathlib import Path
+
+    package = Path(cfcam_gpu.__file__).parent  # no module of the same name
+    assert not [name for name in ("percentile", "dbscan") if (package / f"{name}.py").exists()
+                or (package / name).is_dir()]

@@ -1,4 +1,4 @@
-"""percentile.py: numpy-exact percentiles, and the percentile of distance matrices from squared distances."""
+"""percentile_ops.py: numpy-exact percentiles, and the percentile of distance matrices from squared distances."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 from scipy.spatial.distance import cdist
 
 from cfcam_gpu.distance import squared_distances
-from cfcam_gpu.percentile import percentile, percentile_from_squared
+from cfcam_gpu.percentile_ops import percentile, percentile_from_squared
 
 SIZES = [1, 2, 3, 4, 5, 7, 8, 16, 100, 101, 1000, 1001]
 QS = [0, 25, 50, 99.9, 100, 12.5, 33.3, 75]
@@ -106,7 +106,7 @@ def test_percentile_from_squared_equals_numpy_on_features(device, rng):
 def test_cpu_sampled_selection_is_exact(kind):
     """The CPU selection (sample, bracket, select in the window) equals a full sort, including data
     ordered so the strided sample is biased (sorted rows) and rows with many ties."""
-    from cfcam_gpu.percentile import order_pair
+    from cfcam_gpu.percentile_ops import order_pair
 
     gen = torch.Generator().manual_seed(3)
     for M in (2**16, 100_003, 2**18):

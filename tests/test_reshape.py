@@ -28,12 +28,63 @@ def test_vit_layout():
 
 
 def test_swin_layout():
-    t = torch.randn(2, 3, 4, 5)  # (B, h, w, C)
+    t = torch.randn(2, 3, 3, 5)  # (B, h, w, C): the middle two sizes form the square grid
     assert torch.equal(swin()(t), t.permute(0, 3, 1, 2))
+    maps = t.permute(0, 3, 1, 2)  # (B, C, h, w): already a map, returned as it is
+    assert swin()(maps) is maps
     with pytest.raises(ValueError, match="not a square grid"):  # (B, N, C): square unless h, w given
-        swin()(t.reshape(2, 12, 5))
-    assert swin(3, 4)(t.reshape(2, 12, 5)).shape == (2, 5, 3, 4)
-    torch.testing.assert_close(swin(3, 4)(t.reshape(2, 12, 5)), t.permute(0, 3, 1, 2))
+        swin()(t.reshape(2, 9, 5)[:, :8])
+    tokens = torch.randn(2, 12, 5)
+    torch.testing.assert_close(swin(3, 4)(tokens), tokens.reshape(2, 3, 4, 5).permute(0, 3, 1, 2))
+
+
+def test_swin_tells_the_layout_of_a_non_square_grid_from_height_and_width():
+    t = torch.randn(2, 3, 4, 5)  # (B, h, w, C), h x w = 3 x 4
+    assert torch.equal(swin(3, 4)(t), t.permute(0, 3, 1, 2))
+    maps = torch.randn(2, 5, 3, 4)  # (B, C, h, w)
+    assert swin(3, 4)(maps) is maps
+    with pytest.raises(ValueError, match=r"square grid, got \(2, 3, 4, 5\); pass height and width"):
+        swin()(t)
+    with pytest.raises(ValueError, match=r"the 6 x 6 grid"):
+        swin(6, 6)(t)
+    assert torch.equal(swin(channels_last=True)(t), t.permute(0, 3, 1, 2))  # told, no test
+    assert swin(channels_last=False)(maps) is maps
+
+
+def test_swin_refuses_a_shape_that_fits_both_layouts():
+    with pytest.raises(ValueError, match="cannot tell .* pass channels_last"):
+        swin()(torch.zeros(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="cannot tell"):
+        swin(4, 4)(torch.zeros(1, 4, 4, 4))
+    t = torch.randn(1, 4, 4, 4)
+    assert torch.equal(swin(channels_last=True)(t), t.permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match=r"expected \(B, h, w, C\), \(B, C, h, w\) or \(B, N, C\), got \(2, 3\)"):
+        swin()(torch.zeros(2, 3))
+
+
+def _tiny_swins(seeded):
+    from torchvision.models.swin_transformer import SwinTransformer
+    tiny = dict(embed_dim=12, depths=(1, 1), num_heads=(1, 1))
+    timm_swin = seeded(lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32,
+                                                 window_size=2, **tiny))
+    tv_swin = seeded(lambda: SwinTransformer(patch_size=[4, 4], window_size=[2, 2], **tiny))
+    # (model, the patch embedding's convolution (B, C, h, w), the next layer (B, h, w, C))
+    return [(timm_swin.eval(), "patch_embed.proj", "patch_embed.norm"), (tv_swin.eval(), "features.0.0",
+                                                                          "features.0.1")]
+
+
+def test_swin_layers_of_both_layouts_equal_pytorch_grad_cam(seeded):
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for model, conv, norm in _tiny_swins(seeded):
+        for name, theirs_transform in ((conv, None), (norm, lambda t: t.permute(0, 3, 1, 2))):
+            layer = cg.resolve_layer(model, name)
+            with pgc.GradCAM(model, [layer], reshape_transform=theirs_transform) as theirs:
+                reference = theirs(images, [ClassifierOutputTarget(t) for t in (3, 7)])
+            with cc.GradCAM(model, [layer], reshape_transform=swin()) as ours:
+                mine = ours(images, [3, 7])
+            assert reference.max() > 0.99
+            np.testing.assert_allclose(mine, reference, atol=1e-3, err_msg=name)
+            assert cg.GradCAM(model, name, reshape_transform=swin())(images, [3, 7]).cams.shape == (2, 8, 8)
 
 
 def test_default_target_families():

@@ -10,7 +10,7 @@ from helpers import brute_squared, rank_neighbours
 
 from cfcam_gpu import cluster, screened
 from cfcam_gpu.cluster import channel_clusters, seed_min_samples
-from cfcam_gpu.dbscan import dbscan_from_adjacency
+from cfcam_gpu.dbscan_ops import dbscan_from_adjacency
 from cfcam_gpu.reference import cluster_reference
 from cfcam_gpu.screened import (exact_squared_distances, screened_neighbours, screened_squared_distances,
                                 screening_bounds)

@@ -20,7 +20,7 @@ import torch
 from cfcam_gpu.cam import cfcam_from_features
 from cfcam_gpu.cluster import channel_clusters
 
-percentile_module = importlib.import_module("cfcam_gpu.percentile")  # the module, not the function
+percentile_module = importlib.import_module("cfcam_gpu.percentile_ops")  # the module, not the function
 
 READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
 

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, outputs, results
-from .inputs import Item, _short, collect_inputs
+from .inputs import Item, short_path, collect_inputs
 from .options import (PATH_HELP, PROG, CLIError, write_failed, add_data_arguments, add_model_arguments,
                       check_data_arguments, check_model_arguments, load_model, make_loader, method_names,
                       resolve_device, smoothing, uses_layer, add_smoothing_arguments)
@@ -358,7 +358,7 @@ def _explain_batch(job: Job, engine, batch, pending: list[int]):
     rows = [{"path": job.key_of_file.get(str(path), str(path)), "status": "error", "error": message}
             for path, message in batch.failures]
     for path, message in batch.failures:
-        _warn(f"skipped {_short(str(path))}: {message}")
+        _warn(f"skipped {short_path(str(path))}: {message}")
     files: list[tuple[Path, np.ndarray]] = []
     if not len(batch.indices):
         return rows, files

@@ -25,7 +25,7 @@ class Item:
     @property
     def shown(self) -> str:
         """How messages name the input: the file relative to the working folder, or the key."""
-        return self.key if self.file is None else _short(str(self.file))
+        return self.key if self.file is None else short_path(str(self.file))
 
 
 def input_keys(arguments, files) -> list[str]:
@@ -65,7 +65,8 @@ def collect_inputs(args: argparse.Namespace) -> tuple[list[Item], list[np.ndarra
     return items, arrays
 
 
-def _short(path: str) -> str:
+def short_path(path: str) -> str:
+    """A path as messages show it: a bundled demo name as it is, else relative to the working directory."""
     if path.startswith(DEMO_PREFIX):
         return path
     try:

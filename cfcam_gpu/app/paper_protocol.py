@@ -27,7 +27,7 @@ from ..hooks import LeafCapture, eval_mode, forward_hook
 from ..layers import resolve_layer
 from ..methods import ScoreCAM, build_method, from_features_fn
 from ..metrics import deletion_insertion, mean_ci
-from .report import _pm
+from .report import pm
 from ..targets import resolve_targets
 from .options import CLIError
 
@@ -129,7 +129,7 @@ def summarize(result: dict, names, steps: int, levels) -> dict:
 
 
 def _fmt(stat: dict, digits: int = 3) -> str:
-    return _pm(stat, digits)
+    return pm(stat, digits)
 
 
 def markdown(doc: dict) -> str:

@@ -50,7 +50,8 @@ def summarize(result: dict, methods: Sequence[str]) -> dict:
 
 
 
-def _pm(stat: dict, digits: int = 2) -> str:
+def pm(stat: dict, digits: int = 2) -> str:
+    """A statistic {"mean", "ci95": (lo, hi)} as "mean [lo, hi]" text ("n/a" without a mean)."""
     m, (lo, hi) = stat["mean"], stat["ci95"]
     if m is None:
         return "n/a"
@@ -73,9 +74,9 @@ def markdown(summary: dict, result: dict, context: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name in methods:
         e = summary[name]
-        lines.append(f"| {LABELS.get(name, name)} | {_pm(e['average_drop'])} | {_pm(e['increase_in_confidence'])} "
-                     f"| {_pm(e['average_drop_threshold'])} | {_pm(e['increase_in_confidence_threshold'])} "
-                     f"| {_pm(e['deletion_auc'], 3)} | {_pm(e['insertion_auc'], 3)} | {e['seconds_per_image']:.3f} |")
+        lines.append(f"| {LABELS.get(name, name)} | {pm(e['average_drop'])} | {pm(e['increase_in_confidence'])} "
+                     f"| {pm(e['average_drop_threshold'])} | {pm(e['increase_in_confidence_threshold'])} "
+                     f"| {pm(e['deletion_auc'], 3)} | {pm(e['insertion_auc'], 3)} | {e['seconds_per_image']:.3f} |")
     if all("road_combined" in e for e in summary.values()):
         lines += ["", "ROAD (RemOve And Debias, noisy linear imputation, noise 0.01; percentiles 10, 20, ..., 90): "
                   "change of the target logit when the most (MoRF ↓) or least (LeRF ↑) relevant pixels are "
@@ -83,8 +84,8 @@ def markdown(summary: dict, result: dict, context: dict) -> str:
                   "| Method | ROAD combined ↑ | MoRF ↓ | LeRF ↑ |", "|---|---|---|---|"]
         for name in methods:
             e = summary[name]
-            lines.append(f"| {LABELS.get(name, name)} | {_pm(e['road_combined'], 3)} | {_pm(e['road_morf'], 3)} "
-                         f"| {_pm(e['road_lerf'], 3)} |")
+            lines.append(f"| {LABELS.get(name, name)} | {pm(e['road_combined'], 3)} | {pm(e['road_morf'], 3)} "
+                         f"| {pm(e['road_lerf'], 3)} |")
     sigmas = next((list(e["robustness"]) for e in summary.values() if e["robustness"]), [])
     if sigmas:
         lines += ["", "Robustness to gradient noise (SSIM ↑ / MSE ↓ between the clean and the noisy CAM):", "",
@@ -97,8 +98,8 @@ def markdown(summary: dict, result: dict, context: dict) -> str:
                 cells = [f"n/a ({robustness_free(name)})"] + ["—"] * (2 * len(sigmas) - 1)
                 lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
                 continue
-            lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(_pm(rob[s]["ssim"], 3) for s in sigmas) + " | "
-                         + " | ".join(_pm(rob[s]["mse"], 4) for s in sigmas) + " |")
+            lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(pm(rob[s]["ssim"], 3) for s in sigmas) + " | "
+                         + " | ".join(pm(rob[s]["mse"], 4) for s in sigmas) + " |")
     if result["clusters"]:
         lines += ["", "DBSCAN channel clusters per image (mean [min, max]):", "",
                   "| Method | clusters | noise channels | dead (all-zero) channels |", "|---|---|---|---|"]

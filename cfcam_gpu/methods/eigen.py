@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .._checks import check_ndim, check_floating, decide_sync_free, validate_features
 from ..cam import CAMResult
-from ..engine import _CAMEngine
+from ..engine import CAMEngine
 
 SQUARINGS = 24  # (lambda_2 / lambda_1) ** (2 ** 24): eigenvalue gaps down to ~1e-6 relative are resolved
 REFINE = 3
@@ -202,7 +202,7 @@ def kpcacam_from_features(activations: Tensor, gradients: Tensor | None = None, 
     return CAMResult(cams=cams, weights=activations.float().mean(dim=(2, 3)), peak=peak)
 
 
-class _EigenEngine(_CAMEngine):
+class EigenEngine(CAMEngine):
     """The eigen methods are already a principal-component map: ``eigen_smooth`` changes nothing (as in
     pytorch-grad-cam). ``sync_free`` as ``pca_projection``."""
 
@@ -214,7 +214,7 @@ class _EigenEngine(_CAMEngine):
         return result
 
 
-class EigenCAM(_EigenEngine):
+class EigenCAM(EigenEngine):
     """EigenCAM with the batched engine (the backward pass reaches only the layers above the target)."""
 
     def _from_features(self, activations, gradients):
@@ -222,7 +222,7 @@ class EigenCAM(_EigenEngine):
                                       sync_free=self.sync_free)
 
 
-class EigenGradCAM(_EigenEngine):
+class EigenGradCAM(EigenEngine):
     """EigenGradCAM with the batched engine."""
 
     def _from_features(self, activations, gradients):
@@ -230,7 +230,7 @@ class EigenGradCAM(_EigenEngine):
                                           sync_free=self.sync_free)
 
 
-class KPCACAM(_EigenEngine):
+class KPCACAM(EigenEngine):
     """KPCA-CAM with the batched engine; ``kernel`` ("sigmoid", pytorch-grad-cam's default), ``gamma``
     (None: 1 / C), ``degree``, ``coef0`` as scikit-learn's ``KernelPCA``."""
 

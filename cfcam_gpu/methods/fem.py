@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .._checks import validate_features
 from ..cam import CAMResult, weighted_cam
-from ..engine import _CAMEngine
+from ..engine import CAMEngine
 
 K_SIGMA = 2.0  # pytorch-grad-cam's default k
 
@@ -39,7 +39,7 @@ def fem_from_features(activations: Tensor, gradients: Tensor | None = None, chec
     return CAMResult(cams=cams, weights=weights, peak=peak)
 
 
-class FEM(_CAMEngine):
+class FEM(CAMEngine):
     """FEM with the batched engine; ``k`` the threshold in standard deviations (2, pytorch-grad-cam's)."""
 
     def __init__(self, model: nn.Module, target_layer, k: float = K_SIGMA, **options):

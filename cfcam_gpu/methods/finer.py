@@ -15,7 +15,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from ..engine import _CAMEngine
+from ..engine import CAMEngine
 from ..targets import class_indices, primary_output
 
 COMPARISONS = (1, 2, 3)  # pytorch-grad-cam's default places
@@ -48,7 +48,7 @@ def _is_callable_target(targets) -> bool:
         isinstance(targets, (list, tuple)) and any(callable(t) for t in targets))
 
 
-class FinerCAM(_CAMEngine):
+class FinerCAM(CAMEngine):
     """Finer-CAM over a gradient method: ``FinerCAM(model, target_layer, base="gradcam", alpha=1.0,
     comparison_categories=(1, 2, 3), **options)``; ``base``: a method name of ``METHODS`` or an engine
     class that works from (activations, gradients) (not scorecam, ablationcam, fullgrad or finercam);
@@ -61,8 +61,8 @@ class FinerCAM(_CAMEngine):
         from .registry import METHODS  # the registry imports this module
 
         cls = METHODS.get(base) if isinstance(base, str) else base
-        if not (isinstance(cls, type) and issubclass(cls, _CAMEngine)) or issubclass(cls, FinerCAM) \
-                or cls._explain_images is not _CAMEngine._explain_images:
+        if not (isinstance(cls, type) and issubclass(cls, CAMEngine)) or issubclass(cls, FinerCAM) \
+                or cls._explain_images is not CAMEngine._explain_images:
             raise ValueError(f"base: expected the name or engine class of a method that works from the target "
                              f"layer's activations and gradients (e.g. 'gradcam', 'gradcam++', 'layercam'), "
                              f"got {base!r}")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cam import CAMResult
-from ..engine import _CAMEngine
+from ..engine import CAMEngine
 from ..hooks import eval_mode, forward_hook
 from ..targets import resolve
 from .eigen import minmax, pca_projection
@@ -75,7 +75,7 @@ def fullgrad_from_gradients(images: Tensor, input_grads: Tensor, biases: list[Te
     return cams, total.amax(dim=(1, 2)) - total.amin(dim=(1, 2))
 
 
-class FullGrad(_CAMEngine):
+class FullGrad(CAMEngine):
     """FullGrad with the batched engine: ``FullGrad(model, target_layer=None, **options)``; the target
     layer is not used (every bias layer is). ``cam(images, targets, eigen_smooth=...)`` -> CAMResult with
     cams (B, H, W) at the input resolution and an empty weights (B, 0). ``explain`` is not available (the

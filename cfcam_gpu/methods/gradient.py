@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .._checks import validate_features
 from ..cam import CAMResult, unit_scale
-from ..engine import _CAMEngine
+from ..engine import CAMEngine
 
 def _prepare(activations: Tensor, gradients: Tensor, check_values: bool) -> tuple[Tensor, Tensor]:
     validate_features(activations, gradients, check_values)
@@ -154,7 +154,7 @@ def gradcam_elementwise_from_features(activations: Tensor, gradients: Tensor,
     return _result(cams, peak, spatial_mean(grads), acts)
 
 
-class GradCAMPlusPlus(_CAMEngine):
+class GradCAMPlusPlus(CAMEngine):
     """Grad-CAM++ with the batched engine; ``eps`` as ``gradcampp_from_features`` (1e-6: pytorch-grad-cam)."""
 
     def __init__(self, model: nn.Module, target_layer, eps: float = 1e-6, **options):
@@ -165,14 +165,14 @@ class GradCAMPlusPlus(_CAMEngine):
         return gradcampp_from_features(activations, gradients, eps=self.eps, check_values=self.check_values)
 
 
-class XGradCAM(_CAMEngine):
+class XGradCAM(CAMEngine):
     """XGrad-CAM with the batched engine."""
 
     def _from_features(self, activations, gradients):
         return xgradcam_from_features(activations, gradients, check_values=self.check_values)
 
 
-class LayerCAM(_CAMEngine):
+class LayerCAM(CAMEngine):
     """LayerCAM with the batched engine."""
 
     def _from_features(self, activations, gradients):
@@ -182,7 +182,7 @@ class LayerCAM(_CAMEngine):
         return gradients.float().clamp_min(0) * activations.float()
 
 
-class HiResCAM(_CAMEngine):
+class HiResCAM(CAMEngine):
     """HiResCAM with the batched engine."""
 
     def _from_features(self, activations, gradients):
@@ -192,7 +192,7 @@ class HiResCAM(_CAMEngine):
         return gradients.float() * activations.float()
 
 
-class GradCAMElementWise(_CAMEngine):
+class GradCAMElementWise(CAMEngine):
     """Element-wise Grad-CAM with the batched engine; ``eigen_smooth`` projects relu(g A)."""
 
     def _from_features(self, activations, gradients):

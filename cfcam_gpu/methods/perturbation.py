@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..cam import CAMResult, weighted_cam
 from ..cluster import dead_channels
-from ..engine import _CAMEngine, combine_layers
+from ..engine import CAMEngine, combine_layers
 from ..hooks import eval_mode, forward_hook
 from ..targets import Target
 
@@ -47,7 +47,7 @@ class _ForwardMixin:
                          "call cam(images, targets) instead of explain() or *_from_features")
 
 
-class ScoreCAM(_ForwardMixin, _CAMEngine):
+class ScoreCAM(_ForwardMixin, CAMEngine):
     """Score-CAM (Wang et al. 2020) as pytorch-grad-cam computes it, batched.
 
     For every (image, channel): the channel map is upsampled to the input size (bilinear,
@@ -156,7 +156,7 @@ def head_after(model: nn.Module, layer: nn.Module) -> nn.Module | None:
         return None
 
 
-class AblationCAM(_ForwardMixin, _CAMEngine):
+class AblationCAM(_ForwardMixin, CAMEngine):
     """Ablation-CAM (Desai & Ramaswamy 2020) as pytorch-grad-cam defines it, batched.
 
     w_c = (y - y_c) / y, y the target's logit, y_c the logit with channel c of the target layer's output

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .._checks import check_ndim, validate_features
 from ..cam import CAMResult, weighted_cam
-from ..engine import _CAMEngine
+from ..engine import CAMEngine
 
 
 def random_weights(B: int, C: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -39,7 +39,7 @@ def randomcam_from_features(activations: Tensor, gradients: Tensor | None = None
     return CAMResult(cams=cams, weights=weights.float(), peak=peak)
 
 
-class RandomCAM(_CAMEngine):
+class RandomCAM(CAMEngine):
     """RandomCAM with the batched engine; ``generator``: a ``torch.Generator`` on the model's device
     (None: torch's global generator). One draw of (B, C) weights per target layer and call."""
 

@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from ..cam import CAMResult
-from ..engine import _CAMEngine
+from ..engine import CAMEngine
 from ..fuse import fuse_cams, minmax_scale
 from .gradient import GradCAMPlusPlus
 
-ENGINE_OPTIONS = tuple(p for p in inspect.signature(_CAMEngine.__init__).parameters
+ENGINE_OPTIONS = tuple(p for p in inspect.signature(CAMEngine.__init__).parameters
                        if p not in ("self", "model", "target_layer"))
 
 
@@ -34,18 +34,18 @@ def refine_fuse(maps: "list[Tensor]", size: tuple[int, int], eps: float = 0.0) -
     return minmax_scale(product, eps)
 
 
-class RefineCAM(_CAMEngine):
+class RefineCAM(CAMEngine):
     """RefineCAM with the batched engine: ``RefineCAM(model, target_layers, base_method=GradCAMPlusPlus,
     **options)``; ``base_method`` is an engine class computing its map from the target-layer features
     (every method of ``cfcam_gpu.methods.METHODS`` but scorecam, ablationcam, fullgrad, sess, refinecam);
-    the options of ``_CAMEngine`` apply to both, the others go to the base method. ``cams`` are (B, H, W)
+    the options of ``CAMEngine`` apply to both, the others go to the base method. ``cams`` are (B, H, W)
     at the input size, also for one layer; ``layers`` holds each layer's result of the base method."""
 
     def __init__(self, model: nn.Module, target_layer, base_method: type = GradCAMPlusPlus, **options):
-        if not (isinstance(base_method, type) and issubclass(base_method, _CAMEngine)):
+        if not (isinstance(base_method, type) and issubclass(base_method, CAMEngine)):
             raise TypeError(f"base_method: expected a CAM engine class (e.g. cfcam_gpu.methods.GradCAMPlusPlus), "
                             f"got {base_method!r}")
-        if base_method._explain_images is not _CAMEngine._explain_images or issubclass(base_method, RefineCAM):
+        if base_method._explain_images is not CAMEngine._explain_images or issubclass(base_method, RefineCAM):
             raise ValueError(f"base_method: expected a method computed from the target layer's features, got "
                              f"{base_method.__name__}, which runs passes of its own")
         super().__init__(model, target_layer, **{k: v for k, v in options.items() if k in ENGINE_OPTIONS})

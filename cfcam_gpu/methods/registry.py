@@ -9,7 +9,7 @@ from typing import Callable
 from torch import Tensor, nn
 
 from ..cam import CAMResult, cfcam_from_features, gradcam_from_features
-from ..engine import CFCAM, GradCAM, _CAMEngine
+from ..engine import CFCAM, GradCAM, CAMEngine
 from .fem import FEM, fem_from_features
 from .finer import FinerCAM
 from .gradient import (GradCAMElementWise, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM,
@@ -103,7 +103,7 @@ def _check_name(name: str) -> None:
         raise ValueError(f"method: unknown CAM method {name!r}; expected one of {sorted(METHODS)}")
 
 
-def build_method(name: str, model: nn.Module, target_layer, **options) -> _CAMEngine:
+def build_method(name: str, model: nn.Module, target_layer, **options) -> CAMEngine:
     """``METHODS[name](model, target_layer, **options)`` with a helpful error for unknown names."""
     _check_name(name)
     return METHODS[name](model, target_layer, **options)

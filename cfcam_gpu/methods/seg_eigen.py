@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .._checks import validate_features
 from ..cam import CAMResult, normalise
-from .eigen import _EigenEngine, pca_projection
+from .eigen import EigenEngine, pca_projection
 
 
 def sign_corrected(projection: Tensor) -> Tensor:
@@ -37,7 +37,7 @@ def segeigencam_from_features(activations: Tensor, gradients: Tensor, check_valu
     return CAMResult(cams=cams, weights=torch.where(flip[:, None], -v, v).float(), peak=peak)
 
 
-class SegEigenCAM(_EigenEngine):
+class SegEigenCAM(EigenEngine):
     """SegEigenCAM with the batched engine (``sync_free`` as ``eigen.pca_projection``)."""
 
     def _from_features(self, activations, gradients):

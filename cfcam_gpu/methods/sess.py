@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .._checks import check_floating, check_ndim
 from ..cam import CAMResult
-from ..engine import _CAMEngine
+from ..engine import CAMEngine
 from ..fuse import fuse_cams, minmax_scale
 from ..hooks import eval_mode
 from ..targets import Target, detach_output, primary_output, resolve
@@ -120,7 +120,7 @@ class SESS:
     """SESS over a batched base method: ``SESS(model, target_layer, base_method=GradCAM, scales=None,
     num_scales=12, scale_step_ratio=2/7, window_size=None, step_size=None, pre_filter_ratio=0.0, theta=0.0,
     pool="mean", smooth=True, use_softmax_scores=True, batch_size=32, **options)`` (options: the base
-    method's, see ``_CAMEngine``); ``cam(images, targets=None, aug_smooth=False, eigen_smooth=False)``
+    method's, see ``CAMEngine``); ``cam(images, targets=None, aug_smooth=False, eigen_smooth=False)``
     -> CAMResult with cams (B, H, W) at the input size, weights (B, P) the patch weights (0 for the
     dropped ones), targets, logits of the whole images. See the module docstring."""
 
@@ -132,7 +132,7 @@ class SESS:
         from ..engine import GradCAM
 
         base_method = GradCAM if base_method is None else base_method
-        if not (isinstance(base_method, type) and issubclass(base_method, _CAMEngine)):
+        if not (isinstance(base_method, type) and issubclass(base_method, CAMEngine)):
             raise TypeError(f"base_method: expected a CAM engine class (e.g. cfcam_gpu.GradCAM), got "
                             f"{base_method!r}")
         if pool not in POOLS:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..cam import CAMResult, gradcam_from_features
-from ..engine import _CAMEngine
+from ..engine import CAMEngine
 
 
 def shapleycam_from_features(activations: Tensor, gradients: Tensor, hessian_product: Tensor,
@@ -31,7 +31,7 @@ def shapleycam_from_features(activations: Tensor, gradients: Tensor, hessian_pro
     return gradcam_from_features(activations, gradients - 0.5 * hessian_product, check_values)
 
 
-class ShapleyCAM(_CAMEngine):
+class ShapleyCAM(CAMEngine):
     """ShapleyCAM with the batched engine. The captured "gradients" it hands to the map are g - H A / 2
     (so ``eigen_smooth`` projects the Shapley weights x activations, as pytorch-grad-cam). The target
     layer must output one tensor."""
