@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import engine as _engine
+from .compat_image import create_labels_legend, deprocess_image, show_cam_on_image, show_factorization_on_image
 from .fuse import fuse_cams, minmax_scale
 from .methods import eigen as _eigen
 from .methods import fem as _fem
@@ -384,14 +385,6 @@ class GuidedBackpropReLUModel:
         return out[0] if len(out) == 1 else out
 
 
-def deprocess_image(img: np.ndarray) -> np.ndarray:
-    """pytorch_grad_cam.utils.image.deprocess_image: (img - mean) / (std + 1e-5) * 0.1 + 0.5 over all
-    of the array's values, clipped to [0, 1], times 255 as uint8 (same shape). Guided Grad-CAM:
-    ``deprocess_image(np.stack([cam] * 3, axis=-1) * gb)``."""
-    arr = np.asarray(img)
-    return _guided.deprocess(torch.from_numpy(np.ascontiguousarray(arr)).reshape(1, -1)).reshape(arr.shape).numpy()
-
-
 class DeepFeatureFactorization:
     """pytorch_grad_cam.DeepFeatureFactorization's interface: ``DeepFeatureFactorization(model,
     target_layer, reshape_transform=None, computation_on_concepts=None)`` called with ``(input_tensor,
@@ -424,9 +417,32 @@ class DeepFeatureFactorization:
         return False
 
 
+
+def run_dff_on_image(model: nn.Module, target_layer, classifier, img_pil, img_tensor: torch.Tensor,
+                     reshape_transform=None, n_components: int = 5, top_k: int = 2,
+                     labels: dict | None = None) -> np.ndarray:
+    """pytorch_grad_cam's ``run_dff_on_image``: Deep Feature Factorization of one image (img_tensor
+    (3, H, W), img_pil the same photo as a PIL image or (H, W, 3) uint8 array), its concepts classified by
+    ``classifier`` (concepts (K, C) -> (K, L) logits) -> uint8 (H, 3 W, 3): the photo, the components
+    coloured on it, and their legend (each concept's ``top_k`` classes with softmax scores). ``labels``
+    (class index -> name) defaults to ``model.config.id2label`` (Hugging Face models), as there."""
+    if labels is None:
+        labels = getattr(getattr(model, "config", None), "id2label", None)
+        if labels is None:
+            raise ValueError("labels: expected a dict of class names, or a model with config.id2label, got neither")
+    photo = np.asarray(img_pil)
+    dff = DeepFeatureFactorization(model, target_layer, reshape_transform, computation_on_concepts=classifier)
+    _, explanations, outputs = dff(img_tensor[None], n_components)
+    scores = torch.softmax(torch.from_numpy(outputs), dim=-1).numpy()
+    picture = show_factorization_on_image(photo / 255, explanations[0], image_weight=0.3,
+                                          concept_labels=create_labels_legend(scores, labels, top_k))
+    return np.hstack((photo, picture))
+
+
 __all__ = [
     "AblationCAM", "ClusteredFilteredGradCAM", "DeepFeatureFactorization", "EigenCAM", "EigenGradCAM", "FEM",
     "FinerCAM", "FullGrad", "GradCAM", "GradCAMCompat", "GradCAMElementWise", "GradCAMPlusPlus",
     "GuidedBackpropReLUModel", "HiResCAM", "KPCA_CAM", "LayerCAM", "RandomCAM", "RefineCAM", "SESS", "ScoreCAM",
-    "SegEigenCAM", "ShapleyCAM", "XGradCAM", "deprocess_image", "to_numpy_maps",
+    "SegEigenCAM", "ShapleyCAM", "XGradCAM", "create_labels_legend", "deprocess_image", "run_dff_on_image",
+    "show_cam_on_image", "show_factorization_on_image", "to_numpy_maps",
 ]
