@@ -238,12 +238,16 @@ class ScoreCAM(_Compat):
 class AblationCAM(_Compat):
     """pytorch_grad_cam.AblationCAM's interface with its ablation value (``ablation_value=
     "pytorch-grad-cam"``: 0 for layers whose minimum is 0, else min - k * 1e7 in groups of ``batch_size``).
-    ``ablation_layer`` and ``ratio_channels_to_ablate`` other than 1.0 are not offered."""
+    ``ablation_layer``: None or ``AblationLayer()`` (the same); ``ratio_channels_to_ablate`` other than 1.0
+    is not offered."""
 
     engine = _perturbation.AblationCAM
 
-    def __init__(self, model: nn.Module, target_layers, reshape_transform=None, batch_size: int = 32,
-                 ratio_channels_to_ablate: float = 1.0, **options):
+    def __init__(self, model: nn.Module, target_layers, reshape_transform=None, ablation_layer=None,
+                 batch_size: int = 32, ratio_channels_to_ablate: float = 1.0, **options):
+        if ablation_layer is not None and type(ablation_layer) is not AblationLayer:
+            raise ValueError(f"ablation_layer: expected None or cfcam_gpu.compat.AblationLayer() (channel "
+                             f"ablation), got {type(ablation_layer).__name__}")
         if ratio_channels_to_ablate != 1.0:
             raise ValueError(f"ratio_channels_to_ablate: expected 1.0 (every channel), got "
                              f"{ratio_channels_to_ablate!r}")
@@ -439,10 +443,55 @@ def run_dff_on_image(model: nn.Module, target_layer, classifier, img_pil, img_te
     return np.hstack((photo, picture))
 
 
+
+class AblationLayer(nn.Module):
+    """pytorch_grad_cam.AblationLayer's name: ``AblationCAM(..., ablation_layer=AblationLayer())`` is the
+    default channel ablation (``methods.AblationCAM``). A marker only; the ablation itself is batched in
+    the engine."""
+
+
+class ActivationsAndGradients:
+    """pytorch_grad_cam.ActivationsAndGradients's interface: ``ActivationsAndGradients(model, target_layers,
+    reshape_transform, detach=True)``; calling it with ``x`` runs the model and returns its output, filling
+    ``activations`` (one per layer, in the order of the layers) and, after a backward pass, ``gradients``
+    (same order). With ``detach`` they are detached copies on the CPU (``reshape_transform`` applied),
+    as there; ``release()`` removes the hooks."""
+
+    def __init__(self, model: nn.Module, target_layers, reshape_transform=None, detach: bool = True):
+        self.model, self.reshape_transform, self.detach = model, reshape_transform, detach
+        self.activations: list = []
+        self.gradients: list = []
+        layers = list(target_layers) if isinstance(target_layers, (list, tuple)) else [target_layers]
+        self.handles = [layer.register_forward_hook(self._hook) for layer in layers]
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.detach:
+            return t
+        t = t if self.reshape_transform is None else self.reshape_transform(t)
+        return t.detach().cpu()
+
+    def _hook(self, module, inputs, output):
+        self.activations.append(self._keep(output))
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            # backward reaches the layers last to first: each gradient goes in front
+            output.register_hook(lambda g: self.gradients.insert(0, self._keep(g)))
+
+    def __call__(self, x: torch.Tensor):
+        self.activations, self.gradients = [], []
+        return self.model(x)
+
+    def release(self) -> None:
+        self.activations, self.gradients = [], []
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
 __all__ = [
-    "AblationCAM", "ClusteredFilteredGradCAM", "DeepFeatureFactorization", "EigenCAM", "EigenGradCAM", "FEM",
-    "FinerCAM", "FullGrad", "GradCAM", "GradCAMCompat", "GradCAMElementWise", "GradCAMPlusPlus",
-    "GuidedBackpropReLUModel", "HiResCAM", "KPCA_CAM", "LayerCAM", "RandomCAM", "RefineCAM", "SESS", "ScoreCAM",
-    "SegEigenCAM", "ShapleyCAM", "XGradCAM", "create_labels_legend", "deprocess_image", "run_dff_on_image",
-    "show_cam_on_image", "show_factorization_on_image", "to_numpy_maps",
+    "AblationCAM", "AblationLayer", "ActivationsAndGradients", "ClusteredFilteredGradCAM",
+    "DeepFeatureFactorization", "EigenCAM", "EigenGradCAM", "FEM", "FinerCAM", "FullGrad", "GradCAM",
+    "GradCAMCompat", "GradCAMElementWise", "GradCAMPlusPlus", "GuidedBackpropReLUModel", "HiResCAM", "KPCA_CAM",
+    "LayerCAM", "RandomCAM", "RefineCAM", "SESS", "ScoreCAM", "SegEigenCAM", "ShapleyCAM", "XGradCAM",
+    "create_labels_legend", "deprocess_image", "run_dff_on_image", "show_cam_on_image",
+    "show_factorization_on_image", "to_numpy_maps",
 ]
