@@ -88,6 +88,8 @@ def test_random_cam_seeded_numpy(request, x64, name):
     np.random.seed(8)
     other = cc.RandomCAM(model, [layer])(x64)
     assert np.abs(other - mine).max() > 0.1
+    theirs, mine = both("RandomCAM", model, [layer], x64, seed=9, call={"aug_smooth": True})  # one layer
+    np.testing.assert_allclose(mine, theirs, atol=ATOL)
 
 
 def test_native_random_cam_torch_generator(resnet18, x64):
