@@ -290,8 +290,10 @@ class _NumpyRandomCAM(_random.RandomCAM):
 
 class RandomCAM(_Compat):
     """pytorch_grad_cam.RandomCAM's interface: channel weights uniform in [-1, 1), drawn from NumPy's
-    global generator (``np.random.seed(s)`` before a call gives pytorch-grad-cam's map for the same seed).
-    The native ``cfcam_gpu.methods.RandomCAM`` takes a ``torch.Generator`` on the device instead."""
+    global generator (``np.random.seed(s)`` before a call gives pytorch-grad-cam's map for the same seed;
+    with ``aug_smooth`` and several layers the same values are drawn in another order, one draw per layer
+    for all augmented copies, so those maps differ). The native ``cfcam_gpu.methods.RandomCAM`` takes a
+    ``torch.Generator`` on the device instead."""
 
     engine = _NumpyRandomCAM
 
