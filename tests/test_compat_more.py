@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("pytorch_grad_cam")
 import pytorch_grad_cam as pgc  # noqa: E402
-from helpers import preprocess  # noqa: E402
+from helpers import patch_pgc_sign, preprocess  # noqa: E402
 from pytorch_grad_cam.utils import image as pgc_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget  # noqa: E402
 
@@ -138,6 +138,20 @@ def test_sess(request, x64, name, options):
     assert mine.shape == theirs.shape == (3, 64, 64)
     np.testing.assert_allclose(mine, theirs, atol=ATOL)
     assert theirs.max() > 0.99
+
+
+def test_sess_non_square_windows_and_base(resnet18, x64, monkeypatch):
+    """A 56 x 64 input, a smaller overlapping window, Grad-CAM++ as base (given as pytorch-grad-cam's
+    class), and eigen-smoothed base maps (pytorch-grad-cam's component oriented by our sign rule)."""
+    patch_pgc_sign(monkeypatch)
+    x = x64[:2, :, 4:60]
+    for kwargs, call in (({"num_scales": 2, "window_size": 40, "step_size": 20}, {}),
+                         ({"scales": [56, 70], "base_method": pgc.GradCAMPlusPlus, "batch_size": 3}, {}),
+                         ({"num_scales": 2}, {"eigen_smooth": True})):
+        theirs, mine = both("SESS", resnet18, [resnet18.layer4[-1]], x, TARGETS[:2], call=call, **kwargs)
+        assert mine.shape == theirs.shape == (2, 56, 64)
+        np.testing.assert_allclose(mine, theirs, atol=ATOL)
+        assert theirs.max() > 0.99
 
 
 def test_sess_bad_input(resnet18, x64):
