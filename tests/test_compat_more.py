@@ -315,3 +315,26 @@ def test_every_public_class_of_pytorch_grad_cam_is_offered():
     for name in ("deprocess_image", "show_cam_on_image", "show_factorization_on_image", "create_labels_legend",
                  "run_dff_on_image"):
         assert callable(getattr(cc, name))
+
+
+def test_native_accelerator_paths_read_nothing_and_equal_the_cpu_paths(resnet18, x64, monkeypatch):
+    """The natives' accelerator route (``sync_free=True``) on CPU tensors: no host read (top-1 targets,
+    no value checks), and the CPU route's maps."""
+    from helpers import refuse_host_reads
+
+    from cfcam_gpu.methods import SESS, DeepFeatureFactorization, RefineCAM, SegEigenCAM
+
+    layer, two = resnet18.layer4[-1], [resnet18.layer3[-1], resnet18.layer4[-1]]
+    expected = [SegEigenCAM(resnet18, layer)(x64).cams, RefineCAM(resnet18, two)(x64).cams,
+                NativeRandomCAM(resnet18, layer, generator=torch.Generator().manual_seed(3))(x64).cams,
+                DeepFeatureFactorization(resnet18, layer, sync_free=False)(x64, 4)[1],
+                SESS(resnet18, layer, num_scales=2)(x64).cams]
+    with refuse_host_reads(monkeypatch):
+        got = [SegEigenCAM(resnet18, layer, check_values=False, sync_free=True)(x64).cams,
+               RefineCAM(resnet18, two, check_values=False)(x64).cams,
+               NativeRandomCAM(resnet18, layer, check_values=False,
+                               generator=torch.Generator().manual_seed(3))(x64).cams,
+               DeepFeatureFactorization(resnet18, layer, sync_free=True)(x64, 4)[1],
+               SESS(resnet18, layer, num_scales=2, check_values=False)(x64).cams]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-4)
