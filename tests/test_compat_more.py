@@ -76,6 +76,16 @@ def test_seg_eigen_cam(request, x64, name, targets):
     assert theirs.max() > 0.99
 
 
+def test_seg_eigen_cam_smoothing_and_layers(resnet18, x64):
+    """``eigen_smooth`` changes nothing (the map is a projection already), ``aug_smooth`` as there, and
+    two layers fused as there."""
+    two = [resnet18.layer3[-1], resnet18.layer4[-1]]
+    for layers, call in (([two[1]], {"eigen_smooth": True}), ([two[1]], {"aug_smooth": True}), (two, {})):
+        theirs, mine = both("SegEigenCAM", resnet18, layers, x64, TARGETS, call=call)
+        np.testing.assert_allclose(mine, theirs, atol=ATOL)
+        assert theirs.max() > 0.99
+
+
 @pytest.mark.parametrize("name", ARCHS)
 def test_random_cam_seeded_numpy(request, x64, name):
     """Seeded NumPy generator: pytorch-grad-cam's maps, for one layer and for two (one draw per layer,
