@@ -83,7 +83,7 @@ def test_seg_eigen_cam_smoothing_and_layers(resnet18, x64):
     for layers, call in (([two[1]], {"eigen_smooth": True}), ([two[1]], {"aug_smooth": True}), (two, {})):
         theirs, mine = both("SegEigenCAM", resnet18, layers, x64, TARGETS, call=call)
         np.testing.assert_allclose(mine, theirs, atol=ATOL)
-        assert theirs.max() > 0.99
+        assert theirs.max() > 0.5  # (an aug-smoothed map is a mean: its max may be below 1)
 
 
 @pytest.mark.parametrize("name", ARCHS)
