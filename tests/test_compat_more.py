@@ -111,6 +111,9 @@ def test_native_random_cam_torch_generator(resnet18, x64):
     assert (run(0) - run(1)).abs().max() > 0.1
     with pytest.raises(TypeError, match="generator"):
         NativeRandomCAM(resnet18, resnet18.layer4[-1], generator=0)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="generator: expected a torch.Generator on the features' device"):
+            NativeRandomCAM(resnet18, resnet18.layer4[-1], generator=torch.Generator("cuda"))(x64)
 
 
 @pytest.mark.parametrize("name", ARCHS)
