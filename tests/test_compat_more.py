@@ -63,6 +63,7 @@ def both(name, model, layers, x, targets=None, seed=None, call=None, **kwargs):
             np.random.seed(seed)
         cam = getattr(module, name)(model, layers, **kwargs)
         out.append(cam(x, targets, **(call or {})))
+    model.zero_grad(set_to_none=True)  # pytorch-grad-cam's full backward leaves .grad on the shared models
     return out
 
 
@@ -123,6 +124,7 @@ def test_refine_cam(request, x64, name, base):
     model, _, two = arch(request, name)
     kwargs = {} if base is None else {"base_method": getattr(pgc, base)}
     theirs = pgc.RefineCAM(model, two, **kwargs)(x64, TARGETS)
+    model.zero_grad(set_to_none=True)
     mine = cc.RefineCAM(model, two, **kwargs)(x64, TARGETS)
     assert mine.shape == theirs.shape == (3, 64, 64)
     np.testing.assert_allclose(mine, theirs, atol=ATOL)
@@ -134,6 +136,7 @@ def test_refine_cam_eigen_smooth(resnet18, x64):
     the product of pytorch-grad-cam's eigen-smoothed Grad-CAM++ maps of each layer, min-max scaled."""
     two = [resnet18.layer3[-1], resnet18.layer4[-1]]
     per_layer = [pgc.GradCAMPlusPlus(resnet18, [layer])(x64, TARGETS, eigen_smooth=True) for layer in two]
+    resnet18.zero_grad(set_to_none=True)
     expected = pgc_image.scale_cam_image(per_layer[0] * per_layer[1])
     mine = cc.RefineCAM(resnet18, two)(x64, TARGETS, eigen_smooth=True)
     np.testing.assert_allclose(mine, expected, atol=ATOL)
