@@ -18,7 +18,8 @@ Methods (every one gets the same images and the same target-layer module):
                  NumPy copies; only --ref-images images per call (images/s counts those).
   cfcam_postloop (experiment, only when listed) the engine's batched forward + autograd.grad, then
                  cfcam_from_features on --postloop-chunk images at a time (CAMResult.cat).
-  eigencam, eigengradcam, kpcacam, fullgrad, gradcam_aug, gradcam_eigen  (only when listed) our method
+  eigencam, eigengradcam, kpcacam, fullgrad, gradcam_aug, gradcam_eigen, gradcam_elementwise, finercam,
+  shapleycam, fem, randomcam, segeigencam, refinecam, sess (sess: num_scales=2)  (only when listed) our method
                  (``_aug``: aug_smooth=True, ``_eigen``: eigen_smooth=True) via
                  cfcam_gpu.methods.build_method; ``pgc_<name>`` the same with pytorch-grad-cam's class
                  (EigenCAM, EigenGradCAM, KPCA_CAM, FullGrad, GradCAM), like pgc_gradcam.
@@ -53,7 +54,14 @@ ALL_METHODS = ("floor", "cfcam", "gradcam", "pgc_gradcam", "pgc_gradcampp", "ref
 PAIRED = {"eigencam": ("eigencam", "EigenCAM", {}), "eigengradcam": ("eigengradcam", "EigenGradCAM", {}),
           "kpcacam": ("kpcacam", "KPCA_CAM", {}), "fullgrad": ("fullgrad", "FullGrad", {}),
           "gradcam_aug": ("gradcam", "GradCAM", {"aug_smooth": True}),
-          "gradcam_eigen": ("gradcam", "GradCAM", {"eigen_smooth": True})}
+          "gradcam_eigen": ("gradcam", "GradCAM", {"eigen_smooth": True}),
+          "gradcam_elementwise": ("gradcam-elementwise", "GradCAMElementWise", {}),
+          "finercam": ("finercam", "FinerCAM", {}), "shapleycam": ("shapleycam", "ShapleyCAM", {}),
+          "fem": ("fem", "FEM", {}), "randomcam": ("randomcam", "RandomCAM", {}),
+          "segeigencam": ("segeigencam", "SegEigenCAM", {}), "refinecam": ("refinecam", "RefineCAM", {}),
+          "sess": ("sess", "SESS", {})}
+# Constructor options of both sides of a pair (SESS at 2 scales: 5 patches per 224 x 224 image, not 129).
+PAIRED_OPTIONS = {"sess": {"num_scales": 2}}
 EXTRA_METHODS = ("cfcam_postloop",) + tuple(PAIRED) + tuple("pgc_" + n for n in PAIRED)
 
 
@@ -71,17 +79,20 @@ def build_methods(names, model, layer, device, ref_images, cfcam_options=None, v
     cfcam = cfcam_gpu.CFCAM(model, layer, **(cfcam_options or {}))
     gradcam = cfcam_gpu.GradCAM(model, layer, **{k: v for k, v in (cfcam_options or {}).items() if k != "backend"})
 
-    def pgc(cls, fullgrad=False, **call_kwargs):
+    def pgc(cls, fullgrad=False, build=None, **call_kwargs):
         def run(images):
-            with cls(model=model, target_layers=[] if fullgrad else [layer]) as cam:
+            cam = cls(model=model, target_layers=[] if fullgrad else [layer], **(build or {}))
+            if not hasattr(cam, "__exit__"):  # (its RefineCAM is no context manager)
+                return cam(input_tensor=images, targets=None, **call_kwargs)
+            with cam:
                 out = cam(input_tensor=images, targets=None, **call_kwargs)
             return out
         return run
 
-    def ours(registry_name, **call_kwargs):
+    def ours(registry_name, build=None, **call_kwargs):
         from cfcam_gpu.methods import build_method
 
-        engine = build_method(registry_name, model, None if registry_name == "fullgrad" else layer)
+        engine = build_method(registry_name, model, None if registry_name == "fullgrad" else layer, **(build or {}))
         return lambda images: engine(images, **call_kwargs)
 
     def reference(images):
@@ -110,13 +121,14 @@ def build_methods(names, model, layer, device, ref_images, cfcam_options=None, v
                 skipped[name] = f"pytorch_grad_cam not importable ({type(err).__name__}: {err})"
         elif name in PAIRED:
             registry_name, _, call_kwargs = PAIRED[name]
-            methods[name] = ours(registry_name, **call_kwargs)
+            methods[name] = ours(registry_name, PAIRED_OPTIONS.get(name), **call_kwargs)
         elif name.startswith("pgc_") and name[4:] in PAIRED:
             registry_name, cls_name, call_kwargs = PAIRED[name[4:]]
             try:
                 import pytorch_grad_cam
 
-                methods[name] = pgc(getattr(pytorch_grad_cam, cls_name), registry_name == "fullgrad", **call_kwargs)
+                methods[name] = pgc(getattr(pytorch_grad_cam, cls_name), registry_name == "fullgrad",
+                                    PAIRED_OPTIONS.get(name[4:]), **call_kwargs)
             except Exception as err:  # noqa: BLE001
                 skipped[name] = f"pytorch_grad_cam not importable ({type(err).__name__}: {err})"
         elif name == "cfcam_postloop":

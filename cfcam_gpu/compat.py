@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import engine as _engine
+from .compat_image import create_labels_legend, deprocess_image, show_cam_on_image, show_factorization_on_image
 from .fuse import fuse_cams, minmax_scale
 from .methods import eigen as _eigen
 from .methods import fem as _fem
@@ -33,6 +34,12 @@ from .methods import finer as _finer
 from .methods import fullgrad as _fullgrad
 from .methods import gradient as _gradient
 from .methods import perturbation as _perturbation
+from .methods.dff import DeepFeatureFactorization as _NativeDFF
+from .methods import guided as _guided
+from .methods import random_cam as _random
+from .methods import refine as _refine
+from .methods import seg_eigen as _seg_eigen
+from .methods import sess as _sess
 from .methods import shapley as _shapley
 
 SCALE_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
@@ -178,16 +185,8 @@ class FullGrad(_Compat):
 
 
 def _base_engine(base_method):
-    """FinerCAM's ``base_method``: one of our drop-in classes, or a pytorch-grad-cam class of the same
-    name -> our engine class."""
-    if base_method is None:
-        return GradCAM.engine
-    ours = globals().get(getattr(base_method, "__name__", ""))
-    if isinstance(ours, type) and issubclass(ours, _Compat) and ours is not FinerCAM \
-            and ours.engine._explain_images is _engine.CAMEngine._explain_images:
-        return ours.engine
-    raise ValueError(f"base_method: expected a gradient CAM class of cfcam_gpu.compat (e.g. GradCAM, "
-                     f"GradCAMPlusPlus, LayerCAM), got {base_method!r}")
+    """FinerCAM's ``base_method`` -> our engine class (``_engine_of``; default Grad-CAM)."""
+    return _engine_of(base_method, GradCAM.engine)
 
 
 class FinerCAM(_Compat):
@@ -239,12 +238,16 @@ class ScoreCAM(_Compat):
 class AblationCAM(_Compat):
     """pytorch_grad_cam.AblationCAM's interface with its ablation value (``ablation_value=
     "pytorch-grad-cam"``: 0 for layers whose minimum is 0, else min - k * 1e7 in groups of ``batch_size``).
-    ``ablation_layer`` and ``ratio_channels_to_ablate`` other than 1.0 are not offered."""
+    ``ablation_layer``: None or ``AblationLayer()`` (the same); ``ratio_channels_to_ablate`` other than 1.0
+    is not offered."""
 
     engine = _perturbation.AblationCAM
 
-    def __init__(self, model: nn.Module, target_layers, reshape_transform=None, batch_size: int = 32,
-                 ratio_channels_to_ablate: float = 1.0, **options):
+    def __init__(self, model: nn.Module, target_layers, reshape_transform=None, ablation_layer=None,
+                 batch_size: int = 32, ratio_channels_to_ablate: float = 1.0, **options):
+        if ablation_layer is not None and type(ablation_layer) is not AblationLayer:
+            raise ValueError(f"ablation_layer: expected None or cfcam_gpu.compat.AblationLayer() (channel "
+                             f"ablation), got {type(ablation_layer).__name__}")
         if ratio_channels_to_ablate != 1.0:
             raise ValueError(f"ratio_channels_to_ablate: expected 1.0 (every channel), got "
                              f"{ratio_channels_to_ablate!r}")
@@ -262,3 +265,235 @@ class AblationCAM(_Compat):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"batch_size: expected an int >= 1, got {value!r}")
         self.cam.pgc_batch_size = value
+
+
+def _engine_of(base_method, default, name: str = "base_method"):
+    """A ``base_method`` given as one of our drop-in classes, or a pytorch-grad-cam class of the same name
+    -> our engine class (a method computed from the target layer's features)."""
+    if base_method is None:
+        return default
+    ours = globals().get(getattr(base_method, "__name__", ""))
+    if isinstance(ours, type) and issubclass(ours, _Compat) \
+            and ours.engine._explain_images is _engine.CAMEngine._explain_images:
+        return ours.engine
+    raise ValueError(f"{name}: expected a gradient or activation CAM class of cfcam_gpu.compat (e.g. GradCAM, "
+                     f"GradCAMPlusPlus, EigenCAM), got {base_method!r}")
+
+
+class _NumpyRandomCAM(_random.RandomCAM):
+    """RandomCAM whose weights come from NumPy's global generator, one (B, C) draw per layer in the order
+    of the layers, as pytorch-grad-cam: ``np.random.seed`` reproduces its maps."""
+
+    def draw_weights(self, B: int, C: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.random.uniform(-1, 1, size=(B, C))).to(like.device)
+
+
+class RandomCAM(_Compat):
+    """pytorch_grad_cam.RandomCAM's interface: channel weights uniform in [-1, 1), drawn from NumPy's
+    global generator (``np.random.seed(s)`` before a call gives pytorch-grad-cam's map for the same seed;
+    with ``aug_smooth`` and several layers the same values are drawn in another order, one draw per layer
+    for all augmented copies, so those maps differ). The native ``cfcam_gpu.methods.RandomCAM`` takes a
+    ``torch.Generator`` on the device instead."""
+
+    engine = _NumpyRandomCAM
+
+
+class SegEigenCAM(_Compat):
+    """pytorch_grad_cam.SegEigenCAM's interface: the sign-corrected first principal component of
+    |gradients| x activations; ``eigen_smooth`` changes nothing (as in pytorch-grad-cam)."""
+
+    engine = _seg_eigen.SegEigenCAM
+
+
+class RefineCAM:
+    """pytorch_grad_cam.RefineCAM's interface: ``RefineCAM(model, target_layers, reshape_transform=None,
+    base_method=GradCAMPlusPlus, **kwargs)`` called with ``(input_tensor, targets=None, eigen_smooth=False)``
+    -> (B, H, W) float32 NumPy: the min-max scaled product over the layers of the base method's map of
+    each layer alone. ``eigen_smooth`` eigen-smooths the base maps (pytorch-grad-cam 1.5.7 hands it to
+    its base method's ``aug_smooth`` position, so there it aug-smooths instead). All layers come from one
+    forward and backward pass."""
+
+    def __init__(self, model: nn.Module, target_layers, reshape_transform=None, base_method=None, **kwargs):
+        layers = list(target_layers) if isinstance(target_layers, (list, tuple)) else [target_layers]
+        self.model, self.target_layers, self.outputs = model, layers, None
+        base = _engine_of(base_method, _gradient.GradCAMPlusPlus)
+        self.cam = _refine.RefineCAM(model, layers, base_method=base, reshape_transform=reshape_transform,
+                                     **kwargs)
+        self.cam.eps = SCALE_EPS
+
+    def __call__(self, input_tensor: torch.Tensor, targets=None, eigen_smooth: bool = False) -> np.ndarray:
+        param = next(self.model.parameters(), None)
+        if param is not None:
+            input_tensor = input_tensor.to(param.device)
+        result = self.cam(input_tensor, targets, eigen_smooth=eigen_smooth)
+        self.outputs = result.logits
+        return result.cams.clamp(0, 1).cpu().numpy()
+
+    forward = __call__
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cam.close()
+        return False
+
+
+class SESS(RefineCAM):
+    """pytorch_grad_cam.SESS's interface: ``SESS(model, target_layers, reshape_transform=None,
+    base_method=GradCAM, scales=None, num_scales=12, scale_step_ratio=2/7, window_size=None,
+    step_size=None, pre_filter_ratio=0.0, theta=0.0, pool="mean", smooth=True, use_softmax_scores=True,
+    batch_size=32, **kwargs)`` called with ``(input_tensor, targets=None, eigen_smooth=False)`` -> (B, H, W)
+    float32 NumPy (``cfcam_gpu.methods.sess``). Deterministic: the same patches, scores and fusion as
+    pytorch-grad-cam, for all images of the batch at once (``batch_size`` patches per pass, as there)."""
+
+    def __init__(self, model: nn.Module, target_layers, reshape_transform=None, base_method=None, **kwargs):
+        layers = list(target_layers) if isinstance(target_layers, (list, tuple)) else [target_layers]
+        self.model, self.target_layers, self.outputs = model, layers, None
+        base = _engine_of(base_method, _engine.GradCAM)
+        self.cam = _sess.SESS(model, layers, base_method=base, reshape_transform=reshape_transform, **kwargs)
+        self.cam.eps = SCALE_EPS
+
+    def __call__(self, input_tensor: torch.Tensor, targets=None, eigen_smooth: bool = False) -> np.ndarray:
+        if targets is not None and len(targets) != len(input_tensor):
+            raise ValueError(f"targets: expected {len(input_tensor)} targets (one per image), got {len(targets)}")
+        if targets is not None and all(t is None for t in targets):
+            targets = None
+        return super().__call__(input_tensor, targets, eigen_smooth)
+
+    forward = __call__
+
+
+class GuidedBackpropReLUModel:
+    """pytorch_grad_cam.GuidedBackpropReLUModel's interface: ``GuidedBackpropReLUModel(model, device=None)``
+    (a device moves the model there), called with ``(input_img, target_category=None)`` -> the guided
+    gradient of the input as float32 NumPy (H, W, 3) for a batch of one image, as pytorch-grad-cam
+    (``target_category``: a class index; None: the top-1 class). For B > 1 images the result is
+    (B, H, W, 3), each image with its own top-1 class (pytorch-grad-cam returns image 0's only). The model
+    is not modified: its ``nn.ReLU`` modules are guided by hooks during the call, which are removed
+    afterwards, and its train/eval state is restored (``cfcam_gpu.methods.guided``)."""
+
+    def __init__(self, model: nn.Module, device=None):
+        self.model = model
+        if device is not None:
+            self.device = torch.device(device)
+            self.model = model.to(self.device)
+        else:
+            param = next(model.parameters(), None)
+            self.device = param.device if param is not None else torch.device("cpu")
+
+    def __call__(self, input_img: torch.Tensor, target_category=None) -> np.ndarray:
+        x = input_img.to(self.device)
+        if target_category is not None and not isinstance(target_category, (list, tuple)):
+            target_category = [int(target_category)] * len(x)
+        grad, _ = _guided.guided_backprop(self.model, x, target_category)
+        out = grad.permute(0, 2, 3, 1).float().cpu().numpy()
+        return out[0] if len(out) == 1 else out
+
+
+class DeepFeatureFactorization:
+    """pytorch_grad_cam.DeepFeatureFactorization's interface: ``DeepFeatureFactorization(model,
+    target_layer, reshape_transform=None, computation_on_concepts=None)`` called with ``(input_tensor,
+    n_components=16)`` -> concepts (C, K) float32 NumPy, a list of B explanation arrays (K, H, W) in [0, 1]
+    and, with ``computation_on_concepts``, its outputs on the concepts (K, L) NumPy. The factorisation
+    (scikit-learn's NMF, ``init="random"``, ``random_state=0``) runs in torch on the activations' device
+    (``cfcam_gpu.methods.dff``); the model runs in eval mode (restored afterwards)."""
+
+    def __init__(self, model: nn.Module, target_layer, reshape_transform=None, computation_on_concepts=None,
+                 **options):
+        self.model = model
+        self.dff = _NativeDFF(model, target_layer, reshape_transform, computation_on_concepts,
+                                                 **options)
+        self.dff.eps = SCALE_EPS
+
+    def __call__(self, input_tensor: torch.Tensor, n_components: int = 16):
+        param = next(self.model.parameters(), None)
+        if param is not None:
+            input_tensor = input_tensor.to(param.device)
+        out = self.dff(input_tensor, n_components)
+        concepts, maps = out[0].float().cpu().numpy(), list(out[1].float().cpu().numpy())
+        if len(out) == 2:
+            return concepts, maps
+        return concepts, maps, out[2].float().cpu().numpy()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+
+def run_dff_on_image(model: nn.Module, target_layer, classifier, img_pil, img_tensor: torch.Tensor,
+                     reshape_transform=None, n_components: int = 5, top_k: int = 2,
+                     labels: dict | None = None) -> np.ndarray:
+    """pytorch_grad_cam's ``run_dff_on_image``: Deep Feature Factorization of one image (img_tensor
+    (3, H, W), img_pil the same photo as a PIL image or (H, W, 3) uint8 array), its concepts classified by
+    ``classifier`` (concepts (K, C) -> (K, L) logits) -> uint8 (H, 3 W, 3): the photo, the components
+    coloured on it, and their legend (each concept's ``top_k`` classes with softmax scores). ``labels``
+    (class index -> name) defaults to ``model.config.id2label`` (Hugging Face models), as there."""
+    if labels is None:
+        labels = getattr(getattr(model, "config", None), "id2label", None)
+        if labels is None:
+            raise ValueError("labels: expected a dict of class names, or a model with config.id2label, got neither")
+    photo = np.asarray(img_pil)
+    dff = DeepFeatureFactorization(model, target_layer, reshape_transform, computation_on_concepts=classifier)
+    _, explanations, outputs = dff(img_tensor[None], n_components)
+    scores = torch.softmax(torch.from_numpy(outputs), dim=-1).numpy()
+    picture = show_factorization_on_image(photo / 255, explanations[0], image_weight=0.3,
+                                          concept_labels=create_labels_legend(scores, labels, top_k))
+    return np.hstack((photo, picture))
+
+
+
+class AblationLayer(nn.Module):
+    """pytorch_grad_cam.AblationLayer's name: ``AblationCAM(..., ablation_layer=AblationLayer())`` is the
+    default channel ablation (``methods.AblationCAM``). A marker only; the ablation itself is batched in
+    the engine."""
+
+
+class ActivationsAndGradients:
+    """pytorch_grad_cam.ActivationsAndGradients's interface: ``ActivationsAndGradients(model, target_layers,
+    reshape_transform, detach=True)``; calling it with ``x`` runs the model and returns its output, filling
+    ``activations`` (one per layer, in the order of the layers) and, after a backward pass, ``gradients``
+    (same order). With ``detach`` they are detached copies on the CPU (``reshape_transform`` applied),
+    as there; ``release()`` removes the hooks."""
+
+    def __init__(self, model: nn.Module, target_layers, reshape_transform=None, detach: bool = True):
+        self.model, self.reshape_transform, self.detach = model, reshape_transform, detach
+        self.activations: list = []
+        self.gradients: list = []
+        layers = list(target_layers) if isinstance(target_layers, (list, tuple)) else [target_layers]
+        self.handles = [layer.register_forward_hook(self._hook) for layer in layers]
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.detach:
+            return t
+        t = t if self.reshape_transform is None else self.reshape_transform(t)
+        return t.detach().cpu()
+
+    def _hook(self, module, inputs, output):
+        self.activations.append(self._keep(output))
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            # backward reaches the layers last to first: each gradient goes in front
+            output.register_hook(lambda g: self.gradients.insert(0, self._keep(g)))
+
+    def __call__(self, x: torch.Tensor):
+        self.activations, self.gradients = [], []
+        return self.model(x)
+
+    def release(self) -> None:
+        self.activations, self.gradients = [], []
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+__all__ = [
+    "AblationCAM", "AblationLayer", "ActivationsAndGradients", "ClusteredFilteredGradCAM",
+    "DeepFeatureFactorization", "EigenCAM", "EigenGradCAM", "FEM", "FinerCAM", "FullGrad", "GradCAM",
+    "GradCAMCompat", "GradCAMElementWise", "GradCAMPlusPlus", "GuidedBackpropReLUModel", "HiResCAM", "KPCA_CAM",
+    "LayerCAM", "RandomCAM", "RefineCAM", "SESS", "ScoreCAM", "SegEigenCAM", "ShapleyCAM", "XGradCAM",
+    "create_labels_legend", "deprocess_image", "run_dff_on_image", "show_cam_on_image",
+    "show_factorization_on_image", "to_numpy_maps",
+]

@@ -118,6 +118,22 @@ def test_gradcam_method_and_fixed_target(three_images, tmp_path):
     assert row["n_clusters"] is None and row["noise_channels"] is None and row["eps"] is None
 
 
+@pytest.mark.parametrize("method, shape", [("segeigencam", (7, 7)), ("randomcam", (7, 7)),
+                                           ("refinecam", (224, 224))])
+def test_drop_in_methods_on_the_command_line(three_images, tmp_path, method, shape):
+    """Methods added for the pytorch-grad-cam drop-in are reachable by --method and give a map in [0, 1]
+    (refinecam at the model's input size, the others at the layer's)."""
+    out = tmp_path / "out"
+    assert main(["explain", str(three_images / "chelsea.png"), "--out", str(out), "--method", method,
+                 "--target", "281", *FAST]) == 0
+    (row,) = manifest(out)
+    assert row["status"] == "ok" and row["target"] == 281
+    assert row["files"] == {"overlay": f"chelsea_{method}.png", "cam": f"chelsea_{method}.npy"}
+    cam = np.load(out / row["files"]["cam"])
+    assert cam.shape == shape and cam.dtype == np.float32
+    assert cam.min() >= 0 and cam.max() == pytest.approx(1) and cam.std() > 0.01
+
+
 def test_corrupt_file_is_reported_and_the_rest_explained(three_images, tmp_path, capsys):
     (three_images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "out"

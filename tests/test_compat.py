@@ -87,6 +87,7 @@ def pgc_and_ours(name, model, layers, x, targets, call=None, **kwargs):
     """Class ``name`` of pytorch-grad-cam and ours built with ``kwargs``, called with ``call`` options."""
     with getattr(pgc, name)(model, layers, **kwargs) as theirs:
         reference = theirs(x, targets, **(call or {}))
+    model.zero_grad(set_to_none=True)  # its full backward leaves .grad on shared (session) models
     with getattr(cc, name)(model, layers, **kwargs) as ours:
         mine = ours(x, targets, **(call or {}))
     return mine, reference

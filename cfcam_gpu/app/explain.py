@@ -33,7 +33,7 @@ HELP = "explain images with CF-CAM / Grad-CAM / other CAM heatmaps"
 DESCRIPTION = """\
 Explain images with CF-CAM (or another CAM method, --method). For each image DIR gets NAME_METHOD.png (the
 heatmap over the image), NAME_METHOD.npy (the raw CAM, float32 in [0, 1], at the layer's resolution, or at
-the model's input size for fullgrad and --aug-smooth) and a row in DIR/manifest.jsonl;
+the model's input size for fullgrad, refinecam, sess and --aug-smooth) and a row in DIR/manifest.jsonl;
 DIR/contact_sheet.png shows the overlays. NAME is the input's file stem (with a short hash when two inputs
 share a stem).
 
@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("CAM")
     group.add_argument("--method", choices=method_names(), default="cfcam", metavar="NAME",
                        help=f"CAM method: {', '.join(method_names())} (default cfcam); fullgrad uses no "
-                            "target layer")
+                            "target layer; refinecam and sess run Grad-CAM++ / Grad-CAM at the layer (sess on "
+                            "patches of the image at 12 scales: many passes per image)")
     group.add_argument("--target", default="top1", metavar="top1|INT",
                        help="class to explain: 'top1' (each image's predicted class, the default) or a "
                             "class index for every image")

@@ -23,7 +23,10 @@ LABELS = {"cfcam": "CF-CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "
           "layercam": "LayerCAM", "hirescam": "HiResCAM", "scorecam": "Score-CAM",
           "ablationcam": "Ablation-CAM", "cfcam_exclude_dead": "CF-CAM (dead excl.)",
           "scorecam_logit": "Score-CAM (logit)", "eigencam": "Eigen-CAM", "eigengradcam": "EigenGrad-CAM",
-          "kpcacam": "KPCA-CAM", "fullgrad": "FullGrad", "cfcam-paper": "CF-CAM (published)"}
+          "kpcacam": "KPCA-CAM", "fullgrad": "FullGrad", "cfcam-paper": "CF-CAM (published)",
+          "gradcam-elementwise": "Grad-CAM element-wise", "finercam": "Finer-CAM", "shapleycam": "ShapleyCAM",
+          "fem": "FEM", "randomcam": "RandomCAM", "segeigencam": "Seg-Eigen-CAM", "refinecam": "RefineCAM",
+          "sess": "SESS"}
 
 
 def known_methods() -> tuple[str, ...]:

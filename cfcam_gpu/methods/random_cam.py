@@ -17,7 +17,10 @@ from ..engine import CAMEngine
 
 
 def random_weights(B: int, C: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """(B, C) float32 weights uniform in [-1, 1) on ``like``'s device."""
+    """(B, C) float32 weights uniform in [-1, 1) on ``like``'s device (``generator`` on that device)."""
+    if generator is not None and generator.device.type != like.device.type:
+        raise ValueError(f"generator: expected a torch.Generator on the features' device {like.device}, got one "
+                         f"on {generator.device}")
     u = torch.rand(B, C, generator=generator, device=like.device, dtype=torch.float32)
     return u * 2 - 1
 

@@ -106,9 +106,12 @@ def patch_maps(result: CAMResult, size: tuple[int, int], eps: float = 0.0, aug_s
 
 
 def _patch_targets(target: Target, b: Tensor):
-    """The targets of patches whose image is b (N,), for the base method."""
+    """The targets of patches whose image is b (N,), for the base method. Class indices go as one
+    callable on the whole output: they were checked against the output once already, and checking them
+    again for every chunk of patches would read the device each time."""
     if target.kind == "index":
-        return target.indices[b]
+        indices = target.indices[b]
+        return lambda output: primary_output(output).gather(1, indices[:, None])[:, 0]
     if target.kind == "each":
         return [target.fns[i] for i in b.tolist()]
     if target.kind == "batch":
