@@ -11,7 +11,9 @@ labels. Routes of the torch backend, chosen in ``_cluster_torch`` only:
 - sync-free (accelerators by default; ``sync_free=True`` anywhere): V for every pair
   (``distance.squared_distances``, blocks of static size) in groups of images of static size, no host
   read;
-- CPU: image by image, a Gram matrix screened with a proven error bound and refined exactly
+- CPU: image by image; where eps is 0 (the percentile's ranks fall among the zeros of V: many dead or
+  duplicate channels), DBSCAN on the groups of identical channels, found by exact hashes and checked
+  (``duplicates.py``, no (C, C) matrix); else a Gram matrix screened with a proven error bound and refined exactly
   (``screened.py``): in float32 for float32 features, else (float64 features, or a float32 image the
   float32 screen declined) in float64; an image both screens decline gets V for every pair. DBSCAN by
   breadth-first search on the screened neighbours (``dbscan.dbscan_by_search``).
@@ -36,6 +38,7 @@ from torch import Tensor
 from ._checks import check_ndim, check_tensor, decide_sync_free
 from .dbscan import dbscan_by_search, dbscan_from_adjacency
 from .distance import squared_distances
+from .duplicates import zero_radius_clusters
 from .percentile import percentile_from_squared, radius_from_squared, with_floor
 from .screened import screened_neighbours
 
@@ -164,7 +167,8 @@ def _cluster_float64(feats: Tensor, sync_free: bool, alive: Tensor | None = None
 
 
 def _cluster_cpu(feats: Tensor, rule: EpsRule = SEED_RULE) -> ChannelClusters:
-    """CPU: image by image, eps and neighbours screened and refined exactly (``screened.py``): float32
+    """CPU: image by image. Where eps is 0, DBSCAN on the groups of identical channels
+    (``duplicates.py``); else eps and neighbours screened and refined exactly (``screened.py``): float32
     features by a float32 screen, then (declined, or float64 features) by a float64 screen, then (both
     declined) V for every pair; labels by breadth-first search on the screened neighbours."""
     C = feats.shape[1]
@@ -178,7 +182,15 @@ def _cluster_cpu(feats: Tensor, rule: EpsRule = SEED_RULE) -> ChannelClusters:
             buffers[precision] = feats.new_empty(C, C, dtype=precision)
         return screened_neighbours(x, rule.q, buffers[precision], precision, rule.diagonal, rule.floor, mask)
 
-    for x in feats:
+    # eps = 0 (>= 25% of the distances are 0: many dead or duplicate channels): the groups of identical
+    # channels are the neighbourhoods, no (C, C) matrix (``duplicates.py``). One host read per batch.
+    zero = zero_radius_clusters(feats, rule.q, min_samples, rule.diagonal) if not rule.floor else None
+    applies = [False] * feats.shape[0] if zero is None else zero.applies.tolist()
+    for b, x in enumerate(feats):
+        if applies[b]:
+            labels.append(zero.labels[b])
+            eps.append(feats.new_zeros(()))
+            continue
         screened = neighbours(x, torch.float32) if feats.dtype == torch.float32 else None
         if screened is None:
             screened = neighbours(x, torch.float64)
