@@ -38,8 +38,8 @@ from torch import Tensor
 from ._checks import check_ndim, check_tensor, decide_sync_free
 from .dbscan import dbscan_by_search, dbscan_from_adjacency
 from .distance import squared_distances
-from .duplicates import zero_radius_clusters
-from .percentile import percentile_from_squared, radius_from_squared, with_floor
+from .duplicates import zero_count_bound, zero_radius_clusters
+from .percentile import matrix_rank, percentile_from_squared, radius_from_squared, with_floor
 from .screened import screened_neighbours
 
 BACKENDS = ("torch", "sklearn", "cuml")
@@ -183,12 +183,18 @@ def _cluster_cpu(feats: Tensor, rule: EpsRule = SEED_RULE) -> ChannelClusters:
         return screened_neighbours(x, rule.q, buffers[precision], precision, rule.diagonal, rule.floor, mask)
 
     # eps = 0 (>= 25% of the distances are 0: many dead or duplicate channels): the groups of identical
-    # channels are the neighbourhoods, no (C, C) matrix (``duplicates.py``). One host read per batch.
-    zero = zero_radius_clusters(feats, rule.q, min_samples, rule.diagonal) if not rule.floor else None
-    applies = [False] * feats.shape[0] if zero is None else zero.applies.tolist()
+    # channels are the neighbourhoods, no (C, C) matrix (``duplicates.py``); hashed only where a cheap
+    # bound on the zeros allows eps = 0. Two host reads per batch.
+    zero_labels = {}
+    if not rule.floor:
+        maybe = (zero_count_bound(feats) > matrix_rank(C, rule.q, rule.diagonal)[1]).nonzero().squeeze(1)
+        if maybe.numel():
+            zero = zero_radius_clusters(feats[maybe], rule.q, min_samples, rule.diagonal)
+            zero_labels = {b: zero.labels[i]
+                           for i, (b, ok) in enumerate(zip(maybe.tolist(), zero.applies.tolist())) if ok}
     for b, x in enumerate(feats):
-        if applies[b]:
-            labels.append(zero.labels[b])
+        if b in zero_labels:
+            labels.append(zero_labels[b])
             eps.append(feats.new_zeros(()))
             continue
         screened = neighbours(x, torch.float32) if feats.dtype == torch.float32 else None

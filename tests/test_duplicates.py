@@ -9,7 +9,7 @@ import torch
 
 from cfcam_gpu import cluster, duplicates
 from cfcam_gpu.cluster import channel_clusters, seed_min_samples
-from cfcam_gpu.duplicates import duplicate_groups, zero_radius_clusters
+from cfcam_gpu.duplicates import duplicate_groups, zero_count_bound, zero_radius_clusters
 
 from helpers import brute_squared, dbscan_labels, rank_neighbours, refuse_host_reads
 
@@ -86,6 +86,22 @@ def test_batched_equals_looped_and_no_host_read(monkeypatch):
     for b in range(feats.shape[0]):
         one = zero_radius_clusters(feats[b:b + 1], 25.0, seed_min_samples(feats.shape[1]))
         assert torch.equal(batched.labels[b], one.labels[0]) and torch.equal(batched.applies[b], one.applies[0])
+
+
+def test_the_cheap_bound_holds_and_skips_the_hashes(monkeypatch):
+    """zero_count_bound >= the zeros of V (brute force) on duplicate-heavy and on spread features; on
+    features without duplicates the CPU route never hashes."""
+    for seed in range(30):
+        for acts in (duplicate_heavy(seed), torch.randn(1, 12, 3, 3) * (seed % 3)):
+            feats = acts.flatten(2)
+            zeros = int((brute_squared(feats[0].numpy()) == 0).sum())
+            assert int(zero_count_bound(feats)[0]) >= zeros, seed
+    spread = torch.randn(3, 64, 4, 4).relu()
+    assert torch.equal(zero_count_bound(spread.flatten(2)), torch.full((3,), 64))
+    calls = []
+    monkeypatch.setattr(cluster, "zero_radius_clusters", lambda *a, **k: calls.append(a))
+    channel_clusters(spread)
+    assert not calls
 
 
 def test_a_hash_collision_declines(monkeypatch):
