@@ -47,17 +47,19 @@ class ROAD(NamedTuple):
     combined: Tensor
 
 
-def _stencil(like: Tensor) -> Tensor:
-    """The 8-neighbour weights as a (1, 1, 3, 3) kernel, made on like's device (no host copy)."""
-    k = torch.full((1, 1, 3, 3), 1 / 6, dtype=like.dtype, device=like.device)
-    k[..., ::2, ::2] = 1 / 12
-    k[..., 1, 1] = 0.0
-    return k
+def _smooth_121(v: Tensor) -> Tensor:
+    """v[j-1] + 2 v[j] + v[j+1] along the last dimension, zero beyond the ends."""
+    out = 2 * v
+    out[..., 1:] += v[..., :-1]
+    out[..., :-1] += v[..., 1:]
+    return out
 
 
-def _neighbour_sum(x: Tensor, kernel: Tensor) -> Tensor:
-    """(N, 1, H, W) -> the weighted sum of the 8 neighbours, zero outside the image."""
-    return F.conv2d(x, kernel, padding=1)
+def _neighbour_sum(x: Tensor) -> Tensor:
+    """(N, 1, H, W) -> the weighted sum of the 8 neighbours (1/6 direct, 1/12 diagonal), zero outside
+    the image: ([1 2 1] x [1 2 1] - 4 at the centre) / 12, in two separable passes (2.5x cheaper than a
+    3 x 3 ``conv2d`` of one channel on the CPU)."""
+    return (_smooth_121(_smooth_121(x).transpose(-1, -2)).transpose(-1, -2) - 4 * x) / 12
 
 
 class _Level(NamedTuple):
@@ -69,37 +71,43 @@ class _Level(NamedTuple):
     inv: Tensor
 
 
-def _apply(v: Tensor, level: _Level, kernel: Tensor) -> Tensor:
+def _apply(v: Tensor, level: _Level) -> Tensor:
     """The system's operator on the unknown pixels, s v - sum_j w_ij v_j over unknown j; 0 elsewhere.
     Symmetric positive definite on the unknowns (a weighted graph Laplacian with the kept pixels as
     boundary; semi-definite where a grid has no kept pixel). v: (N, 1, h, w), zero on the kept pixels."""
-    return level.m * (level.s * v - _neighbour_sum(v, kernel))
+    return level.m * (level.s * v - _neighbour_sum(v))
 
 
-def _bilinear(like: Tensor) -> Tensor:
-    """(1, 1, 4, 4) cell-centred bilinear kernel of 2x prolongation ([1, 3, 3, 1] / 4 in each direction)."""
-    k = torch.tensor([0.25, 0.75, 0.75, 0.25], dtype=like.dtype, device=like.device)
-    return (k[:, None] * k[None, :])[None, None]
+def _prolong_last(c: Tensor, n: int) -> Tensor:
+    """Cell-centred linear 2x interpolation along the last dimension, the edge value repeated past both
+    ends (3/4 of the own coarse value, 1/4 of the nearer neighbour's): (..., nc) -> (..., n), n <= 2 nc."""
+    left = torch.cat([c[..., :1], c[..., :-1]], dim=-1)
+    right = torch.cat([c[..., 1:], c[..., -1:]], dim=-1)
+    return torch.stack([0.75 * c + 0.25 * left, 0.75 * c + 0.25 * right], dim=-1).flatten(-2)[..., :n]
 
 
-def _restrict(r: Tensor, size: tuple[int, int], kernel: Tensor) -> Tensor:
-    """The transpose of ``_prolong``: (N, 1, h, w) -> (N, 1, hc, wc) = ``size`` (ceil(h/2), ceil(w/2))."""
-    h, w = r.shape[-2:]
-    hc, wc = size
-    y = F.conv2d(F.pad(r, (2, 2 * wc + 2 - w, 2, 2 * hc + 2 - h)), kernel, stride=2, padding=1)
-    y[..., 1, :] += y[..., 0, :]  # the transpose of repeating the edge rows and columns
-    y[..., -2, :] += y[..., -1, :]
-    y[..., 1] += y[..., 0]
-    y[..., -2] += y[..., -1]
-    return y[..., 1:-1, 1:-1]
+def _restrict_last(f: Tensor, nc: int) -> Tensor:
+    """The transpose of ``_prolong_last``: (..., n) -> (..., nc)."""
+    g = F.pad(f, (0, 2 * nc - f.shape[-1])).unflatten(-1, (nc, 2))
+    even, odd = g[..., 0], g[..., 1]
+    out = 0.75 * (even + odd)
+    out[..., 1:] += 0.25 * odd[..., :-1]
+    out[..., :-1] += 0.25 * even[..., 1:]
+    out[..., 0] += 0.25 * even[..., 0]  # the repeated edge values
+    out[..., -1] += 0.25 * odd[..., -1]
+    return out
 
 
-def _prolong(e: Tensor, size: tuple[int, int], kernel: Tensor) -> Tensor:
-    """Bilinear 2x interpolation, the edge repeated beyond the border (as ``F.interpolate(...,
+def _prolong(e: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear 2x interpolation, the edge repeated past the border (as ``F.interpolate(...,
     "bilinear", align_corners=False)``: constants stay constant up to the border, where the image's
     edges leave the system free): (N, 1, hc, wc) -> (N, 1, h, w) = ``size``."""
-    y = F.conv_transpose2d(F.pad(e, (1, 1, 1, 1), mode="replicate"), kernel, stride=2, padding=1)
-    return y[..., 2:2 + size[0], 2:2 + size[1]]
+    return _prolong_last(_prolong_last(e, size[1]).transpose(-1, -2), size[0]).transpose(-1, -2)
+
+
+def _restrict(r: Tensor, size: tuple[int, int]) -> Tensor:
+    """The transpose of ``_prolong``: (N, 1, h, w) -> (N, 1, hc, wc) = ``size`` (ceil(h/2), ceil(w/2))."""
+    return _restrict_last(_restrict_last(r, size[1]).transpose(-1, -2), size[0]).transpose(-1, -2)
 
 
 # Grids are halved (ceil) while their larger side exceeds this; the coarsest is solved exactly (dense).
@@ -108,18 +116,18 @@ JACOBI_WEIGHT = 0.8  # damped Jacobi (D^-1 A has eigenvalues in [0, 4/3] for thi
 SMOOTHING_STEPS = 1  # Jacobi steps before and after each coarse correction
 
 
-def _levels(m: Tensor, kernel: Tensor) -> list[_Level]:
+def _levels(m: Tensor) -> list[_Level]:
     """The hierarchy, finest first: a coarse pixel is unknown iff its 2 x 2 block (inside the image) is."""
     levels = []
     while True:
-        s = _neighbour_sum(torch.ones_like(m[:1]), kernel)
+        s = _neighbour_sum(torch.ones_like(m[:1]))
         levels.append(_Level(m, s, m / s))
         if max(m.shape[-2:]) <= COARSEST_SIDE:
             return levels
         m = -F.max_pool2d(-m, 2, ceil_mode=True)
 
 
-def _coarsest_inverse(level: _Level, kernel: Tensor) -> Tensor:
+def _coarsest_inverse(level: _Level) -> Tensor:
     """(N, n, n) inverse of each system's operator on the coarsest grid (n = h w pixels, at most
     ``COARSEST_SIDE``**2), with the identity on the kept pixels (decoupled from the unknown ones), by a
     float64 Cholesky factorisation (no host read). Positive definite wherever a system keeps a pixel (every
@@ -129,14 +137,14 @@ def _coarsest_inverse(level: _Level, kernel: Tensor) -> Tensor:
     n = h * w
     basis = torch.eye(n, dtype=level.m.dtype, device=level.m.device).reshape(n, 1, h, w)
     cols = _apply((level.m[:, None] * basis[None]).reshape(N * n, 1, h, w),
-                  _Level(level.m.repeat_interleave(n, dim=0), level.s, level.inv), kernel)
+                  _Level(level.m.repeat_interleave(n, dim=0), level.s, level.inv))
     a = cols.reshape(N, n, n).double() + torch.diag_embed((1 - level.m).reshape(N, n).double())
     a = (a + a.transpose(1, 2)) / 2 + 1e-12 * torch.eye(n, dtype=a.dtype, device=a.device)
     factor = torch.linalg.cholesky_ex(a).L
     return torch.cholesky_inverse(factor).to(level.m.dtype)
 
 
-def _v_cycle(r: Tensor, levels: list[_Level], coarsest: Tensor, kernel: Tensor, bilinear: Tensor) -> Tensor:
+def _v_cycle(r: Tensor, levels: list[_Level], coarsest: Tensor) -> Tensor:
     """One symmetric multigrid V-cycle for A e = r (the preconditioner of ``_solve``): damped Jacobi
     before and after the coarse correction, restriction the transpose of the prolongation, the coarsest
     grid solved exactly. r: (N, 1, h, w), zero on the kept pixels -> e, the same."""
@@ -146,12 +154,12 @@ def _v_cycle(r: Tensor, levels: list[_Level], coarsest: Tensor, kernel: Tensor, 
         return (coarsest @ r.reshape(N, h * w, 1)).reshape(N, 1, h, w) * level.m
     e = JACOBI_WEIGHT * level.inv * r
     for _ in range(SMOOTHING_STEPS - 1):
-        e = e + JACOBI_WEIGHT * level.inv * (r - _apply(e, level, kernel))
+        e = e + JACOBI_WEIGHT * level.inv * (r - _apply(e, level))
     size = levels[1].m.shape[-2:]
-    coarse_r = _restrict(r - _apply(e, level, kernel), size, bilinear) * levels[1].m
-    e = e + level.m * _prolong(_v_cycle(coarse_r, levels[1:], coarsest, kernel, bilinear), r.shape[-2:], bilinear)
+    coarse_r = _restrict(r - _apply(e, level), size) * levels[1].m
+    e = e + level.m * _prolong(_v_cycle(coarse_r, levels[1:], coarsest), r.shape[-2:])
     for _ in range(SMOOTHING_STEPS):
-        e = e + JACOBI_WEIGHT * level.inv * (r - _apply(e, level, kernel))
+        e = e + JACOBI_WEIGHT * level.inv * (r - _apply(e, level))
     return e
 
 
@@ -164,26 +172,25 @@ def _solve(img: Tensor, m: Tensor, iterations: int) -> Tensor:
     system s x_i - sum_j w_ij x_j = sum_known w_ij img_j over the unknown pixels (m = 1), from x = 0
     there; a system that has converged stops moving (no host read). img, m: (N, 1, H, W) -> (N, 1, H, W)
     with the kept pixels of img."""
-    kernel, bilinear = _stencil(img), _bilinear(img)
-    levels = _levels(m, kernel)
-    coarsest = _coarsest_inverse(levels[-1], kernel)
+    levels = _levels(m)
+    coarsest = _coarsest_inverse(levels[-1])
     fine = levels[0]
 
     def precondition(r):
-        return _v_cycle(r, levels, coarsest, kernel, bilinear)
+        return _v_cycle(r, levels, coarsest)
 
     def safe_div(a, b):
         return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(a))
 
     x = torch.zeros_like(img)
-    r = m * _neighbour_sum((1 - m) * img, kernel)
+    r = m * _neighbour_sum((1 - m) * img)
     z = precondition(r)
     p = z
     rz = _dot(r, z)
     floor = rz * (4 * torch.finfo(img.dtype).eps) ** 2
     for _ in range(iterations):
         active = rz > floor
-        q = _apply(p, fine, kernel)
+        q = _apply(p, fine)
         alpha = torch.where(active, safe_div(rz, _dot(p, q)), 0.0)
         x = x + alpha * p
         r = r - alpha * q
