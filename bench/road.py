@@ -3,6 +3,7 @@ process, per image at 224 x 224.
 
     git archive <commit> | tar -x -C /tmp/before        # any earlier checkout
     python -m bench.road /tmp/before --threads 1 [--images 1 --rounds 2 --size 224]
+    python -m bench.road /tmp/before --sweep          # this checkout's error and cost per step count
 
 On the bundled photos (``--images`` of them, one at a time) with a smooth CAM: the 18 imputations ROAD
 makes per image (MoRF and LeRF at the 9 percentiles, noise off), and ``road()`` end to end with ResNet50
@@ -38,6 +39,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds per checkout (alternated)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--no-road", action="store_true", help="time the imputations only")
+    ap.add_argument("--sweep", action="store_true",
+                    help="this checkout only: distance to 40 steps and CPU time per solve, for 8, 10, 12, 16 steps")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import torchvision
@@ -61,6 +64,16 @@ def main(argv=None) -> None:
     def run_road(module, x):
         return module.road(model, x, cam, 0, noise=0.0)
 
+    if args.sweep:
+        x = images[:1]
+        ends = [this.linear_impute(x, this.removal_mask(cam, q, most), 40) for q, most in masks]
+        for steps in (8, 10, 12, 16):
+            t = time.process_time()
+            got = [this.linear_impute(x, this.removal_mask(cam, q, most), steps) for q, most in masks]
+            seconds = (time.process_time() - t) / len(masks)
+            diff = max(float((a - b).abs().max()) for a, b in zip(got, ends))
+            print(f"{steps:3d} steps: max |x - x_40| {diff:.1e}   {seconds:.3f} s CPU per imputation")
+        return
     stages = [("imputations", impute)] + ([] if args.no_road else [("road()", run_road)])
     for name, fn in stages:
         times = {"other": [], "this": []}
