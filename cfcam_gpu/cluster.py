@@ -11,7 +11,9 @@ labels. Routes of the torch backend, chosen in ``_cluster_torch`` only:
 - sync-free (accelerators by default; ``sync_free=True`` anywhere): V for every pair
   (``distance.squared_distances``, blocks of static size) in groups of images of static size, no host
   read;
-- CPU: image by image, a Gram matrix screened with a proven error bound and refined exactly
+- CPU: image by image; where eps is 0 (the percentile's ranks fall among the zeros of V: many dead or
+  duplicate channels), DBSCAN on the groups of identical channels, found by exact hashes and checked
+  (``duplicates.py``, no (C, C) matrix); else a Gram matrix screened with a proven error bound and refined exactly
   (``screened.py``): in float32 for float32 features, else (float64 features, or a float32 image the
   float32 screen declined) in float64; an image both screens decline gets V for every pair. DBSCAN by
   breadth-first search on the screened neighbours (``dbscan.dbscan_by_search``).
@@ -36,7 +38,8 @@ from torch import Tensor
 from ._checks import check_ndim, check_tensor, decide_sync_free
 from .dbscan_ops import dbscan_by_search, dbscan_from_adjacency
 from .distance import squared_distances
-from .percentile_ops import percentile_from_squared, radius_from_squared, with_floor
+from .duplicates import zero_count_bound, zero_radius_clusters
+from .percentile_ops import matrix_rank, percentile_from_squared, radius_from_squared, with_floor
 from .screened import screened_neighbours
 
 BACKENDS = ("torch", "sklearn", "cuml")
@@ -164,7 +167,8 @@ def _cluster_float64(feats: Tensor, sync_free: bool, alive: Tensor | None = None
 
 
 def _cluster_cpu(feats: Tensor, rule: EpsRule = SEED_RULE) -> ChannelClusters:
-    """CPU: image by image, eps and neighbours screened and refined exactly (``screened.py``): float32
+    """CPU: image by image. Where eps is 0, DBSCAN on the groups of identical channels
+    (``duplicates.py``); else eps and neighbours screened and refined exactly (``screened.py``): float32
     features by a float32 screen, then (declined, or float64 features) by a float64 screen, then (both
     declined) V for every pair; labels by breadth-first search on the screened neighbours."""
     C = feats.shape[1]
@@ -178,7 +182,21 @@ def _cluster_cpu(feats: Tensor, rule: EpsRule = SEED_RULE) -> ChannelClusters:
             buffers[precision] = feats.new_empty(C, C, dtype=precision)
         return screened_neighbours(x, rule.q, buffers[precision], precision, rule.diagonal, rule.floor, mask)
 
-    for x in feats:
+    # eps = 0 (>= 25% of the distances are 0: many dead or duplicate channels): the groups of identical
+    # channels are the neighbourhoods, no (C, C) matrix (``duplicates.py``); hashed only where a cheap
+    # bound on the zeros allows eps = 0. Two host reads per batch.
+    zero_labels = {}
+    if not rule.floor:
+        maybe = (zero_count_bound(feats) > matrix_rank(C, rule.q, rule.diagonal)[1]).nonzero().squeeze(1)
+        if maybe.numel():
+            zero = zero_radius_clusters(feats[maybe], rule.q, min_samples, rule.diagonal)
+            zero_labels = {b: zero.labels[i]
+                           for i, (b, ok) in enumerate(zip(maybe.tolist(), zero.applies.tolist())) if ok}
+    for b, x in enumerate(feats):
+        if b in zero_labels:
+            labels.append(zero_labels[b])
+            eps.append(feats.new_zeros(()))
+            continue
         screened = neighbours(x, torch.float32) if feats.dtype == torch.float32 else None
         if screened is None:
             screened = neighbours(x, torch.float64)

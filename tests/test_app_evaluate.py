@@ -216,7 +216,7 @@ def test_road_is_optional_and_reported_per_method(tmp_path, photos, monkeypatch)
 
     real_road, calls = road_module.road, []
 
-    def quick_road(*args, **kwargs):  # the full imputation takes ~40 s per image on a CPU core
+    def quick_road(*args, **kwargs):  # ROAD makes 18 imputations per image: keep the test short
         calls.append(kwargs)
         return real_road(*args, **kwargs, iterations=2, percentiles=(30, 70))
 

@@ -29,6 +29,7 @@ import torch
 from cfcam_gpu import cluster
 from cfcam_gpu.cam import cfcam_from_features
 from cfcam_gpu.cluster import channel_clusters, seed_min_samples
+from cfcam_gpu.duplicates import zero_radius_clusters
 from cfcam_gpu.reference import cluster_reference
 
 from helpers import brute_squared, dbscan_labels, exact_integer_squared, rank_neighbours
@@ -102,10 +103,18 @@ def assert_same(got, eps, labels, route):
     assert np.array_equal(got.labels[0].numpy(), labels), f"{route}: labels differ from the oracle"
 
 
+def declined(feats, *args, **kwargs):
+    """``cluster.zero_radius_clusters`` declining every image (the eps = 0 route off)."""
+    got = zero_radius_clusters(feats, *args, **kwargs)
+    return got._replace(applies=torch.zeros_like(got.applies))
+
+
 def all_pairs_route(acts: torch.Tensor, monkeypatch) -> cluster.ChannelClusters:
-    """channel_clusters on the CPU with both screens declining: V for every pair (the last resort)."""
+    """channel_clusters on the CPU with the eps = 0 route and both screens declining: V for every pair
+    (the last resort)."""
     with monkeypatch.context() as m:
         m.setattr(cluster, "screened_neighbours", lambda *args, **kwargs: None)
+        m.setattr(cluster, "zero_radius_clusters", declined)
         return channel_clusters(acts)
 
 
