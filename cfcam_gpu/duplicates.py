@@ -3,7 +3,7 @@
 V[i, j] = 0 exactly when channels i and j are identical (``distance.sum_squared_differences``; -0.0 and
 0.0 count as equal), so the C*C matrix holds Z = sum_g s_g**2 zeros, s_g the sizes of the groups of
 identical channels (each channel alone is a group of 1). When the percentile's upper rank falls among
-those zeros (>= 25% of the entries are 0 for the seed's rule: many dead or duplicate channels), eps is 0
+those zeros (>= 25% of the entries are 0 for the 25th percentile: many dead or duplicate channels), eps is 0
 and so is the radius: a channel's neighbours are exactly its group. Then a channel is core iff its
 group has >= min_samples channels, the clusters are the core groups (numbered by their smallest index),
 and every other channel is noise: DBSCAN without the (C, C) matrix.
