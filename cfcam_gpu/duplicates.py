@@ -3,7 +3,7 @@
 V[i, j] = 0 exactly when channels i and j are identical (``distance.sum_squared_differences``; -0.0 and
 0.0 count as equal), so the C*C matrix holds Z = sum_g s_g**2 zeros, s_g the sizes of the groups of
 identical channels (each channel alone is a group of 1). When the percentile's upper rank falls among
-those zeros (>= 25% of the entries are 0 for the seed's rule: many dead or duplicate channels), eps is 0
+those zeros (>= 25% of the entries are 0 for the 25th percentile: many dead or duplicate channels), eps is 0
 and so is the radius: a channel's neighbours are exactly its group. Then a channel is core iff its
 group has >= min_samples channels, the clusters are the core groups (numbered by their smallest index),
 and every other channel is noise: DBSCAN without the (C, C) matrix.
@@ -11,7 +11,7 @@ and every other channel is noise: DBSCAN without the (C, C) matrix.
 Groups come from exact 64-bit hashes of the channels' bits (``distance.row_hashes``), sorted; every
 channel is then compared with its group's first channel, so a hash collision can only make the route
 decline, never change an answer. Static shapes, no host read. The CPU route first bounds the zeros
-cheaply (``zero_count_bound``: channels with equal minimum and maximum), hashes only the images whose
+cheaply (``zero_count_bound``: channels with equal maxima), hashes only the images whose
 bound reaches the percentile's rank, reads ``applies`` once per batch, and sends the others on to the
 screens.
 Shapes: B images, C channels, N = h*w values per channel.
@@ -65,16 +65,13 @@ def duplicate_groups(feats: Tensor) -> DuplicateGroups:
 
 def zero_count_bound(feats: Tensor) -> Tensor:
     """An upper bound on the zero entries of each image's V, without hashing: the sum of squared sizes of
-    the groups of channels with equal minimum and maximum (identical channels share both, exactly).
-    feats: (B, C, N) float -> (B,) int64. Two exact reductions and two sorts of (B, C): where it is at most
-    the percentile's upper rank, eps is not 0 and the hashes need not be computed."""
+    the groups of channels with equal maximum (identical channels share it, exactly). feats: (B, C, N)
+    float -> (B,) int64. One exact reduction and one sort of (B, C), about 0.2 ms per image at C = 2048,
+    N = 49: where it is at most the percentile's upper rank, eps is not 0 and nothing is hashed."""
     check_ndim(feats, 3, "feats", "(B, C, N)")
-    low, high = feats.aminmax(dim=2)
-    order = low.argsort(dim=1, stable=True)
-    order = order.gather(1, high.gather(1, order).argsort(dim=1, stable=True))  # by (high, low)
-    low, high = low.gather(1, order), high.gather(1, order)
-    starts = torch.ones_like(low, dtype=torch.bool)
-    starts[:, 1:] = (low[:, 1:] != low[:, :-1]) | (high[:, 1:] != high[:, :-1])
+    high = feats.amax(dim=2).sort(dim=1).values
+    starts = torch.ones_like(high, dtype=torch.bool)
+    starts[:, 1:] = high[:, 1:] != high[:, :-1]
     run = starts.long().cumsum(dim=1) - 1
     sizes = torch.zeros_like(run).scatter_add_(1, run, torch.ones_like(run))
     return sizes.square().sum(dim=1)

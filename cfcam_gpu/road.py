@@ -205,7 +205,7 @@ def _solve(img: Tensor, m: Tensor, iterations: int) -> Tensor:
 
 
 # Preconditioned steps: on a 224 x 224 photo with 10..90% of the pixels removed, 12 bring the float32
-# solution within 5e-6 of where 40 steps end (10: 6e-5, 8: 1e-3; ``python -m bench.road --sweep``).
+# solution within 1e-5 of where 40 steps end (10: 7e-5, 8: 1e-3; ``python -m bench.road --sweep``).
 ITERATIONS = 12
 
 
