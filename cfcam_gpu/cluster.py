@@ -35,9 +35,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._checks import check_ndim, check_tensor, decide_sync_free
+from ._checks import check_tensor, decide_sync_free
 from .dbscan_ops import dbscan_by_search, dbscan_from_adjacency
-from .distance import squared_distances
+from .distance import channel_features, squared_distances
 from .duplicates import zero_count_bound, zero_radius_clusters
 from .percentile_ops import matrix_rank, percentile_from_squared, radius_from_squared, with_floor
 from .screened import screened_neighbours
@@ -86,13 +86,6 @@ class ChannelClusters(NamedTuple):
     labels: Tensor
     eps: Tensor
     min_samples: int | None
-
-
-def _features(activations: Tensor) -> Tensor:
-    """(B, C, h, w) -> (B, C, h*w), float32 unless float64 (the features scikit-learn would see)."""
-    check_ndim(activations, 4, "activations", "(B, C, h, w)")
-    feats = activations.flatten(2)
-    return feats if feats.dtype == torch.float64 else feats.float()
 
 
 # The sync-free route clusters images in groups whose float64 (C, C) matrices fit in about this many
@@ -294,7 +287,7 @@ def channel_clusters(activations: Tensor, backend: str = "torch", *, sync_free: 
     check_tensor(activations, "activations")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    feats = _features(activations)
+    feats = channel_features(activations)
     if exclude_dead:
         if backend != "torch":
             raise ValueError(f"backend: exclude_dead supports only backend='torch', got {backend!r}")
@@ -315,7 +308,7 @@ def subset_clusters(activations: Tensor, keep: Tensor, rule: EpsRule, backend: s
     oracle: ``reference.subset_cluster_reference``).
     """
     check_tensor(activations, "activations")
-    feats = _features(activations)
+    feats = channel_features(activations)
     if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != feats.shape[:2]:
         raise ValueError(f"keep: expected a {tuple(feats.shape[:2])} bool tensor, got "
                          f"{tuple(keep.shape) if isinstance(keep, Tensor) else type(keep).__name__}")
