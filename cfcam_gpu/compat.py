@@ -26,7 +26,10 @@ import torch
 from torch import nn
 
 from . import engine as _engine
-from .compat_image import create_labels_legend, deprocess_image, show_cam_on_image, show_factorization_on_image
+from .compat_image import (SCALE_EPS, create_labels_legend, deprocess_image, show_cam_on_image,
+                           show_factorization_on_image)
+from .compat_tools import (AblationLayer, ActivationsAndGradients, DeepFeatureFactorization, GuidedBackpropReLUModel,
+                           on_model_device, run_dff_on_image)
 from .fuse import fuse_cams, minmax_scale
 from .methods import eigen as _eigen
 from .methods import fem as _fem
@@ -34,15 +37,11 @@ from .methods import finer as _finer
 from .methods import fullgrad as _fullgrad
 from .methods import gradient as _gradient
 from .methods import perturbation as _perturbation
-from .methods.dff import DeepFeatureFactorization as _NativeDFF
-from .methods import guided as _guided
 from .methods import random_cam as _random
 from .methods import refine as _refine
 from .methods import seg_eigen as _seg_eigen
 from .methods import sess as _sess
 from .methods import shapley as _shapley
-
-SCALE_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
 
 
 def to_numpy_maps(result, size) -> np.ndarray:
@@ -53,7 +52,18 @@ def to_numpy_maps(result, size) -> np.ndarray:
     return fuse_cams(raw, tuple(size), eps=SCALE_EPS).clamp_(0, 1).cpu().numpy()
 
 
-class _Compat:
+class _Closing:
+    """``with cam:`` closes the engine held in ``self.cam`` (its hooks) on exit."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cam.close()
+        return False
+
+
+class _Compat(_Closing):
     engine = _engine.CFCAM
     fixed: dict = {}
 
@@ -64,9 +74,7 @@ class _Compat:
 
     def __call__(self, input_tensor: torch.Tensor, targets=None, aug_smooth: bool = False,
                  eigen_smooth: bool = False) -> np.ndarray:
-        param = next(self.model.parameters(), None)
-        if param is not None:
-            input_tensor = input_tensor.to(param.device)
+        input_tensor = on_model_device(self.model, input_tensor)
         result = self.cam(input_tensor, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
         self.outputs = result.logits
         if aug_smooth:  # already pytorch-grad-cam's mean of scaled maps at the input size, not rescaled
@@ -75,13 +83,6 @@ class _Compat:
 
     def _to_numpy(self, result, size) -> np.ndarray:
         return to_numpy_maps(result, size)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.cam.close()
-        return False
 
 
 class ClusteredFilteredGradCAM(_Compat):
@@ -305,7 +306,7 @@ class SegEigenCAM(_Compat):
     engine = _seg_eigen.SegEigenCAM
 
 
-class RefineCAM:
+class RefineCAM(_Closing):
     """pytorch_grad_cam.RefineCAM's interface: ``RefineCAM(model, target_layers, reshape_transform=None,
     base_method=GradCAMPlusPlus, **kwargs)`` called with ``(input_tensor, targets=None, eigen_smooth=False)``
     -> (B, H, W) float32 NumPy: the min-max scaled product over the layers of the base method's map of
@@ -322,21 +323,12 @@ class RefineCAM:
         self.cam.eps = SCALE_EPS
 
     def __call__(self, input_tensor: torch.Tensor, targets=None, eigen_smooth: bool = False) -> np.ndarray:
-        param = next(self.model.parameters(), None)
-        if param is not None:
-            input_tensor = input_tensor.to(param.device)
+        input_tensor = on_model_device(self.model, input_tensor)
         result = self.cam(input_tensor, targets, eigen_smooth=eigen_smooth)
         self.outputs = result.logits
         return result.cams.clamp(0, 1).cpu().numpy()
 
     forward = __call__
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.cam.close()
-        return False
 
 
 class SESS(RefineCAM):
@@ -364,136 +356,11 @@ class SESS(RefineCAM):
     forward = __call__
 
 
-class GuidedBackpropReLUModel:
-    """pytorch_grad_cam.GuidedBackpropReLUModel's interface: ``GuidedBackpropReLUModel(model, device=None)``
-    (a device moves the model there), called with ``(input_img, target_category=None)`` -> the guided
-    gradient of the input as float32 NumPy (H, W, 3) for a batch of one image, as pytorch-grad-cam
-    (``target_category``: a class index; None: the top-1 class). For B > 1 images the result is
-    (B, H, W, 3), each image with its own top-1 class (pytorch-grad-cam returns image 0's only). The model
-    is not modified: its ``nn.ReLU`` modules are guided by hooks during the call, which are removed
-    afterwards, and its train/eval state is restored (``cfcam_gpu.methods.guided``)."""
-
-    def __init__(self, model: nn.Module, device=None):
-        self.model = model
-        if device is not None:
-            self.device = torch.device(device)
-            self.model = model.to(self.device)
-        else:
-            param = next(model.parameters(), None)
-            self.device = param.device if param is not None else torch.device("cpu")
-
-    def __call__(self, input_img: torch.Tensor, target_category=None) -> np.ndarray:
-        x = input_img.to(self.device)
-        if target_category is not None and not isinstance(target_category, (list, tuple)):
-            target_category = [int(target_category)] * len(x)
-        grad, _ = _guided.guided_backprop(self.model, x, target_category)
-        out = grad.permute(0, 2, 3, 1).float().cpu().numpy()
-        return out[0] if len(out) == 1 else out
-
-
-class DeepFeatureFactorization:
-    """pytorch_grad_cam.DeepFeatureFactorization's interface: ``DeepFeatureFactorization(model,
-    target_layer, reshape_transform=None, computation_on_concepts=None)`` called with ``(input_tensor,
-    n_components=16)`` -> concepts (C, K) float32 NumPy, a list of B explanation arrays (K, H, W) in [0, 1]
-    and, with ``computation_on_concepts``, its outputs on the concepts (K, L) NumPy. The factorisation
-    (scikit-learn's NMF, ``init="random"``, ``random_state=0``) runs in torch on the activations' device
-    (``cfcam_gpu.methods.dff``); the model runs in eval mode (restored afterwards)."""
-
-    def __init__(self, model: nn.Module, target_layer, reshape_transform=None, computation_on_concepts=None,
-                 **options):
-        self.model = model
-        self.dff = _NativeDFF(model, target_layer, reshape_transform, computation_on_concepts,
-                                                 **options)
-        self.dff.eps = SCALE_EPS
-
-    def __call__(self, input_tensor: torch.Tensor, n_components: int = 16):
-        param = next(self.model.parameters(), None)
-        if param is not None:
-            input_tensor = input_tensor.to(param.device)
-        out = self.dff(input_tensor, n_components)
-        concepts, maps = out[0].float().cpu().numpy(), list(out[1].float().cpu().numpy())
-        if len(out) == 2:
-            return concepts, maps
-        return concepts, maps, out[2].float().cpu().numpy()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-
-def run_dff_on_image(model: nn.Module, target_layer, classifier, img_pil, img_tensor: torch.Tensor,
-                     reshape_transform=None, n_components: int = 5, top_k: int = 2,
-                     labels: dict | None = None) -> np.ndarray:
-    """pytorch_grad_cam's ``run_dff_on_image``: Deep Feature Factorization of one image (img_tensor
-    (3, H, W), img_pil the same photo as a PIL image or (H, W, 3) uint8 array), its concepts classified by
-    ``classifier`` (concepts (K, C) -> (K, L) logits) -> uint8 (H, 3 W, 3): the photo, the components
-    coloured on it, and their legend (each concept's ``top_k`` classes with softmax scores). ``labels``
-    (class index -> name) defaults to ``model.config.id2label`` (Hugging Face models), as there."""
-    if labels is None:
-        labels = getattr(getattr(model, "config", None), "id2label", None)
-        if labels is None:
-            raise ValueError("labels: expected a dict of class names, or a model with config.id2label, got neither")
-    photo = np.asarray(img_pil)
-    dff = DeepFeatureFactorization(model, target_layer, reshape_transform, computation_on_concepts=classifier)
-    _, explanations, outputs = dff(img_tensor[None], n_components)
-    scores = torch.softmax(torch.from_numpy(outputs), dim=-1).numpy()
-    picture = show_factorization_on_image(photo / 255, explanations[0], image_weight=0.3,
-                                          concept_labels=create_labels_legend(scores, labels, top_k))
-    return np.hstack((photo, picture))
-
-
-
-class AblationLayer(nn.Module):
-    """pytorch_grad_cam.AblationLayer's name: ``AblationCAM(..., ablation_layer=AblationLayer())`` is the
-    default channel ablation (``methods.AblationCAM``). A marker only; the ablation itself is batched in
-    the engine."""
-
-
-class ActivationsAndGradients:
-    """pytorch_grad_cam.ActivationsAndGradients's interface: ``ActivationsAndGradients(model, target_layers,
-    reshape_transform, detach=True)``; calling it with ``x`` runs the model and returns its output, filling
-    ``activations`` (one per layer, in the order of the layers) and, after a backward pass, ``gradients``
-    (same order). With ``detach`` they are detached copies on the CPU (``reshape_transform`` applied),
-    as there; ``release()`` removes the hooks."""
-
-    def __init__(self, model: nn.Module, target_layers, reshape_transform=None, detach: bool = True):
-        self.model, self.reshape_transform, self.detach = model, reshape_transform, detach
-        self.activations: list = []
-        self.gradients: list = []
-        layers = list(target_layers) if isinstance(target_layers, (list, tuple)) else [target_layers]
-        self.handles = [layer.register_forward_hook(self._hook) for layer in layers]
-
-    def _keep(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.detach:
-            return t
-        t = t if self.reshape_transform is None else self.reshape_transform(t)
-        return t.detach().cpu()
-
-    def _hook(self, module, inputs, output):
-        self.activations.append(self._keep(output))
-        if isinstance(output, torch.Tensor) and output.requires_grad:
-            # backward reaches the layers last to first: each gradient goes in front
-            output.register_hook(lambda g: self.gradients.insert(0, self._keep(g)))
-
-    def __call__(self, x: torch.Tensor):
-        self.activations, self.gradients = [], []
-        return self.model(x)
-
-    def release(self) -> None:
-        self.activations, self.gradients = [], []
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-
 __all__ = [
     "AblationCAM", "AblationLayer", "ActivationsAndGradients", "ClusteredFilteredGradCAM",
     "DeepFeatureFactorization", "EigenCAM", "EigenGradCAM", "FEM", "FinerCAM", "FullGrad", "GradCAM",
     "GradCAMCompat", "GradCAMElementWise", "GradCAMPlusPlus", "GuidedBackpropReLUModel", "HiResCAM", "KPCA_CAM",
     "LayerCAM", "RandomCAM", "RefineCAM", "SESS", "ScoreCAM", "SegEigenCAM", "ShapleyCAM", "XGradCAM",
     "create_labels_legend", "deprocess_image", "run_dff_on_image", "show_cam_on_image",
-    "show_factorization_on_image", "to_numpy_maps",
+    "on_model_device", "show_factorization_on_image", "to_numpy_maps",
 ]

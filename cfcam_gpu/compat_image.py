@@ -15,6 +15,9 @@ from .methods import guided as _guided
 COLORMAP_JET = 2  # cv2.COLORMAP_JET
 
 
+SCALE_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image: (m - min) / (max + SCALE_EPS)
+
+
 def deprocess_image(img: np.ndarray) -> np.ndarray:
     """(img - mean) / (std + 1e-5) * 0.1 + 0.5 over all of the array's values, clipped to [0, 1], times 255
     as uint8, same shape. Guided Grad-CAM: ``deprocess_image(np.stack([cam] * 3, axis=-1) * gb)``."""
