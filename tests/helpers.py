@@ -282,3 +282,12 @@ def dbscan_labels(neighbours: np.ndarray, min_samples: int) -> np.ndarray:
 
     return DBSCAN(eps=0.5, min_samples=min_samples, metric="precomputed").fit(
         np.where(neighbours, 0.0, 1.0)).labels_
+
+
+def write_png(path, image, size: int = 96):
+    """image (H, W, 3) uint8 resized to size x size (bilinear) and saved as PNG at path (parents made)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).resize((size, size), Image.BILINEAR).save(path, format="PNG")
+    return path

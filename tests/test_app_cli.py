@@ -22,7 +22,7 @@ from cfcam_gpu.app import cli
 from cfcam_gpu.app.cli import main
 from cfcam_gpu.app.data import bundled_images
 from cfcam_gpu.app.outputs import output_names
-from helpers import manifest
+from helpers import manifest, write_png
 
 FAST = ["--model", "resnet18", "--workers", "0", "--quiet"]
 
@@ -31,11 +31,6 @@ FAST = ["--model", "resnet18", "--workers", "0", "--quiet"]
 def photos() -> dict[str, np.ndarray]:
     return dict(bundled_images())
 
-
-def write_png(path: Path, image: np.ndarray, size: int = 96) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).resize((size, size), Image.BILINEAR).save(path)
-    return path
 
 
 @pytest.fixture

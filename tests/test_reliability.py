@@ -9,6 +9,7 @@ bundled photos, with a random torchvision ResNet18.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import signal
@@ -29,6 +30,9 @@ from cfcam_gpu.app import outputs
 from cfcam_gpu.app.cli import main
 from cfcam_gpu.app.data import ImageFolderDataset, bundled_images
 from helpers import manifest
+from helpers import write_png as _write_png
+
+write_png = functools.partial(_write_png, size=64)  # small photos: fast runs
 
 FAST = ["--model", "resnet18", "--workers", "0", "--quiet"]
 
@@ -37,11 +41,6 @@ FAST = ["--model", "resnet18", "--workers", "0", "--quiet"]
 def photos() -> dict[str, np.ndarray]:
     return dict(bundled_images())
 
-
-def write_png(path: Path, image: np.ndarray, size: int = 64) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).resize((size, size), Image.BILINEAR).save(path, format="PNG")
-    return path
 
 
 @pytest.fixture
