@@ -56,6 +56,14 @@ class CAMResult:
             fields["layers"] = [CAMResult.cat([p.layers[i] for p in parts]) for i in range(len(first.layers))]
         return CAMResult(min_samples=first.min_samples, **fields)
 
+    def select(self, rows) -> "CAMResult":
+        """The result of the images ``rows`` (a slice or a (B',) index tensor): every per-image tensor
+        field, and each layer's result, restricted to them (a logits structure that is no tensor is kept)."""
+        fields = {name: (value[rows] if isinstance(value, Tensor) else value) for name, value in vars(self).items()}
+        if self.layers is not None:
+            fields["layers"] = [layer.select(rows) for layer in self.layers]
+        return CAMResult(**fields)
+
     @property
     def all_noise(self) -> Tensor | None:
         """(B,) bool: every channel was DBSCAN noise, so every weight is 0 and the CAM is all zeros (never

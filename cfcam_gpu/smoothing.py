@@ -73,13 +73,6 @@ def _repeat_targets(targets, B: int, A: int):
     return list(targets) * A
 
 
-def _rows(result: CAMResult, rows: slice) -> CAMResult:
-    """The result's per-image fields restricted to ``rows``."""
-    fields = {name: (value[rows] if isinstance(value, Tensor) else value)
-              for name, value in vars(result).items()}
-    return CAMResult(**fields)
-
-
 def aug_smooth(explain: Callable[[Tensor, object], CAMResult], images: Tensor, targets=None,
                flips: Sequence[bool] = FLIPS, factors: Sequence[float] = FACTORS) -> CAMResult:
     """Test-time augmentation smoothing around ``explain(images, targets) -> CAMResult``.
@@ -93,11 +86,9 @@ def aug_smooth(explain: Callable[[Tensor, object], CAMResult], images: Tensor, t
     B = images.shape[0]
     result = explain(augment(images, augs), _repeat_targets(targets, B, len(augs)))
     identity = next((a for a, (flip, factor) in enumerate(augs) if not flip and factor == 1.0), 0)
-    smoothed = _rows(result, slice(identity * B, (identity + 1) * B))
+    smoothed = result.select(slice(identity * B, (identity + 1) * B))
     smoothed.cams = aug_mean(result.cams, tuple(images.shape[-2:]), augs)
     smoothed.peak = unit_peak(smoothed.cams)  # the mean is final: it is not divided by its max
-    if result.layers is not None:
-        smoothed.layers = [_rows(layer, slice(identity * B, (identity + 1) * B)) for layer in result.layers]
     return smoothed
 
 

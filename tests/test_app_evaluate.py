@@ -126,6 +126,10 @@ def test_every_registry_method_is_accepted_and_robustness_is_na_without_layer_gr
     free = {name for name in METHODS if robustness_free(name)}
     assert {"scorecam", "ablationcam", "eigencam", "kpcacam", "fullgrad"} <= free
     assert not free & {"cfcam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigengradcam"}
+    assert {name: robustness_free(name) for name in ("fem", "randomcam", "shapleycam", "sess")} == {
+        "fem": "gradient-free", "randomcam": "gradient-free",
+        "shapleycam": "not a function of the layer's gradients alone",
+        "sess": "not a function of the layer's gradients alone"}
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.fromarray(photos["chelsea"][:96, :96]).save(folder / "chelsea.png")
@@ -190,6 +194,29 @@ def test_robustness_perturbs_the_map_that_was_asked_for(aug, eigen):
                            sigmas=(0.5,), aug_smooth=aug, eigen_smooth=eigen)["per_image"]["gradcam++"]
     np.testing.assert_allclose(scored["robustness"][0.5]["mse"], whole.mse.numpy(), rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(scored["robustness"][0.5]["ssim"], whole.ssim.numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_randomcam_share_of_a_batch_gets_its_one_process_weights():
+    """evaluate's randomcam weights come from the seed and the global batch, whatever the global random
+    state: a torchrun share of a batch gets the maps of the one-process run, another seed other maps."""
+    import torch
+    import torchvision
+
+    from cfcam_gpu.app.scores import score_methods
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    x = torch.randn(5, 3, 32, 32)
+
+    def cams(images, positions, seed=0):
+        torch.manual_seed(len(positions))  # the global state must not matter
+        return score_methods(model, "layer3", images, ["randomcam"], (0.5,) * 3, (0.2,) * 3, positions, 5,
+                             steps=1, sigmas=(), batch_size=3, seed=seed)["cams"]["randomcam"]
+
+    whole = cams(x, [0, 1, 2, 3, 4])
+    torch.testing.assert_close(cams(x[[1, 2, 4]], [1, 2, 4]), whole[[1, 2, 4]], rtol=0, atol=1e-6)
+    assert not torch.equal(cams(x, [0, 1, 2, 3, 4], seed=1), whole)
+    assert whole.amax((1, 2)).gt(0).any()
 
 
 def test_intervals_stay_within_each_quantity_range():

@@ -99,16 +99,19 @@ def test_paper_protocol_files_keys_and_ranges(tiny, tmp_path):
 
 def test_both_writes_both_and_is_seeded(tiny, tmp_path):
     out = tmp_path / "eval"
-    assert _run(tiny, out, "both", methods="gradcam") == 0
+    assert _run(tiny, out, "both", methods="gradcam,randomcam") == 0
     assert (out / "metrics.json").exists() and (out / "paper_metrics.json").exists()
     first = json.loads((out / "paper_metrics.json").read_text())
+    assert first["methods"]["randomcam"]["per_image"]["robustness"] is None  # its map ignores the gradients
     # the paper files are not replaced without --overwrite (a usage error, exit code 2)
     assert main(["evaluate", str(tiny), "--methods", "gradcam", "--steps", "5", "--out", str(out), "--quiet",
                  "--device", "cpu", "--protocol", "paper"]) == 2
-    assert main(["evaluate", str(tiny), "--methods", "gradcam", "--steps", "5", "--out", str(out), "--quiet",
-                 "--device", "cpu", "--protocol", "paper", "--overwrite"]) == 0
+    torch.manual_seed(1)  # randomcam's weights come from --seed, not from the global state
+    assert main(["evaluate", str(tiny), "--methods", "gradcam,randomcam", "--steps", "5", "--out", str(out),
+                 "--quiet", "--device", "cpu", "--protocol", "paper", "--overwrite"]) == 0
     again = json.loads((out / "paper_metrics.json").read_text())
-    assert again["methods"]["gradcam"]["per_image"] == first["methods"]["gradcam"]["per_image"]
+    for name in ("gradcam", "randomcam"):
+        assert again["methods"][name]["per_image"] == first["methods"][name]["per_image"]
 
 
 def test_default_protocol_writes_no_paper_files(tiny, tmp_path):

@@ -27,7 +27,7 @@ from . import distributed, outputs, results
 from .inputs import Item, short_path, collect_inputs
 from .options import (PATH_HELP, PROG, CLIError, write_failed, add_data_arguments, add_model_arguments,
                       check_data_arguments, check_model_arguments, load_model, make_loader, method_names,
-                      resolve_device, smoothing, uses_layer, add_smoothing_arguments)
+                      random_options, reseed, resolve_device, smoothing, uses_layer, add_smoothing_arguments)
 
 HELP = "explain images with CF-CAM / Grad-CAM / other CAM heatmaps"
 DESCRIPTION = """\
@@ -68,8 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_smoothing_arguments(group)
     group.add_argument("--seed", type=int, default=0, metavar="N",
                        help="seed of the model's random weights (any model without --weights, and a new "
-                            "--num-classes head): the same seed, the same model in every run (default 0; "
-                            "recorded in run.json, so --resume refuses another)")
+                            "--num-classes head) and of randomcam's channel weights: the same seed, the same "
+                            "model and maps in every run (default 0; recorded in run.json, so --resume "
+                            "refuses another)")
     group = parser.add_argument_group("speed")
     group.add_argument("--amp", choices=tuple(AMP_CHOICES), default="off",
                        help="autocast the model pass to bf16 or fp16 (clustering and filtering stay float32 "
@@ -275,7 +276,8 @@ def _explain(job: Job, pending: list[int], quiet: bool) -> tuple[int, int]:
     args, ctx, info = job.args, job.ctx, job.info
     options = {} if job.reshape is None or job.layer is None else {"reshape_transform": job.reshape}
     engine = build_method(args.method, job.model, job.layer, amp=AMP_CHOICES[args.amp],
-                          channels_last=args.channels_last, compile=args.compile, **options)
+                          channels_last=args.channels_last, compile=args.compile, **options,
+                          **random_options(args.method, job.device))
     if job.arrays is not None:
         dataset = ArrayDataset([job.items[i].key for i in pending], [job.arrays[i] for i in pending],
                                info.input_size, info.mean, info.std, keep_original=True)
@@ -365,6 +367,7 @@ def _explain_batch(job: Job, engine, batch, pending: list[int]):
         return rows, files
     batch_items = [job.items[pending[int(j)]] for j in batch.indices]
     images = batch.images.to(job.device, non_blocking=True)
+    reseed(engine, job.args.seed, pending[int(batch.indices[0])])  # randomcam: seeded by --seed and the batch
     for where, result in results.cams_by_group(engine, images, job.target, len(batch_items),
                                                smoothing(job.args)):
         part = batch_items[where]

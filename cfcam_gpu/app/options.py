@@ -77,6 +77,25 @@ def uses_layer(name: str) -> bool:
     return parameter is None or parameter.default is not None
 
 
+def random_options(name: str, device) -> dict:
+    """{"generator": a torch.Generator on ``device``} for a method that draws random numbers (its engine
+    takes a ``generator``: randomcam), else {}; ``reseed`` seeds it before each batch."""
+    from ..methods import METHODS
+
+    if "generator" not in inspect.signature(METHODS[name].__init__).parameters:
+        return {}
+    return {"generator": torch.Generator(device)}
+
+
+def reseed(engine, seed: int, index: int) -> None:
+    """Seed an engine's generator (``random_options``) from the run's ``seed`` and ``index`` (the batch's
+    first image, or the batch, in the run's order): the same command draws the same numbers for that batch
+    in every run."""
+    generator = getattr(engine, "generator", None)
+    if generator is not None:
+        generator.manual_seed(seed * 1_000_003 + index)
+
+
 def uses_gradients(name: str) -> bool:
     """True when the method's map is a function of the target layer's gradients (its pure
     (activations, gradients) function needs them): what evaluate's gradient-noise robustness measures.

@@ -29,7 +29,8 @@ from ..methods import ScoreCAM, build_method, from_features_fn
 from ..metrics import deletion_insertion, mean_ci
 from .report import pm
 from ..targets import resolve_targets
-from .options import CLIError
+from .options import CLIError, random_options, reseed
+from .scores import robustness_free
 
 FILES = ("paper_metrics.json", "paper_metrics.md")
 SCALARS = ("average_drop", "average_drop_clipped", "increase_in_confidence", "average_increase",
@@ -39,10 +40,10 @@ HEADERS = {"average_drop": "Avg Drop % (unclipped)", "average_drop_clipped": "Av
            "deletion_auc": "Deletion AUC", "insertion_auc": "Insertion AUC"}
 
 
-def _engine(name: str, model, layer, forward_batch_size: int):
+def _engine(name: str, model, layer, forward_batch_size: int, device):
     if name == "scorecam_logit":
         return ScoreCAM(model, layer, score="logit", score_batch_size=forward_batch_size)
-    options = {"score_batch_size": forward_batch_size} if name == "scorecam" else {}
+    options = {"score_batch_size": forward_batch_size} if name == "scorecam" else random_options(name, device)
     if name == "ablationcam":
         options["ablation_batch_size"] = max(forward_batch_size, 256)
     return build_method(name, model, layer, **options)
@@ -74,13 +75,14 @@ def score_paper(model, layer, images: torch.Tensor, methods, mean, std, steps: i
     generator = torch.Generator(images.device)
     out = {"targets": torch.cat([f[2] for f in feats]).tolist(), "per_image": {}}
     for name in methods:
-        engine = _engine(name, model, layer, fb)
-        fn = None if name == "scorecam_logit" else from_features_fn(name)
+        engine = _engine(name, model, layer, fb, images.device)
+        fn = None if robustness_free(name) else from_features_fn(name)  # gradient noise changes its map
         per = {k: [] for k in SCALARS}
         robust = {lv: {"ssim": [], "mse": []} for lv in levels}
         generator.manual_seed(seed)
-        for (i, j), (acts, grads, tgt) in zip(batches, feats):
+        for k, ((i, j), (acts, grads, tgt)) in enumerate(zip(batches, feats)):
             x = images[i:j]
+            reseed(engine, seed, k)  # randomcam: its weights seeded by (seed, batch)
             cams = engine(x, tgt).cams
             drop = P.paper_average_drop(model, x, cams, tgt, mean=mean, std=std, batch_size=fb)
             paste = P.paper_average_increase(model, x, cams, tgt, batch_size=fb)
@@ -148,7 +150,7 @@ def markdown(doc: dict) -> str:
                   "| Method | " + " | ".join(levels) + " |", "|---" * (len(levels) + 1) + "|"]
         for name, m in doc["methods"].items():
             rob = m["summary"]["robustness"]
-            cells = ["n/a (gradient-free)"] * len(levels) if rob is None else [
+            cells = [f"n/a ({robustness_free(name)})"] * len(levels) if rob is None else [
                 _fmt(rob[lv][metric], 4) for lv in levels]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

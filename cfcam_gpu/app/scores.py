@@ -14,7 +14,7 @@ from ..hooks import LeafCapture, eval_mode, forward_hook
 from ..layers import resolve_layer
 from ..methods import ScoreCAM, build_method, dead_channels, from_features_fn
 from ..targets import resolve_targets
-from .options import method_names, uses_gradients, uses_layer
+from .options import method_names, random_options, reseed, uses_gradients, uses_layer
 
 DEFAULT_METHODS = ("cfcam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "ablationcam")
 VARIANTS = ("scorecam_logit",)  # evaluation variants of registry methods; the rest: cfcam_gpu.methods.METHODS
@@ -34,11 +34,22 @@ def known_methods() -> tuple[str, ...]:
     return method_names() + VARIANTS
 
 
+GRADIENT_FREE = ("scorecam", "ablationcam") + VARIANTS  # no pure function, and no gradients either
+
+
 def robustness_free(name: str) -> str | None:
-    """Why the gradient-noise robustness does not apply to a method (None when it does)."""
-    if name in VARIANTS or not uses_gradients(name):
-        return "no target-layer gradients" if name not in VARIANTS and not uses_layer(name) else "gradient-free"
+    """Why the gradient-noise robustness does not apply to a method (None when it does): its maps use no
+    gradients, the method has no target layer, or its map is not a function of the layer's activations and
+    gradients alone (second derivatives, another class's gradients, a base method's fused maps)."""
+    if name in GRADIENT_FREE or (from_features_fn(name) is not None and not uses_gradients(name)):
+        return "gradient-free"
+    if not uses_layer(name):
+        return "no target-layer gradients"
+    if not uses_gradients(name):
+        return "not a function of the layer's gradients alone"
     return None
+
+
 SCALARS = ("average_drop", "increase_in_confidence", "average_drop_threshold",
            "increase_in_confidence_threshold", "deletion_auc", "insertion_auc")
 EXTRA_METRICS = ("road",)  # evaluate --metrics: optional, slow ones
@@ -50,10 +61,11 @@ def scalar_keys(metrics: Sequence[str] = ()) -> tuple[str, ...]:
     return SCALARS + (ROAD_SCALARS if "road" in metrics else ())
 
 
-def _engine(name: str, model, layer, forward_batch_size: int, reshape_transform=None):
+def _engine(name: str, model, layer, forward_batch_size: int, device, reshape_transform=None):
     options = {} if reshape_transform is None or not uses_layer(name) else {"reshape_transform": reshape_transform}
     if name == "scorecam_logit":
         return ScoreCAM(model, layer, score="logit", score_batch_size=forward_batch_size, **options)
+    options.update(random_options(name, device))
     if name == "scorecam":
         options["score_batch_size"] = forward_batch_size
     if name == "ablationcam":
@@ -178,6 +190,18 @@ def _road(model, x, cams, tgt, rows: list[int], n: int, seed: int, batch: int, b
             "road_lerf": result.lerf[keep].mean(1).tolist()}
 
 
+def _explain_rows(engine, x, tgt, rows: list[int], n: int, seed: int, batch: int, **options):
+    """``engine(x, tgt, **options)`` for rows ``rows`` of global batch ``batch`` (of ``n`` images). An engine
+    that draws random numbers (randomcam) is seeded by (seed, batch) and, for a share of the batch, run on
+    the batch padded as ``_padded`` pads it, so each image gets its one-process draw under torchrun."""
+    if getattr(engine, "generator", None) is None:
+        return engine(x, tgt, **options)
+    reseed(engine, seed, batch)
+    if rows == list(range(n)):
+        return engine(x, tgt, **options)
+    return engine(*_padded(rows, n, x, tgt), **options).select(torch.as_tensor(rows, device=x.device))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -214,7 +238,7 @@ def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], me
     out = {"targets": targets.cpu(), "probs": probs.cpu(), "per_image": {}, "curves": {}, "seconds": {},
            "cams": {}, "clusters": {}}
     for name in methods:
-        engine = _engine(name, model, layer, forward_batch_size, reshape_transform)
+        engine = _engine(name, model, layer, forward_batch_size, images.device, reshape_transform)
         per, curves = {k: [] for k in scalar_keys(metrics)}, {"deletion": [], "insertion": []}
         robust = {s: {"ssim": [], "mse": []} for s in sigmas}
         cams_all, clusters, t_cam, t_metrics = [], {"n_clusters": [], "noise": [], "dead": []}, 0.0, 0.0
@@ -224,7 +248,8 @@ def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], me
         for (i, j, (batch, rows, size)), (acts, grads, tgt, _) in zip(spans, feats):
             x = images[i:j]
             t0 = time.perf_counter()
-            res = engine(x, tgt, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
+            res = _explain_rows(engine, x, tgt, rows, size, seed, batch, aug_smooth=aug_smooth,
+                                eigen_smooth=eigen_smooth)
             cams = res.cams
             _sync(x.device)
             t1 = time.perf_counter()
