@@ -14,6 +14,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from .layers import resolve_layer
+
 
 def _grid(n: int, height: int | None, width: int | None, what: str) -> tuple[int, int]:
     if height is not None and width is not None:
@@ -99,12 +101,15 @@ def default_target(model: nn.Module) -> tuple[str, Callable | None]:
     "layer4"), no reshape. Other models: ValueError.
     """
     package, name = _family(model)
+    layer = None
     if package == "timm" and name in ("VisionTransformer", "VisionTransformerDistilled"):
-        return "blocks.-1.norm1", vit(prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)))
-    if package == "torchvision" and name == "VisionTransformer":
-        return "encoder.layers.-1.ln_1", vit(prefix_tokens=1)
-    if name == "SwinTransformer" and package in ("timm", "torchvision"):
-        return ("layers.-1" if package == "timm" else "features.-1"), swin()
+        layer = "blocks.-1.norm1"
+    elif package == "torchvision" and name == "VisionTransformer":
+        layer = "encoder.layers.-1.ln_1"
+    elif name == "SwinTransformer" and package in ("timm", "torchvision"):
+        layer = "layers.-1" if package == "timm" else "features.-1"
+    if layer is not None:
+        return layer, layer_transform(model, resolve_layer(model, layer))
     if name == "ResNet" and package in ("timm", "torchvision"):
         return "layer4", None
     if package == "torchvision" and name in ("VGG", "DenseNet", "MobileNetV2", "MobileNetV3", "EfficientNet",
@@ -113,3 +118,22 @@ def default_target(model: nn.Module) -> tuple[str, Callable | None]:
     raise ValueError(f"model: no default target layer for {package}.{name}; supported: timm and torchvision "
                      f"ViT/DeiT/Swin/ResNet, torchvision VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt; "
                      f"pass the layer (and a reshape_transform) yourself")
+
+
+def layer_transform(model: nn.Module, layer: nn.Module) -> Callable | None:
+    """The reshape_transform for ``layer``, a module of ``model``, told by the module rather than guessed
+    from its output's shape: None for a convolution (``nn.Conv2d``, e.g. the patch embedding's
+    ``patch_embed.proj``: it outputs a map (B, C, h, w) already) and for models of no transformer family
+    ``default_target`` knows; ``vit(prefix_tokens=...)`` for any other layer of a timm or torchvision
+    ViT/DeiT; ``swin(channels_last=True)`` for any other layer of a timm or torchvision Swin (tokens
+    (B, h, w, C), or (B, N, C) in older timm), so a grid as large as the channel count is no ambiguity."""
+    if isinstance(layer, nn.Conv2d):
+        return None
+    package, name = _family(model)
+    if package == "timm" and name in ("VisionTransformer", "VisionTransformerDistilled"):
+        return vit(prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)))
+    if package == "torchvision" and name == "VisionTransformer":
+        return vit(prefix_tokens=1)
+    if name == "SwinTransformer" and package in ("timm", "torchvision"):
+        return swin(channels_last=True)
+    return None

@@ -641,15 +641,17 @@ def test_a_layer_named_on_a_transformer_gets_the_reshape_and_token_models_need_a
     assert "--layer" in err and "(B, C, h, w)" in err
 
 
-def test_a_swin_layer_that_outputs_maps_is_not_permuted_as_tokens(three_images, tmp_path):
-    # timm Swin: patch_embed.proj is a convolution, (B, 96, 56, 56); the stages are (B, h, w, C)
+@pytest.mark.parametrize("model, shape", [("timm:swin_tiny_patch4_window7_224", (56, 56)),
+                                          ("timm:vit_tiny_patch16_224", (14, 14))])
+def test_a_transformer_layer_that_outputs_maps_is_not_reshaped_as_tokens(three_images, tmp_path, model, shape):
+    # patch_embed.proj is a convolution, (B, C, h, w): Swin's stages are (B, h, w, C), ViT's blocks (B, N, D)
     out = tmp_path / "proj"
-    assert main(["explain", str(three_images / "chelsea.png"), "--out", str(out), "--model",
-                 "timm:swin_tiny_patch4_window7_224", "--layer", "patch_embed.proj", "--method", "gradcam",
-                 "--workers", "0", "--quiet", "--device", "cpu", "--seed", "1"]) == 0
+    assert main(["explain", str(three_images / "chelsea.png"), "--out", str(out), "--model", model,
+                 "--layer", "patch_embed.proj", "--method", "gradcam", "--workers", "0", "--quiet", "--device",
+                 "cpu", "--seed", "1"]) == 0
     (row,) = manifest(out)
     cam = np.load(out / row["files"]["cam"])
-    assert cam.shape == (56, 56) and np.isfinite(cam).all() and not row["blank"]
+    assert cam.shape == shape and np.isfinite(cam).all() and not row["blank"]
 
 
 def test_contact_sheet_names_keep_method_names_with_underscores():

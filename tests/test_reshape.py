@@ -87,6 +87,42 @@ def test_swin_layers_of_both_layouts_equal_pytorch_grad_cam(seeded):
             assert cg.GradCAM(model, name, reshape_transform=swin())(images, [3, 7]).cams.shape == (2, 8, 8)
 
 
+def test_layer_transform_is_told_by_the_module_where_the_shape_fits_both_layouts(seeded):
+    """A Swin whose channel count equals its grid (8 channels on an 8 x 8 grid): swin() cannot tell the
+    layouts apart, layer_transform can (the convolution's map as it is, the norm's tokens permuted), and
+    its maps equal pytorch-grad-cam's with the layout written out; a ViT convolution needs no reshape."""
+    from torchvision.models.swin_transformer import SwinTransformer
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from cfcam_gpu.reshape import layer_transform
+
+    model = seeded(lambda: SwinTransformer(patch_size=[4, 4], window_size=[2, 2], embed_dim=8, depths=(1, 1),
+                                           num_heads=(1, 1))).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="cannot tell"):
+        cg.GradCAM(model, "features.0.1", reshape_transform=swin())(images, [3, 7])
+    for name, theirs_transform in (("features.0.0", None), ("features.0.1", lambda t: t.permute(0, 3, 1, 2))):
+        layer = cg.resolve_layer(model, name)
+        transform = layer_transform(model, layer)
+        assert (transform is None) == (name == "features.0.0")
+        with pgc.GradCAM(model, [layer], reshape_transform=theirs_transform) as theirs:
+            reference = theirs(images, [ClassifierOutputTarget(t) for t in (3, 7)])
+        with cc.GradCAM(model, [layer], reshape_transform=transform) as ours:
+            mine = ours(images, [3, 7])
+        assert reference.max() > 0.99
+        np.testing.assert_allclose(mine, reference, atol=1e-3, err_msg=name)
+    tv_vit = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8)
+    assert layer_transform(tv_vit, tv_vit.conv_proj) is None
+    assert layer_transform(tv_vit, tv_vit.encoder.layers[-1].ln_1) is not None
+    assert layer_transform(torchvision_resnet(), torchvision_resnet().layer4) is None
+
+
+def torchvision_resnet():
+    import torchvision
+
+    return torchvision.models.resnet18(weights=None)
+
+
 def test_default_target_families():
     import torchvision
     from torchvision.models.swin_transformer import SwinTransformer

@@ -186,11 +186,13 @@ def load_model(args: argparse.Namespace, device: torch.device):
 
     The architecture is built (random, or the packaged efficientnet_lite0 weights; random weights drawn
     from ``args.seed`` when it is set, so every run builds the same model) and the layer checked
-    before ``--weights`` is read. The default layer and the reshape (``default_target``); a --layer of a
-    transformer family gets the family's reshape too. CLIError on unknown names, TorchScript models (CAMs
-    need forward hooks), unknown layers, no default layer, and missing or mismatched weights.
+    before ``--weights`` is read. The default layer (``default_target``); a layer of a transformer family
+    gets the reshape its module calls for (``reshape.layer_transform``: none for a convolution). CLIError
+    on unknown names, TorchScript models (CAMs need forward hooks), unknown layers, no default layer, and
+    missing or mismatched weights.
     """
     from ..layers import resolve_layer
+    from ..reshape import layer_transform
     from .models import build_model, load_weights
 
     check_model_arguments(args)
@@ -215,9 +217,11 @@ def load_model(args: argparse.Namespace, device: torch.device):
                        "output a (B, C, h, w) feature map; token layouts are reshaped for ViT, DeiT and Swin "
                        "only); name a layer that outputs (B, C, h, w) with --layer")
     try:
-        resolve_layer(model, layer)
+        module = resolve_layer(model, layer)
     except (ValueError, TypeError) as error:
         raise CLIError(option_message(error)) from None
+    if transform is not None:  # a transformer family: the reshape the layer itself calls for
+        transform = layer_transform(model, module)
     if args.weights is not None:
         try:
             with warnings.catch_warnings():
