@@ -90,6 +90,8 @@ class CAMEngine:
     apply there. Targets: see ``cfcam_gpu.targets``.
     """
 
+    uses_gradients = True  # False: a gradient-free method; no graph is recorded and no backward runs
+
     def __init__(self, model: nn.Module, target_layer, reshape_transform: Callable | None = None,
                  check_values: bool = True, amp=False, channels_last: bool = False,
                  chunk_size: int | None = None, compile=False):
@@ -157,16 +159,18 @@ class CAMEngine:
     def _from_features(self, activations: Tensor, gradients: Tensor) -> CAMResult:
         raise NotImplementedError
 
-    def _to_maps(self, acts, grads) -> tuple[Tensor, Tensor]:
-        """The layer output and its gradient (any structure) -> float32 (or float64) (B, C, h, w) maps."""
+    def _to_maps(self, acts, grads) -> tuple[Tensor, Tensor | None]:
+        """The layer output and its gradient (any structure; None for a gradient-free method) -> float32
+        (or float64) (B, C, h, w) maps (the gradient None)."""
         if self.reshape_transform is not None:
-            acts, grads = self.reshape_transform(acts), self.reshape_transform(grads)
+            acts = self.reshape_transform(acts)
+            grads = None if grads is None else self.reshape_transform(grads)
         if not isinstance(acts, Tensor) or acts.ndim != 4:
             got = tuple(acts.shape) if isinstance(acts, Tensor) else type(acts).__name__
             raise ValueError(f"target_layer: expected the layer output to be (B, C, h, w), got shape "
                              f"{got}; {TOKENS_HINT}; presets: cfcam_gpu.reshape")
         if acts.dtype != torch.float64:  # bf16/fp16 from autocast: every result is float32
-            acts, grads = acts.float(), grads.float()
+            acts, grads = acts.float(), (None if grads is None else grads.float())
         return acts, grads
 
     def _gradients(self, scores: Tensor, outputs: list) -> list:
@@ -189,7 +193,7 @@ class CAMEngine:
     def _capture(self, images: Tensor, targets):
         """images (B, 3, H, W) -> per layer activations and gradients (B, C, h, w), the resolved Target,
         the detached model output."""
-        captures = [LeafCapture() for _ in self.target_layers]
+        captures = [LeafCapture(grad=self.uses_gradients) for _ in self.target_layers]
         with contextlib.ExitStack() as stack:
             for layer, capture in zip(self.target_layers, captures):
                 stack.enter_context(forward_hook(layer, capture))
@@ -202,8 +206,10 @@ class CAMEngine:
                 raise ValueError("target_layer: the layer did not run during the forward pass; "
                                  "pick a layer on the path from the input to the logits" + hint)
             target = resolve(targets, output)
-            with torch.enable_grad():  # also when the caller runs us under torch.no_grad()
-                grads = self._gradients(target.scores(output), [c.output for c in captures])
+            grads = [None] * len(captures)
+            if self.uses_gradients:
+                with torch.enable_grad():  # also when the caller runs us under torch.no_grad()
+                    grads = self._gradients(target.scores(output), [c.output for c in captures])
         maps = [self._to_maps(detach_output(c.output), g) for c, g in zip(captures, grads)]
         return [m[0] for m in maps], [m[1] for m in maps], target, detach_output(output)
 
@@ -290,10 +296,11 @@ class CAMEngine:
         """CAMs for a forward pass the caller already ran inside ``with cam:`` (no second forward).
 
         logits: the model output from that forward ((B, L) logits, or any output with callable targets),
-        computed with grad enabled -> CAMResult (several layers: fused at the largest layer's size, as
-        there are no images here); ``eigen_smooth`` as in ``__call__`` (``aug_smooth`` needs forwards of
-        its own, so it is not offered here). The ``compile`` option does not apply (the forward is
-        the caller's). A model the caller compiled works when its first compiled run is inside the
+        computed with grad enabled (a gradient-free method, ``uses_gradients`` False, takes no gradient
+        and accepts a forward under ``torch.no_grad``) -> CAMResult (several layers: fused at the largest
+        layer's size, as there are no images here); ``eigen_smooth`` as in ``__call__`` (``aug_smooth``
+        needs forwards of its own, so it is not offered here). The ``compile`` option does not apply (the
+        forward is the caller's). A model the caller compiled works when its first compiled run is inside the
         ``with`` block: dynamo does not guard on hooks, so code compiled before the hook existed never
         calls it (explain then says no forward pass was captured).
         """
@@ -309,11 +316,13 @@ class CAMEngine:
         if B != captured[0].shape[0]:
             raise ValueError(f"logits: expected {captured[0].shape[0]} rows (the captured batch), got {B}")
         target = resolve(targets, logits)
-        scores = target.scores(logits)
-        if not all(c.requires_grad for c in captured) or not scores.requires_grad:
-            raise ValueError("explain: the captured forward ran without gradients (under torch.no_grad "
-                             "or torch.inference_mode); run it with grad enabled")
-        grads = self._gradients(scores, captured)
+        grads = [None] * len(captured)
+        if self.uses_gradients:
+            scores = target.scores(logits)
+            if not all(c.requires_grad for c in captured) or not scores.requires_grad:
+                raise ValueError("explain: the captured forward ran without gradients (under torch.no_grad "
+                                 "or torch.inference_mode); run it with grad enabled")
+            grads = self._gradients(scores, captured)
         for p in self._pipelines:
             p.output = None
         maps = [self._to_maps(c.detach(), g) for c, g in zip(captured, grads)]

@@ -74,24 +74,31 @@ class LeafCapture:
     The model runs under ``no_grad``; at the target layer the output is detached into a leaf that requires
     grad, so autograd records only the layers above it: no graph, no saved tensors and no backward below
     the layer, whatever the parameters' requires_grad. With several target layers only the first one to
-    run is cut; the later ones are kept as they are in the graph above it.
+    run is cut; the later ones are kept as they are in the graph above it. ``grad=False`` (a gradient-free
+    method): the output is kept detached and grad mode stays off, so no graph is recorded at all.
     """
 
-    def __init__(self):
+    def __init__(self, grad: bool = True):
         self.output: Tensor | None = None
+        self.grad = grad
+
+    def _keep(self, t: Tensor) -> Tensor:
+        return _leaf(t) if self.grad else t.detach()
 
     def __call__(self, module, inputs, output):
         if isinstance(output, dict) and output and all(isinstance(v, Tensor) for v in output.values()):
-            torch.set_grad_enabled(True)  # a dict of feature maps (an FPN backbone): one leaf per entry
-            self.output = type(output)((k, _leaf(v)) for k, v in output.items())
+            if self.grad:
+                torch.set_grad_enabled(True)  # a dict of feature maps (an FPN backbone): one leaf per entry
+            self.output = type(output)((k, self._keep(v)) for k, v in output.items())
             return type(output)((k, v.clone()) for k, v in self.output.items())
         if not isinstance(output, Tensor):
             raise ValueError(f"target_layer: expected the layer to output a tensor (B, C, h, w) or a dict of "
                              f"tensors (with a reshape_transform), got {type(output).__name__}; pick a layer "
                              f"that returns one tensor")
-        torch.set_grad_enabled(True)
-        self.output = _leaf(output)
-        return self.output.clone()  # later in-place ops (ReLU(inplace=True), +=) must not touch the leaf
+        if self.grad:
+            torch.set_grad_enabled(True)
+        self.output = self._keep(output)
+        return self.output.clone()  # later in-place ops (ReLU(inplace=True), +=) must not touch the kept one
 
 
 class PipelineCapture:

@@ -310,3 +310,46 @@ def test_gradient_family_at_extreme_scales(resnet18_layer4, name, dtype):
             held = (np.abs(w_ref) > 1e-37) & (np.abs(w_ref) < 1e37)
             np.testing.assert_allclose(res.weights.double().numpy()[held], w_ref[held], rtol=1e-4,
                                        err_msg=f"{sa} {sg}")
+
+
+class _NoBackward(torch.autograd.Function):
+    """Identity whose backward fails: a model with it above the layer cannot be differentiated there."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward ran")
+
+
+class _Head(torch.nn.Module):
+    def forward(self, x):
+        return _NoBackward.apply(x)
+
+
+@pytest.mark.parametrize("name", ["eigencam", "kpcacam", "fem", "randomcam"])
+def test_gradient_free_methods_record_no_graph_and_run_no_backward(resnet18, x2, name):
+    """EigenCAM, KPCA-CAM, FEM and RandomCAM need no gradients: with a head whose backward fails they give
+    the maps they give on the plain model (Grad-CAM fails there), and ``explain`` works on a forward run
+    under torch.no_grad."""
+    from cfcam_gpu.methods import METHODS
+
+    broken = torch.nn.Sequential(resnet18, _Head()).eval()
+    options = {"generator": torch.Generator()} if name == "randomcam" else {}
+
+    def run(model):
+        if name == "randomcam":
+            options["generator"].manual_seed(0)
+        return METHODS[name](model, resnet18.layer4, **options)(x2, [281, 282]).cams
+
+    torch.testing.assert_close(run(broken), run(resnet18), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward ran"):
+        METHODS["gradcam"](broken, resnet18.layer4)(x2, [281, 282])
+    with METHODS[name](broken, resnet18.layer4, **options) as cam:
+        if name == "randomcam":
+            options["generator"].manual_seed(0)
+        with torch.no_grad():
+            logits = broken(x2)
+        torch.testing.assert_close(cam.explain(logits, [281, 282]).cams, run(resnet18), rtol=0, atol=0)

@@ -215,7 +215,9 @@ class EigenEngine(CAMEngine):
 
 
 class EigenCAM(EigenEngine):
-    """EigenCAM with the batched engine (the backward pass reaches only the layers above the target)."""
+    """EigenCAM with the batched engine (gradient-free: no backward pass)."""
+
+    uses_gradients = False
 
     def _from_features(self, activations, gradients):
         return eigencam_from_features(activations, gradients, check_values=self.check_values,
@@ -232,7 +234,9 @@ class EigenGradCAM(EigenEngine):
 
 class KPCACAM(EigenEngine):
     """KPCA-CAM with the batched engine; ``kernel`` ("sigmoid", pytorch-grad-cam's default), ``gamma``
-    (None: 1 / C), ``degree``, ``coef0`` as scikit-learn's ``KernelPCA``."""
+    (None: 1 / C), ``degree``, ``coef0`` as scikit-learn's ``KernelPCA``; gradient-free (no backward pass)."""
+
+    uses_gradients = False
 
     def __init__(self, model: nn.Module, target_layer, kernel: str = "sigmoid", gamma: float | None = None,
                  degree: int = 3, coef0: float = 1.0, **options):

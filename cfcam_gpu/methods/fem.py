@@ -40,7 +40,10 @@ def fem_from_features(activations: Tensor, gradients: Tensor | None = None, chec
 
 
 class FEM(CAMEngine):
-    """FEM with the batched engine; ``k`` the threshold in standard deviations (2, pytorch-grad-cam's)."""
+    """FEM with the batched engine; ``k`` the threshold in standard deviations (2, pytorch-grad-cam's);
+    gradient-free (no backward pass)."""
+
+    uses_gradients = False
 
     def __init__(self, model: nn.Module, target_layer, k: float = K_SIGMA, **options):
         super().__init__(model, target_layer, **options)

@@ -44,7 +44,10 @@ def randomcam_from_features(activations: Tensor, gradients: Tensor | None = None
 
 class RandomCAM(CAMEngine):
     """RandomCAM with the batched engine; ``generator``: a ``torch.Generator`` on the model's device
-    (None: torch's global generator). One draw of (B, C) weights per target layer and call."""
+    (None: torch's global generator). One draw of (B, C) weights per target layer and call; gradient-free
+    (no backward pass)."""
+
+    uses_gradients = False
 
     def __init__(self, model: nn.Module, target_layer, generator: torch.Generator | None = None, **options):
         super().__init__(model, target_layer, **options)
