@@ -191,8 +191,8 @@ class CAMEngine:
         return grads
 
     def _capture(self, images: Tensor, targets):
-        """images (B, 3, H, W) -> per layer activations and gradients (B, C, h, w), the resolved Target,
-        the detached model output."""
+        """images (B, 3, H, W) -> per layer activations and gradients (B, C, h, w; None for a gradient-free
+        method), the resolved Target, the detached model output."""
         captures = [LeafCapture(grad=self.uses_gradients) for _ in self.target_layers]
         with contextlib.ExitStack() as stack:
             for layer, capture in zip(self.target_layers, captures):

@@ -329,11 +329,11 @@ class _Head(torch.nn.Module):
         return _NoBackward.apply(x)
 
 
-@pytest.mark.parametrize("name", ["eigencam", "kpcacam", "fem", "randomcam"])
+@pytest.mark.parametrize("name", ["eigencam", "kpcacam", "fem", "randomcam", "scorecam", "ablationcam"])
 def test_gradient_free_methods_record_no_graph_and_run_no_backward(resnet18, x2, name):
-    """EigenCAM, KPCA-CAM, FEM and RandomCAM need no gradients: with a head whose backward fails they give
-    the maps they give on the plain model (Grad-CAM fails there), and ``explain`` works on a forward run
-    under torch.no_grad."""
+    """EigenCAM, KPCA-CAM, FEM, RandomCAM, Score-CAM and Ablation-CAM need no gradients: with a head whose
+    backward fails they give the maps they give on the plain model (Grad-CAM fails there), and
+    ``explain`` (where a method offers it) works on a forward run under torch.no_grad."""
     from cfcam_gpu.methods import METHODS
 
     broken = torch.nn.Sequential(resnet18, _Head()).eval()
@@ -347,6 +347,8 @@ def test_gradient_free_methods_record_no_graph_and_run_no_backward(resnet18, x2,
     torch.testing.assert_close(run(broken), run(resnet18), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="backward ran"):
         METHODS["gradcam"](broken, resnet18.layer4)(x2, [281, 282])
+    if name in ("scorecam", "ablationcam"):  # they need the images: no explain
+        return
     with METHODS[name](broken, resnet18.layer4, **options) as cam:
         if name == "randomcam":
             options["generator"].manual_seed(0)

@@ -36,7 +36,10 @@ def _pair_chunks(B: int, C: int, chunk: int, device, keep: Tensor | None = None)
 
 
 class _ForwardMixin:
-    """Model passes in eval mode under no_grad and the engine's autocast, state restored afterwards."""
+    """Model passes in eval mode under no_grad and the engine's autocast, state restored afterwards; the
+    maps come from those passes, so the capture takes no gradient (``uses_gradients`` False)."""
+
+    uses_gradients = False
 
     def _no_grad_forward(self, fn: Callable, *args):
         with eval_mode(self.model), torch.no_grad(), self._autocast(args[0]):
