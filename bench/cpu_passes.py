@@ -8,7 +8,7 @@ ratio (the first entry over each). Pairs:
 
   gram      float64 bmm + forming d2 (``distance.gram_squared_distances``) | float32 product of augmented rows
             (``screened.screened_squared_distances``), fresh output | the same into a reused buffer
-  sample    the bracket from a sorted strided sample | from two selections (``percentile.sampled_bracket``)
+  sample    the bracket from a sorted strided sample | from two selections (``percentile_ops.sampled_bracket``)
   split     the pass after the product as torch passes (lt, le ^ lt, nonzero, row counts) | NumPy in
             ``torch.get_num_threads()`` threads, each thread's rows at once | the same a cache-sized block at
             a time (``screened.split_at_bracket``, ``SPLIT_BLOCK_BYTES``) | the torch passes fused by
@@ -19,10 +19,10 @@ ratio (the first entry over each). Pairs:
   pct       percentile from the bracket with a bound per bracket entry (before) | from the candidates within
             2 Delta only (``screened.screened_percentile``)
   count     a bool ``sum`` | ``count_nonzero`` over a C*C mask
-  rows      row counts of a (C, C) mask: bool ``sum`` | bytes summed into int16 (``dbscan.row_counts``)
+  rows      row counts of a (C, C) mask: bool ``sum`` | bytes summed into int16 (``dbscan_ops.row_counts``)
   reach     one search step's rows of the adjacency (a quarter of them): bool ``any`` | byte ``amax`` (the
             library) | bit-packed rows OR-ed pairwise
-  dbscan    dense rounds (``dbscan.dbscan_from_adjacency``) | breadth-first search (``dbscan.dbscan_by_search``,
+  dbscan    dense rounds (``dbscan_ops.dbscan_from_adjacency``) | breadth-first search (``dbscan_ops.dbscan_by_search``,
             the CPU route) | scipy ``connected_components`` of the core graph alone (when importable)
 
 and, on the whole batch (ms per image), ``cluster``: the all-pairs route (``cluster._cluster_float64``:
@@ -83,7 +83,7 @@ def _blocked_sweep(P, Q, lo_v, hi_v, below, split):
 
 
 def _bracket_sorted(flat, ranks, width):
-    """What ``percentile.sampled_bracket`` replaced: the same sample, sorted whole."""
+    """What ``percentile_ops.sampled_bracket`` replaced: the same sample, sorted whole."""
     from cfcam_gpu.percentile_ops import bracket_positions, sample_step
 
     sample = flat[::sample_step(flat.numel(), width)].sort().values

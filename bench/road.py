@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from .against_checkout import load_checkout
+from . import common
 from .common import make_images
 
 
@@ -48,8 +48,8 @@ def main(argv=None) -> None:
     import cfcam_gpu.road as this
 
     other = importlib.import_module(load_checkout(args.other.resolve()).__name__ + ".road")
-    print(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')}  threads {args.threads}  size {args.size}  "
-          f"load average {os.getloadavg()}")
+    print(f"# {common.now_iso()}  threads {args.threads}  size {args.size}  "
+          f"load average {common.loadavg()}")
     print(f"# this: {Path(this.__file__).parent.parent}   other: {args.other}")
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
@@ -85,7 +85,7 @@ def main(argv=None) -> None:
                     t = time.process_time()
                     results[who] = fn(module, x[None])
                     times[who].append(time.process_time() - t)
-        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        med = {k: common.median(v) for k, v in times.items()}
         if name == "imputations":
             diff = max(float((a - b).abs().max()) for a, b in zip(results["this"], results["other"]))
         else:
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
         print(f"{name:12s} other {med['other']:7.2f} s/img   this {med['this']:6.2f} s/img   "
               f"ratio {med['other'] / med['this']:5.1f}x   max |this - other| {diff:.1e}   "
               f"(CPU time, median of {len(times['this'])})")
-    print(f"# load average after {os.getloadavg()}")
+    print(f"# load average after {common.loadavg()}")
 
 
 if __name__ == "__main__":

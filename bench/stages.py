@@ -6,13 +6,13 @@ features):
 
   distances       screened.screen: d~ by one matrix product, the percentile's bracket extracted
   percentile      screened.screened_percentile: exact order statistics from the bracket's window
-  dbscan          screened.screened_adjacency (in place of the screen's mask) + dbscan.dbscan_by_search
+  dbscan          screened.screened_adjacency (in place of the screen's mask) + dbscan_ops.dbscan_by_search
 
 elsewhere (accelerators: the sync-free all-pairs route):
 
   distances       cfcam_gpu.distance.squared_distances (exact V for every pair, float64)
   percentile      cfcam_gpu.percentile_ops.radius_from_squared(d2, 25, dtype): eps and the exact reach
-  dbscan          the exact relation d2 <= reach, dbscan.dbscan_from_adjacency
+  dbscan          the exact relation d2 <= reach, dbscan_ops.dbscan_from_adjacency
 
 then, on both:
 

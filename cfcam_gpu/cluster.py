@@ -16,12 +16,12 @@ labels. Routes of the torch backend, chosen in ``_cluster_torch`` only:
   (``duplicates.py``, no (C, C) matrix); else a Gram matrix screened with a proven error bound and refined exactly
   (``screened.py``): in float32 for float32 features, else (float64 features, or a float32 image the
   float32 screen declined) in float64; an image both screens decline gets V for every pair. DBSCAN by
-  breadth-first search on the screened neighbours (``dbscan.dbscan_by_search``).
+  breadth-first search on the screened neighbours (``dbscan_ops.dbscan_by_search``).
 Features whose largest magnitude lies outside [2**-32, 2**32] (float32) or [2**-400, 2**400] (float64)
 are first scaled by a power of two per image (exact; eps scaled back): V neither overflows nor
 underflows, and the float32 screen's products stay in range. Inside those ranges nothing is scaled.
 A pair is an eps-neighbour iff V <= reach, V's order statistic at the percentile's lower rank: exactly
-``d <= eps``, ties at eps included, with no rounded eps or eps**2 involved (``percentile.Radius``).
+``d <= eps``, ties at eps included, with no rounded eps or eps**2 involved (``percentile_ops.Radius``).
 ``exclude_dead`` leaves all-zero channels out (label -1): on the CPU each image's alive channels go
 through the routes above; the sync-free route masks them with static shapes. Both give the clustering of
 the alive channels alone. The published CF-CAM (``published.py``) clusters a subset the same way
@@ -177,7 +177,7 @@ def _cluster_cpu(feats: Tensor, rule: EpsRule = SEED_RULE) -> ChannelClusters:
 
     # eps = 0 (>= 25% of the distances are 0: many dead or duplicate channels): the groups of identical
     # channels are the neighbourhoods, no (C, C) matrix (``duplicates.py``); hashed only where a cheap
-    # bound on the zeros allows eps = 0. Two host reads per batch.
+    # bound on the zeros allows eps = 0. Three host reads per batch (this CPU route only).
     zero_labels = {}
     if not rule.floor:
         maybe = (zero_count_bound(feats) > matrix_rank(C, rule.q, rule.diagonal)[1]).nonzero().squeeze(1)
@@ -222,7 +222,7 @@ def _cluster_float64_batch(feats: Tensor, sync_free: bool, alive: Tensor | None 
     C = feats.shape[1]
     d2 = squared_distances(feats, sync_free)  # (B, C, C) float64, exact V
     # eps by the rule (the seed's: the percentile of the whole distance matrix) in the features' dtype,
-    # and the exact radius: d <= eps exactly iff V <= reach (``percentile.Radius``).
+    # and the exact radius: d <= eps exactly iff V <= reach (``percentile_ops.Radius``).
     eps, reach = with_floor(radius_from_squared(d2, rule.q, feats.dtype, sync_free, alive, rule.diagonal),
                             rule.floor)
     if rule.floor and alive is not None:  # as the CPU route: 0 where no channel is clustered

@@ -185,11 +185,6 @@ class FullGrad(_Compat):
         return minmax_scale(raw, SCALE_EPS).clamp_(0, 1).cpu().numpy()
 
 
-def _base_engine(base_method):
-    """FinerCAM's ``base_method`` -> our engine class (``_engine_of``; default Grad-CAM)."""
-    return _engine_of(base_method, GradCAM.engine)
-
-
 class FinerCAM(_Compat):
     """pytorch_grad_cam.FinerCAM's interface: ``FinerCAM(model, target_layers, reshape_transform=None,
     base_method=GradCAM)``, called with ``(input_tensor, targets=None, eigen_smooth=False, alpha=1,
@@ -201,7 +196,8 @@ class FinerCAM(_Compat):
     engine = _finer.FinerCAM
 
     def __init__(self, model: nn.Module, target_layers, reshape_transform=None, base_method=None, **options):
-        super().__init__(model, target_layers, reshape_transform, base=_base_engine(base_method), **options)
+        super().__init__(model, target_layers, reshape_transform, base=_engine_of(base_method, GradCAM.engine),
+                         **options)
 
     def __call__(self, input_tensor: torch.Tensor, targets=None, eigen_smooth: bool = False, alpha: float = 1,
                  comparison_categories=None, target_idx: int | None = None) -> np.ndarray:
@@ -268,7 +264,7 @@ class AblationCAM(_Compat):
         self.cam.pgc_batch_size = value
 
 
-def _engine_of(base_method, default, name: str = "base_method"):
+def _engine_of(base_method, default):
     """A ``base_method`` given as one of our drop-in classes, or a pytorch-grad-cam class of the same name
     -> our engine class (a method computed from the target layer's features)."""
     if base_method is None:
@@ -277,7 +273,7 @@ def _engine_of(base_method, default, name: str = "base_method"):
     if isinstance(ours, type) and issubclass(ours, _Compat) \
             and ours.engine._explain_images is _engine.CAMEngine._explain_images:
         return ours.engine
-    raise ValueError(f"{name}: expected a gradient or activation CAM class of cfcam_gpu.compat (e.g. GradCAM, "
+    raise ValueError(f"base_method: expected a gradient or activation CAM class of cfcam_gpu.compat (e.g. GradCAM, "
                      f"GradCAMPlusPlus, EigenCAM), got {base_method!r}")
 
 
@@ -314,12 +310,13 @@ class RefineCAM(_Closing):
     its base method's ``aug_smooth`` position, so there it aug-smooths instead). All layers come from one
     forward and backward pass."""
 
+    native, default_base = _refine.RefineCAM, _gradient.GradCAMPlusPlus
+
     def __init__(self, model: nn.Module, target_layers, reshape_transform=None, base_method=None, **kwargs):
         layers = list(target_layers) if isinstance(target_layers, (list, tuple)) else [target_layers]
         self.model, self.target_layers, self.outputs = model, layers, None
-        base = _engine_of(base_method, _gradient.GradCAMPlusPlus)
-        self.cam = _refine.RefineCAM(model, layers, base_method=base, reshape_transform=reshape_transform,
-                                     **kwargs)
+        base = _engine_of(base_method, self.default_base)
+        self.cam = self.native(model, layers, base_method=base, reshape_transform=reshape_transform, **kwargs)
         self.cam.eps = SCALE_EPS
 
     def __call__(self, input_tensor: torch.Tensor, targets=None, eigen_smooth: bool = False) -> np.ndarray:
@@ -339,12 +336,7 @@ class SESS(RefineCAM):
     float32 NumPy (``cfcam_gpu.methods.sess``). Deterministic: the same patches, scores and fusion as
     pytorch-grad-cam, for all images of the batch at once (``batch_size`` patches per pass, as there)."""
 
-    def __init__(self, model: nn.Module, target_layers, reshape_transform=None, base_method=None, **kwargs):
-        layers = list(target_layers) if isinstance(target_layers, (list, tuple)) else [target_layers]
-        self.model, self.target_layers, self.outputs = model, layers, None
-        base = _engine_of(base_method, _engine.GradCAM)
-        self.cam = _sess.SESS(model, layers, base_method=base, reshape_transform=reshape_transform, **kwargs)
-        self.cam.eps = SCALE_EPS
+    native, default_base = _sess.SESS, _engine.GradCAM
 
     def __call__(self, input_tensor: torch.Tensor, targets=None, eigen_smooth: bool = False) -> np.ndarray:
         if targets is not None and len(targets) != len(input_tensor):

@@ -13,11 +13,16 @@ from .methods import guided as _guided
 from .methods.dff import DeepFeatureFactorization as _NativeDFF
 
 
-def on_model_device(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x moved to the device of the model's first parameter (as pytorch-grad-cam does); as is for a
-    model without parameters."""
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter (where pytorch-grad-cam puts inputs); None without any."""
     param = next(model.parameters(), None)
-    return x if param is None else x.to(param.device)
+    return None if param is None else param.device
+
+
+def on_model_device(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x moved to ``model_device(model)``; as is for a model without parameters."""
+    device = model_device(model)
+    return x if device is None else x.to(device)
 
 
 class GuidedBackpropReLUModel:
@@ -35,13 +40,12 @@ class GuidedBackpropReLUModel:
             self.device = torch.device(device)
             self.model = model.to(self.device)
         else:
-            param = next(model.parameters(), None)
-            self.device = param.device if param is not None else torch.device("cpu")
+            self.device = model_device(model) or torch.device("cpu")
 
     def __call__(self, input_img: torch.Tensor, target_category=None) -> np.ndarray:
         x = input_img.to(self.device)
         if target_category is not None and not isinstance(target_category, (list, tuple)):
-            target_category = [int(target_category)] * len(x)
+            target_category = int(target_category)  # one class for every image: no index list to copy
         grad, _ = _guided.guided_backprop(self.model, x, target_category)
         out = grad.permute(0, 2, 3, 1).float().cpu().numpy()
         return out[0] if len(out) == 1 else out
@@ -111,7 +115,7 @@ class ActivationsAndGradients:
     reshape_transform, detach=True)``; calling it with ``x`` runs the model and returns its output, filling
     ``activations`` (one per layer, in the order of the layers) and, after a backward pass, ``gradients``
     (same order). With ``detach`` they are detached copies on the CPU (``reshape_transform`` applied),
-    as there; ``release()`` removes the hooks."""
+    as there; ``clear()`` empties both lists in place, ``release()`` clears them and removes the hooks."""
 
     def __init__(self, model: nn.Module, target_layers, reshape_transform=None, detach: bool = True):
         self.model, self.reshape_transform, self.detach = model, reshape_transform, detach
@@ -136,8 +140,12 @@ class ActivationsAndGradients:
         self.activations, self.gradients = [], []
         return self.model(x)
 
+    def clear(self) -> None:
+        self.activations.clear()
+        self.gradients.clear()
+
     def release(self) -> None:
-        self.activations, self.gradients = [], []
+        self.clear()
         for handle in self.handles:
             handle.remove()
         self.handles = []

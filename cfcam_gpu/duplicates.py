@@ -36,7 +36,8 @@ FLOAT64_SMALLEST = 2.0**-480
 class DuplicateGroups(NamedTuple):
     """first (B, C) int64: the smallest index of the channels identical to each channel; size (B, C)
     int64: how many there are (itself included); exact (B,) bool: every channel verified equal to its
-    ``first`` and every value finite (False: a hash collision or a non-finite value; do not use)."""
+    ``first`` and every value finite (False: a hash collision, a non-finite value or, for float64
+    features, a non-zero magnitude below ``FLOAT64_SMALLEST``; do not use)."""
 
     first: Tensor
     size: Tensor
@@ -88,7 +89,7 @@ class ZeroRadius(NamedTuple):
 def zero_radius_clusters(feats: Tensor, q: float, min_samples: int, diagonal: bool = True) -> ZeroRadius:
     """DBSCAN labels of the images whose q-th percentile of the channel distances is 0 (module notes).
 
-    feats: (B, C, N) float; q, diagonal: the percentile as ``percentile.matrix_rank``; min_samples: int
+    feats: (B, C, N) float; q, diagonal: the percentile as ``percentile_ops.matrix_rank``; min_samples: int
     -> ZeroRadius. Where ``applies``, the labels equal those of the neighbour relation V <= reach
     (``cluster.py``) and eps is exactly 0 (both order statistics of the percentile are 0).
     """

@@ -156,12 +156,12 @@ class CAMEngine:
             return contextlib.nullcontext()
         return torch.autocast(images.device.type, dtype=self.amp_dtype)
 
-    def _from_features(self, activations: Tensor, gradients: Tensor) -> CAMResult:
+    def _from_features(self, activations: Tensor, gradients: Tensor | None) -> CAMResult:
         raise NotImplementedError
 
     def _to_maps(self, acts, grads) -> tuple[Tensor, Tensor | None]:
-        """The layer output and its gradient (any structure; None for a gradient-free method) -> float32
-        (or float64) (B, C, h, w) maps (the gradient None)."""
+        """The layer output and its gradient (any structure; the gradient None for a gradient-free method)
+        -> float32 (or float64) (B, C, h, w) maps (the gradient's None when it was)."""
         if self.reshape_transform is not None:
             acts = self.reshape_transform(acts)
             grads = None if grads is None else self.reshape_transform(grads)
@@ -214,13 +214,15 @@ class CAMEngine:
         return [m[0] for m in maps], [m[1] for m in maps], target, detach_output(output)
 
     def _capture_one(self, images: Tensor, targets):
-        """The first target layer's activations, gradients (B, C, h, w), the Target, the model output."""
+        """The first target layer's activations (B, C, h, w), gradients (B, C, h, w; None when
+        ``uses_gradients`` is False), the Target, the model output."""
         acts, grads, target, output = self._capture(images, targets)
         return acts[0], grads[0], target, output
 
     def _features(self, images: Tensor, targets):
-        """-> activations, gradients (B, C, h, w) of the first layer, target class indices (B,) (None for
-        callable targets), the model output (logits (B, L) for classifiers)."""
+        """-> activations (B, C, h, w), gradients (B, C, h, w; None when ``uses_gradients`` is False) of the
+        first layer, target class indices (B,) (None for callable targets), the model output (logits (B, L)
+        for classifiers)."""
         acts, grads, target, output = self._capture_one(images, targets)
         return acts, grads, target.indices, output
 
@@ -238,11 +240,13 @@ class CAMEngine:
                                                getattr(self, "sync_free", None), with_peak=True)
         return result
 
-    def from_features(self, activations: Tensor, gradients: Tensor, eigen_smooth: bool = False) -> CAMResult:
+    def from_features(self, activations: Tensor, gradients: Tensor | None,
+                      eigen_smooth: bool = False) -> CAMResult:
         """The engine's map of features already captured at its (first) target layer, as ``__call__``
         makes it after the backward pass (``eigen_smooth`` as there).
 
-        activations, gradients: (B, C, h, w) -> CAMResult with cams (B, h, w).
+        activations, gradients: (B, C, h, w) (gradients may be None where ``uses_gradients`` is False)
+        -> CAMResult with cams (B, h, w).
         """
         return self._smooth(self._from_features(activations, gradients), activations, gradients, eigen_smooth)
 

@@ -62,7 +62,9 @@ class Robustness(NamedTuple):
 # Helpers.
 
 def check_metric_inputs(images: Tensor, cams, targets) -> tuple[Tensor, Tensor]:
-    """-> (cams as a tensor: NumPy maps, e.g. from ``cfcam_gpu.compat``, are accepted; class indices (B,))."""
+    """images (B, 3, H, W), cams (B, h, w) or (B, 1, h, w) (NumPy maps, e.g. from ``cfcam_gpu.compat``,
+    accepted), targets as ``road``/``average_drop_increase`` take them -> (cams as a tensor, class
+    indices (B,))."""
     check_ndim(images, 4, "images", "(B, 3, H, W)")
     check_floating(images, "images")
     if isinstance(cams, np.ndarray):
@@ -92,8 +94,8 @@ def check_batch_size(batch_size) -> int:
 
 def class_probabilities(model: nn.Module, make_inputs: Callable[[Tensor], Tensor], n: int, targets: Tensor,
                         batch_size: int, device) -> Tensor:
-    """Softmax probability of targets[i] for input i of n, built ``batch_size`` at a time by
-    make_inputs(indices) -> (S, 3, H, W). Eval mode, no_grad, every submodule's mode restored."""
+    """Softmax probability (n,) of targets[i] (targets (n,)) for input i of n, built ``batch_size`` at a
+    time by make_inputs(indices) -> (S, 3, H, W). Eval mode, no_grad, every submodule's mode restored."""
     out = torch.empty(n, device=device)
     with eval_mode(model), torch.no_grad():
         for i in range(0, n, batch_size):

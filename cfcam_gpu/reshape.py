@@ -89,6 +89,23 @@ def _family(model: nn.Module) -> tuple[str, str]:
     return cls.__module__.split(".")[0], cls.__name__
 
 
+# The default layer of each transformer family (``default_target``).
+TRANSFORMER_LAYERS = {"timm_vit": "blocks.-1.norm1", "torchvision_vit": "encoder.layers.-1.ln_1",
+                      "timm_swin": "layers.-1", "torchvision_swin": "features.-1"}
+
+
+def _transformer_family(model: nn.Module) -> str | None:
+    """The key of TRANSFORMER_LAYERS for a timm/torchvision ViT, DeiT or Swin; None for other models."""
+    package, name = _family(model)
+    if package == "timm" and name in ("VisionTransformer", "VisionTransformerDistilled"):
+        return "timm_vit"
+    if package == "torchvision" and name == "VisionTransformer":
+        return "torchvision_vit"
+    if package in ("timm", "torchvision") and name == "SwinTransformer":
+        return f"{package}_swin"
+    return None
+
+
 def default_target(model: nn.Module) -> tuple[str, Callable | None]:
     """(layer name, reshape_transform or None) commonly explained for a model family.
 
@@ -96,20 +113,16 @@ def default_target(model: nn.Module) -> tuple[str, Callable | None]:
     ``vit(prefix_tokens=model.num_prefix_tokens)`` (the last block's output feeds the head only through
     the class token, so its patch tokens get no gradient; the input of the last attention does);
     torchvision VisionTransformer (vit_*): "encoder.layers.-1.ln_1" with ``vit()``; timm and torchvision
-    SwinTransformer (swin_*): the last stage, "layers.-1" / "features.-1", with ``swin()``; torchvision
+    SwinTransformer (swin_*): the last stage, "layers.-1" / "features.-1", with ``swin(channels_last=True)``
+    (``layer_transform``); torchvision
     ResNet "layer4", VGG/DenseNet/MobileNet/EfficientNet/ConvNeXt "features.-1" (timm ResNet
     "layer4"), no reshape. Other models: ValueError.
     """
-    package, name = _family(model)
-    layer = None
-    if package == "timm" and name in ("VisionTransformer", "VisionTransformerDistilled"):
-        layer = "blocks.-1.norm1"
-    elif package == "torchvision" and name == "VisionTransformer":
-        layer = "encoder.layers.-1.ln_1"
-    elif name == "SwinTransformer" and package in ("timm", "torchvision"):
-        layer = "layers.-1" if package == "timm" else "features.-1"
-    if layer is not None:
+    family = _transformer_family(model)
+    if family is not None:
+        layer = TRANSFORMER_LAYERS[family]
         return layer, layer_transform(model, resolve_layer(model, layer))
+    package, name = _family(model)
     if name == "ResNet" and package in ("timm", "torchvision"):
         return "layer4", None
     if package == "torchvision" and name in ("VGG", "DenseNet", "MobileNetV2", "MobileNetV3", "EfficientNet",
@@ -127,13 +140,11 @@ def layer_transform(model: nn.Module, layer: nn.Module) -> Callable | None:
     ``default_target`` knows; ``vit(prefix_tokens=...)`` for any other layer of a timm or torchvision
     ViT/DeiT; ``swin(channels_last=True)`` for any other layer of a timm or torchvision Swin (tokens
     (B, h, w, C), or (B, N, C) in older timm), so a grid as large as the channel count is no ambiguity."""
-    if isinstance(layer, nn.Conv2d):
-        return None
-    package, name = _family(model)
-    if package == "timm" and name in ("VisionTransformer", "VisionTransformerDistilled"):
+    family = None if isinstance(layer, nn.Conv2d) else _transformer_family(model)
+    if family == "timm_vit":
         return vit(prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)))
-    if package == "torchvision" and name == "VisionTransformer":
+    if family == "torchvision_vit":
         return vit(prefix_tokens=1)
-    if name == "SwinTransformer" and package in ("timm", "torchvision"):
+    if family in ("timm_swin", "torchvision_swin"):
         return swin(channels_last=True)
     return None

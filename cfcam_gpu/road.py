@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hooks import eval_mode
-from .metrics import check_batch_size as _check_batch_size, check_metric_inputs as _check_inputs
-from .metrics import upsample_cams as _upsample
+from .metrics import check_batch_size, check_metric_inputs, upsample_cams
 from .percentile_ops import percentile
 
 PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
@@ -77,7 +76,8 @@ class _Level(NamedTuple):
 def _apply(v: Tensor, level: _Level) -> Tensor:
     """The system's operator on the unknown pixels, s v - sum_j w_ij v_j over unknown j; 0 elsewhere.
     Symmetric positive definite on the unknowns (a weighted graph Laplacian with the kept pixels as
-    boundary; semi-definite where a grid has no kept pixel). v: (N, 1, h, w), zero on the kept pixels."""
+    boundary; semi-definite where a grid has no kept pixel). v: (N, 1, h, w), zero on the kept pixels.
+    Reads the level's m and s only."""
     return level.m * (level.s * v - _neighbour_sum(v))
 
 
@@ -140,7 +140,7 @@ def _coarsest_inverse(level: _Level) -> Tensor:
     n = h * w
     basis = torch.eye(n, dtype=level.m.dtype, device=level.m.device).reshape(n, 1, h, w)
     cols = _apply((level.m[:, None] * basis[None]).reshape(N * n, 1, h, w),
-                  _Level(level.m.repeat_interleave(n, dim=0), level.s, level.inv))
+                  level._replace(m=level.m.repeat_interleave(n, dim=0)))  # one copy per basis vector
     a = cols.reshape(N, n, n).double() + torch.diag_embed((1 - level.m).reshape(N, n).double())
     a = (a + a.transpose(1, 2)) / 2 + 1e-12 * torch.eye(n, dtype=a.dtype, device=a.device)
     factor = torch.linalg.cholesky_ex(a).L
@@ -251,17 +251,18 @@ def road(model: nn.Module, images: Tensor, cams: Tensor, targets, percentiles: S
     images: (B, 3, H, W) model input; cams: (B, h, w) or (B, H, W) (upsampled bilinearly to the input,
     as in ``metrics``; NumPy maps accepted); targets: an int, B class indices or ClassifierOutputTargets;
     ``noise`` (std of the Gaussian noise added to imputed values; 0 for the deterministic imputation),
-    ``generator`` for that noise; ``iterations`` conjugate-gradient steps per level (``linear_impute``);
+    ``generator`` for that noise; ``iterations`` preconditioned conjugate-gradient steps (None:
+    ``ITERATIONS``; ``linear_impute``);
     ``batch_size`` images per model pass. Eval mode, no_grad, the model's train/eval state restored.
     No host read.
     """
-    cams, t = _check_inputs(images, cams, targets)
-    _check_batch_size(batch_size)
+    cams, t = check_metric_inputs(images, cams, targets)
+    check_batch_size(batch_size)
     if score not in ("logit", "softmax"):
         raise ValueError(f"score: expected 'logit' or 'softmax', got {score!r}")
     if not percentiles or not all(0 <= float(q) <= 100 for q in percentiles):
         raise ValueError(f"percentiles: expected values in [0, 100], got {tuple(percentiles)}")
-    maps = _upsample(cams, images.shape[-2:])
+    maps = upsample_cams(cams, images.shape[-2:])
     results = {True: [], False: []}
     with eval_mode(model), torch.no_grad():
         base = _scores(model, images, t, score, batch_size)

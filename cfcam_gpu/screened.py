@@ -27,7 +27,7 @@ float32 one in arithmetic and in traffic. Here, per image:
    (hundreds to a few thousand) and the two ranks read there. When lo_v <= L - Delta and H + Delta <=
    hi_v, the entries outside the bracket are decided too.
 4. Neighbours: a pair is a neighbour iff V <= reach, V's order statistic at the lower rank
-   (``percentile.Radius``: exactly ``d <= eps``, ties at eps included; at least the floor's reach).
+   (``percentile_ops.Radius``: exactly ``d <= eps``, ties at eps included; at least the floor's reach).
    Every entry below lo_v is a neighbour (lo_v <= reach - Delta) and every entry above hi_v is not, so
    the mask of step 3 becomes the adjacency in place: the bracket's entries with ``d~ <= reach`` are
    added, except those within delta of reach, which take ``V <= reach``; an entry further away lies on
@@ -156,7 +156,7 @@ def screen(x: Tensor, q: float, out: Tensor | None = None, precision: torch.dtyp
     x: (C, N) float32 or float64 -> Screened, or None when a precondition fails (the caller goes on).
     out: an optional (C, C) buffer in ``precision`` for d~; mask: an optional (C, C) bool buffer (the
     result's ``below`` is it); one of each serves all the images of a batch. precision: the screen's
-    dtype, float32 or float64 (None: x's dtype). ``diagonal``: as ``percentile.matrix_rank`` (False: the
+    dtype, float32 or float64 (None: x's dtype). ``diagonal``: as ``percentile_ops.matrix_rank`` (False: the
     percentile of the off-diagonal entries).
     """
     C, N = x.shape
@@ -250,7 +250,7 @@ def split_at_bracket(d: Tensor, lo_v: float, hi_v: float, below: Tensor) -> tupl
 def screened_percentile(sc: Screened, q: float, diagonal: bool = True) -> Radius | None:
     """Percentile stage: the q-th percentile (numpy's linear rule) of the C*C entries of sqrt(V) rounded
     to the features' dtype, exactly, and the exact neighbour radius (module notes, 3);
-    ``diagonal=False``: of the off-diagonal entries (``percentile.matrix_rank``). -> Radius(eps () in that
+    ``diagonal=False``: of the off-diagonal entries (``percentile_ops.matrix_rank``). -> Radius(eps () in that
     dtype, reach () float64), or None (decline)."""
     lo, hi, g = matrix_rank(sc.x64.shape[0], q, diagonal)
     below, vals, Delta = sc.n_below, sc.vals, sc.Delta

@@ -9,7 +9,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cfcam_gpu import cluster
 from cfcam_gpu.cam import CAMResult
+from cfcam_gpu.cluster import channel_clusters, seed_min_samples
+from cfcam_gpu.duplicates import zero_radius_clusters
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,3 +294,30 @@ def write_png(path, image, size: int = 96):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).resize((size, size), Image.BILINEAR).save(path, format="PNG")
     return path
+
+
+# Clustering oracles and routes shared by test_fuzz.py and test_duplicates.py.
+
+def rank_oracle(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """eps and labels for one image's features x (C, N) float32 or float64: the rank relation on the
+    brute-force float64 V, scikit-learn's DBSCAN labels (also for eps = 0, which scikit-learn refuses:
+    the neighbours are then the exact duplicates)."""
+    V = brute_squared(x.numpy())
+    dtype = np.float64 if x.dtype == torch.float64 else np.float32
+    eps = np.percentile(np.sqrt(V).astype(dtype), 25)
+    return torch.tensor(eps, dtype=x.dtype), dbscan_labels(rank_neighbours(V), seed_min_samples(x.shape[0]))
+
+
+def declined(feats, *args, **kwargs):
+    """``cluster.zero_radius_clusters`` declining every image (the eps = 0 route off)."""
+    got = zero_radius_clusters(feats, *args, **kwargs)
+    return got._replace(applies=torch.zeros_like(got.applies))
+
+
+def all_pairs_route(acts: torch.Tensor, monkeypatch) -> cluster.ChannelClusters:
+    """channel_clusters on the CPU with the eps = 0 route and both screens declining: V for every pair
+    (the last resort)."""
+    with monkeypatch.context() as m:
+        m.setattr(cluster, "screened_neighbours", lambda *args, **kwargs: None)
+        m.setattr(cluster, "zero_radius_clusters", declined)
+        return channel_clusters(acts)

@@ -11,7 +11,7 @@ from cfcam_gpu import cluster, duplicates
 from cfcam_gpu.cluster import channel_clusters, seed_min_samples
 from cfcam_gpu.duplicates import duplicate_groups, zero_count_bound, zero_radius_clusters
 
-from helpers import brute_squared, dbscan_labels, rank_neighbours, refuse_host_reads
+from helpers import all_pairs_route, brute_squared, rank_oracle, refuse_host_reads
 
 
 def duplicate_heavy(seed: int, dtype=torch.float32, C: int | None = None) -> torch.Tensor:
@@ -26,26 +26,6 @@ def duplicate_heavy(seed: int, dtype=torch.float32, C: int | None = None) -> tor
     x[(x == 0) & (g.random(x.shape) < 0.5)] = -0.0
     x = x * 2.0 ** int(g.integers(-60, 61))
     return torch.from_numpy(x).to(dtype).reshape(1, C, h, w)
-
-
-def brute_oracle(x: torch.Tensor) -> tuple[float, np.ndarray]:
-    """eps (numpy's percentile of the float64 distances) and the labels of the exact relation. x: (C, N)."""
-    V = brute_squared(x.numpy())
-    return float(np.percentile(np.sqrt(V), 25)), dbscan_labels(rank_neighbours(V), seed_min_samples(x.shape[0]))
-
-
-def declined(feats, *args, **kwargs) -> duplicates.ZeroRadius:
-    """``zero_radius_clusters`` declining every image."""
-    got = zero_radius_clusters(feats, *args, **kwargs)
-    return got._replace(applies=torch.zeros_like(got.applies))
-
-
-def all_pairs(acts: torch.Tensor, monkeypatch) -> cluster.ChannelClusters:
-    """The CPU route with this route and both screens declining: V for every pair."""
-    with monkeypatch.context() as m:
-        m.setattr(cluster, "screened_neighbours", lambda *args, **kwargs: None)
-        m.setattr(cluster, "zero_radius_clusters", declined)
-        return channel_clusters(acts)
 
 
 def test_groups_equal_numpy_row_equality():
@@ -66,16 +46,16 @@ def test_labels_equal_the_exact_relation_and_every_route(dtype, monkeypatch):
     for seed in range(60):
         acts = duplicate_heavy(seed, dtype)
         feats = acts.flatten(2)
-        eps, labels = brute_oracle(feats[0])
+        eps, labels = rank_oracle(feats[0])
         zero = zero_radius_clusters(feats, 25.0, seed_min_samples(feats.shape[1]))
-        assert bool(zero.applies[0]) == (eps == 0.0), seed  # it applies exactly where eps is 0
-        if eps == 0.0:
+        assert bool(zero.applies[0]) == bool(eps == 0), seed  # it applies exactly where eps is 0
+        if eps == 0:
             applied += 1
             assert zero.labels[0].tolist() == labels.tolist(), seed
         for route, got in [("CPU", channel_clusters(acts)), ("sync-free", channel_clusters(acts, sync_free=True)),
-                           ("all-pairs", all_pairs(acts, monkeypatch))]:
+                           ("all-pairs", all_pairs_route(acts, monkeypatch))]:
             assert got.labels[0].tolist() == labels.tolist(), (seed, route)
-            assert float(got.eps[0]) == pytest.approx(eps, rel=1e-6), (seed, route)
+            assert torch.equal(got.eps[0], eps), (seed, route)  # numpy's percentile, in the features' dtype
     assert applied >= 30, applied
 
 
@@ -107,8 +87,9 @@ def test_the_cheap_bound_holds_and_skips_the_hashes(monkeypatch):
 def test_a_hash_collision_declines(monkeypatch):
     """Every channel hashed alike: the check against each group's first channel catches it, and the CPU
     route still gives the exact labels (through the screens)."""
-    acts = duplicate_heavy(5)
-    _, labels = brute_oracle(acts.flatten(2)[0])
+    acts = duplicate_heavy(6)  # 4 distinct channels among 40
+    _, labels = rank_oracle(acts.flatten(2)[0])
+    assert bool(zero_radius_clusters(acts.flatten(2), 25.0, 2).applies[0])  # the route applies to it
     monkeypatch.setattr(duplicates, "row_hashes", lambda x: torch.zeros(x.shape[:2], dtype=torch.long))
     assert not bool(zero_radius_clusters(acts.flatten(2), 25.0, 2).applies.any())
     assert channel_clusters(acts).labels[0].tolist() == labels.tolist()
@@ -131,7 +112,7 @@ def test_the_cpu_route_takes_it_on_lite0_bn2(lite0_features, monkeypatch):
     acts = lite0_features["bn2"][0]
     feats = acts.flatten(2)
     zero = zero_radius_clusters(feats, 25.0, seed_min_samples(feats.shape[1]))
-    base = all_pairs(acts, monkeypatch)
+    base = all_pairs_route(acts, monkeypatch)
     assert bool(zero.applies.any()) and torch.equal(zero.applies, base.eps == 0)
     assert torch.equal(zero.labels[zero.applies], base.labels[zero.applies])
     for got in (channel_clusters(acts), channel_clusters(acts, sync_free=True)):
@@ -143,3 +124,27 @@ def test_bad_input_names_the_argument():
         duplicate_groups(torch.zeros(4, 5))
     with pytest.raises(TypeError, match="feats"):
         duplicate_groups(torch.zeros(1, 4, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("q", [25.0, 40.0])
+def test_other_percentiles_and_off_diagonal_eps_equal_the_reference(q, monkeypatch):
+    """The route under another eps rule (the q-th percentile of the off-diagonal distances, no floor, as
+    ``subset_clusters`` takes it): eps and labels equal the per-image scikit-learn reference's."""
+    from cfcam_gpu.cluster import EpsRule, subset_clusters
+
+    applied = []
+    real = cluster.zero_radius_clusters
+
+    def counted(*args, **kwargs):
+        got = real(*args, **kwargs)
+        applied.append(int(got.applies.sum()))
+        return got
+
+    monkeypatch.setattr(cluster, "zero_radius_clusters", counted)
+    rule = EpsRule(q=q, diagonal=False, floor=0.0)
+    for seed in range(20):
+        acts = duplicate_heavy(seed)
+        keep = torch.ones(acts.shape[:2], dtype=torch.bool)
+        got, want = subset_clusters(acts, keep, rule), subset_clusters(acts, keep, rule, backend="sklearn")
+        assert torch.equal(got.labels, want.labels) and torch.equal(got.eps, want.eps.to(got.eps.dtype)), seed
+    assert sum(applied) >= 5  # the eps = 0 route decided some of them

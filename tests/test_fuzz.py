@@ -26,13 +26,12 @@ import numpy as np
 import pytest
 import torch
 
-from cfcam_gpu import cluster
 from cfcam_gpu.cam import cfcam_from_features
 from cfcam_gpu.cluster import channel_clusters, seed_min_samples
-from cfcam_gpu.duplicates import zero_radius_clusters
 from cfcam_gpu.reference import cluster_reference
 
-from helpers import brute_squared, dbscan_labels, exact_integer_squared, rank_neighbours
+from helpers import (all_pairs_route, brute_squared, dbscan_labels, exact_integer_squared, rank_neighbours,
+                     rank_oracle)
 
 SHAPES = [(1, 1), (1, 2), (2, 1), (2, 2), (1, 7), (7, 1), (3, 3), (2, 5), (4, 4), (3, 6), (5, 5), (4, 7),
           (6, 6), (7, 7), (3, 11), (8, 8), (9, 9), (10, 10), (6, 14), (12, 12), (14, 14)]
@@ -40,21 +39,11 @@ KINDS = ("normal", "relu", "dead", "duplicates", "near_duplicates", "ties", "neg
 CASES = 240
 
 
-def oracle(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """eps and labels for one image's features x (C, N) float32 or float64: the rank relation on the
-    brute-force float64 V, scikit-learn's DBSCAN labels (also for eps = 0, which scikit-learn refuses:
-    the neighbours are then the exact duplicates)."""
-    V = brute_squared(x.numpy())
-    dtype = np.float64 if x.dtype == torch.float64 else np.float32
-    eps = np.percentile(np.sqrt(V).astype(dtype), 25)
-    return torch.tensor(eps, dtype=x.dtype), dbscan_labels(rank_neighbours(V), seed_min_samples(x.shape[0]))
-
-
 def rounded_square_labels(x: torch.Tensor) -> np.ndarray:
     """The labels of the relation the float32 routes once used: V <= eps**2 with eps**2 rounded to the
     features' precision (scikit-learn's comparison for float features). Drops some pairs at exactly eps."""
     V = brute_squared(x.numpy())
-    eps = float(oracle(x)[0])
+    eps = float(rank_oracle(x)[0])
     threshold = round_to_precision(eps * eps, 24) if x.dtype == torch.float32 else eps * eps
     return dbscan_labels(V <= threshold, seed_min_samples(x.shape[0]))
 
@@ -103,33 +92,18 @@ def assert_same(got, eps, labels, route):
     assert np.array_equal(got.labels[0].numpy(), labels), f"{route}: labels differ from the oracle"
 
 
-def declined(feats, *args, **kwargs):
-    """``cluster.zero_radius_clusters`` declining every image (the eps = 0 route off)."""
-    got = zero_radius_clusters(feats, *args, **kwargs)
-    return got._replace(applies=torch.zeros_like(got.applies))
-
-
-def all_pairs_route(acts: torch.Tensor, monkeypatch) -> cluster.ChannelClusters:
-    """channel_clusters on the CPU with the eps = 0 route and both screens declining: V for every pair
-    (the last resort)."""
-    with monkeypatch.context() as m:
-        m.setattr(cluster, "screened_neighbours", lambda *args, **kwargs: None)
-        m.setattr(cluster, "zero_radius_clusters", declined)
-        return channel_clusters(acts)
-
-
 @pytest.mark.parametrize("chunk", range(4))
 def test_every_route_equals_the_exact_oracle(chunk, monkeypatch):
     for seed in range(chunk, CASES, 4):
         acts, grads = make_case(seed)
         feats = acts.flatten(2)
-        eps, labels = oracle(feats[0])
+        eps, labels = rank_oracle(feats[0])
         ctx = f"seed {seed}, C {acts.shape[1]}, map {tuple(acts.shape[2:])}, {acts.dtype}"
         assert_same(channel_clusters(acts), eps, labels, f"CPU route ({ctx})")
         assert_same(channel_clusters(acts, sync_free=True), eps, labels, f"sync-free route ({ctx})")
         assert_same(all_pairs_route(acts, monkeypatch), eps, labels, f"all-pairs route ({ctx})")
         if acts.dtype == torch.float32:  # the same channels as float64 features: the float64 oracle
-            eps64, labels64 = oracle(feats[0].double())
+            eps64, labels64 = rank_oracle(feats[0].double())
             assert_same(channel_clusters(acts.double()), eps64, labels64, f"float64 features ({ctx})")
 
 
@@ -201,7 +175,7 @@ def make_tie_case(seed: int) -> torch.Tensor:
 def exact_oracle(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     """eps (numpy's percentile of the rounded distances) and the labels of ``d <= eps`` decided on the
     squared distances in exact integer arithmetic, for features x (C, N)."""
-    eps, _ = oracle(x)
+    eps, _ = rank_oracle(x)
     return eps, dbscan_labels(rank_neighbours(exact_integer_squared(x.numpy())), seed_min_samples(x.shape[0]))
 
 

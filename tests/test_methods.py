@@ -325,19 +325,31 @@ class _NoBackward(torch.autograd.Function):
 
 
 class _Head(torch.nn.Module):
+    """_NoBackward, recording whether grad mode was on or its input was in a graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.graph = []
+
     def forward(self, x):
+        self.graph.append(torch.is_grad_enabled() or x.requires_grad)
         return _NoBackward.apply(x)
 
 
-@pytest.mark.parametrize("name", ["eigencam", "kpcacam", "fem", "randomcam", "scorecam", "ablationcam"])
+@pytest.mark.parametrize("name", ["eigencam", "kpcacam", "fem", "randomcam", "scorecam", "ablationcam",
+                                  "refinecam"])
 def test_gradient_free_methods_record_no_graph_and_run_no_backward(resnet18, x2, name):
-    """EigenCAM, KPCA-CAM, FEM, RandomCAM, Score-CAM and Ablation-CAM need no gradients: with a head whose
-    backward fails they give the maps they give on the plain model (Grad-CAM fails there), and
-    ``explain`` (where a method offers it) works on a forward run under torch.no_grad."""
-    from cfcam_gpu.methods import METHODS
+    """EigenCAM, KPCA-CAM, FEM, RandomCAM, Score-CAM, Ablation-CAM and RefineCAM over EigenCAM need no
+    gradients: with a head whose backward fails they give the maps they give on the plain model (Grad-CAM
+    fails there), no graph reaches the head, and ``explain`` (where a method offers it) works on a forward
+    run under torch.no_grad."""
+    from cfcam_gpu.methods import METHODS, EigenCAM
 
-    broken = torch.nn.Sequential(resnet18, _Head()).eval()
+    head = _Head()
+    broken = torch.nn.Sequential(resnet18, head).eval()
     options = {"generator": torch.Generator()} if name == "randomcam" else {}
+    if name == "refinecam":
+        options["base_method"] = EigenCAM
 
     def run(model):
         if name == "randomcam":
@@ -345,9 +357,10 @@ def test_gradient_free_methods_record_no_graph_and_run_no_backward(resnet18, x2,
         return METHODS[name](model, resnet18.layer4, **options)(x2, [281, 282]).cams
 
     torch.testing.assert_close(run(broken), run(resnet18), rtol=0, atol=0)
+    assert head.graph and not any(head.graph)
     with pytest.raises(RuntimeError, match="backward ran"):
         METHODS["gradcam"](broken, resnet18.layer4)(x2, [281, 282])
-    if name in ("scorecam", "ablationcam"):  # they need the images: no explain
+    if name in ("scorecam", "ablationcam", "refinecam"):  # need the images / fuse at the input size: no explain
         return
     with METHODS[name](broken, resnet18.layer4, **options) as cam:
         if name == "randomcam":

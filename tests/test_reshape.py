@@ -113,7 +113,9 @@ def test_layer_transform_is_told_by_the_module_where_the_shape_fits_both_layouts
         np.testing.assert_allclose(mine, reference, atol=1e-3, err_msg=name)
     tv_vit = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8)
     assert layer_transform(tv_vit, tv_vit.conv_proj) is None
-    assert layer_transform(tv_vit, tv_vit.encoder.layers[-1].ln_1) is not None
+    tokens = torch.randn(2, 1 + 4, 8)  # the class token and a 2 x 2 grid of patches
+    got = layer_transform(tv_vit, tv_vit.encoder.layers[-1].ln_1)(tokens)
+    assert torch.equal(got, tokens[:, 1:].reshape(2, 2, 2, 8).permute(0, 3, 1, 2))
     assert layer_transform(torchvision_resnet(), torchvision_resnet().layer4) is None
 
 

@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grid-images", type=int, default=6, metavar="N",
                        help="rows of comparison.png (default 6)")
     group.add_argument("--seed", type=int, default=0,
-                       help="seed of the gradient noise and of a model's random weights (default 0)")
+                       help="seed of the gradient noise, of a model's random weights and of randomcam's "
+                            "channel weights (default 0)")
     add_max_pixels_argument(group)
     add_smoothing_arguments(group)
     group.add_argument("--protocol", choices=("default", "paper", "both"), default="default",

@@ -25,12 +25,12 @@ import torch
 from .. import paper_metrics as P
 from ..hooks import LeafCapture, eval_mode, forward_hook
 from ..layers import resolve_layer
-from ..methods import ScoreCAM, build_method, from_features_fn
+
 from ..metrics import deletion_insertion, mean_ci
 from .report import pm
 from ..targets import resolve_targets
-from .options import CLIError, random_options, reseed
-from .scores import robustness_free
+from .options import CLIError, reseed
+from .scores import build_engine, robustness_fn, robustness_free
 
 FILES = ("paper_metrics.json", "paper_metrics.md")
 SCALARS = ("average_drop", "average_drop_clipped", "increase_in_confidence", "average_increase",
@@ -38,15 +38,6 @@ SCALARS = ("average_drop", "average_drop_clipped", "increase_in_confidence", "av
 HEADERS = {"average_drop": "Avg Drop % (unclipped)", "average_drop_clipped": "Avg Drop % (clipped)",
            "increase_in_confidence": "Incr. in Conf. %", "average_increase": "Avg Increase (paste)",
            "deletion_auc": "Deletion AUC", "insertion_auc": "Insertion AUC"}
-
-
-def _engine(name: str, model, layer, forward_batch_size: int, device):
-    if name == "scorecam_logit":
-        return ScoreCAM(model, layer, score="logit", score_batch_size=forward_batch_size)
-    options = {"score_batch_size": forward_batch_size} if name == "scorecam" else random_options(name, device)
-    if name == "ablationcam":
-        options["ablation_batch_size"] = max(forward_batch_size, 256)
-    return build_method(name, model, layer, **options)
 
 
 def _features(model, layer, images: torch.Tensor):
@@ -75,8 +66,8 @@ def score_paper(model, layer, images: torch.Tensor, methods, mean, std, steps: i
     generator = torch.Generator(images.device)
     out = {"targets": torch.cat([f[2] for f in feats]).tolist(), "per_image": {}}
     for name in methods:
-        engine = _engine(name, model, layer, fb, images.device)
-        fn = None if robustness_free(name) else from_features_fn(name)  # gradient noise changes its map
+        engine = build_engine(name, model, layer, fb, images.device)
+        fn = robustness_fn(name)  # None where gradient noise does not reach the map
         per = {k: [] for k in SCALARS}
         robust = {lv: {"ssim": [], "mse": []} for lv in levels}
         generator.manual_seed(seed)

@@ -12,7 +12,7 @@ import torch
 from .. import metrics as M
 from ..hooks import LeafCapture, eval_mode, forward_hook
 from ..layers import resolve_layer
-from ..methods import ScoreCAM, build_method, dead_channels, from_features_fn
+from ..methods import METHODS, ScoreCAM, build_method, dead_channels, from_features_fn
 from ..targets import resolve_targets
 from .options import method_names, random_options, reseed, uses_gradients, uses_layer
 
@@ -34,14 +34,12 @@ def known_methods() -> tuple[str, ...]:
     return method_names() + VARIANTS
 
 
-GRADIENT_FREE = ("scorecam", "ablationcam") + VARIANTS  # no pure function, and no gradients either
-
-
 def robustness_free(name: str) -> str | None:
-    """Why the gradient-noise robustness does not apply to a method (None when it does): its maps use no
-    gradients, the method has no target layer, or its map is not a function of the layer's activations and
-    gradients alone (second derivatives, another class's gradients, a base method's fused maps)."""
-    if name in GRADIENT_FREE or (from_features_fn(name) is not None and not uses_gradients(name)):
+    """Why the gradient-noise robustness does not apply to a method (None when it does): its engine takes
+    no gradients (``uses_gradients`` False), the method has no target layer, or its map is not a function
+    of the layer's activations and gradients alone (second derivatives, another class's gradients, a base
+    method's fused maps)."""
+    if name in VARIANTS or not getattr(METHODS[name], "uses_gradients", True):
         return "gradient-free"
     if not uses_layer(name):
         return "no target-layer gradients"
@@ -61,7 +59,9 @@ def scalar_keys(metrics: Sequence[str] = ()) -> tuple[str, ...]:
     return SCALARS + (ROAD_SCALARS if "road" in metrics else ())
 
 
-def _engine(name: str, model, layer, forward_batch_size: int, device, reshape_transform=None):
+def build_engine(name: str, model, layer, forward_batch_size: int, device, reshape_transform=None):
+    """The engine of an evaluated method (or variant): model passes ``forward_batch_size`` at a time,
+    randomcam's generator on ``device`` (``random_options``), no layer for a method that takes none."""
     options = {} if reshape_transform is None or not uses_layer(name) else {"reshape_transform": reshape_transform}
     if name == "scorecam_logit":
         return ScoreCAM(model, layer, score="logit", score_batch_size=forward_batch_size, **options)
@@ -73,7 +73,7 @@ def _engine(name: str, model, layer, forward_batch_size: int, device, reshape_tr
     return build_method(name, model, layer if uses_layer(name) else None, **options)
 
 
-def _fn(name: str):
+def robustness_fn(name: str):
     """The method's pure (activations, gradients) function; None where the robustness metric does not
     apply (it then perturbs ``smoothed_map_fn``'s map)."""
     return None if robustness_free(name) else from_features_fn(name)
@@ -238,11 +238,11 @@ def score_methods(model, layer, images: torch.Tensor, methods: Sequence[str], me
     out = {"targets": targets.cpu(), "probs": probs.cpu(), "per_image": {}, "curves": {}, "seconds": {},
            "cams": {}, "clusters": {}}
     for name in methods:
-        engine = _engine(name, model, layer, forward_batch_size, images.device, reshape_transform)
+        engine = build_engine(name, model, layer, forward_batch_size, images.device, reshape_transform)
         per, curves = {k: [] for k in scalar_keys(metrics)}, {"deletion": [], "insertion": []}
         robust = {s: {"ssim": [], "mse": []} for s in sigmas}
         cams_all, clusters, t_cam, t_metrics = [], {"n_clusters": [], "noise": [], "dead": []}, 0.0, 0.0
-        fn = _fn(name)
+        fn = robustness_fn(name)
         generator.manual_seed(seed)
         next_batch = 0  # global batches whose noise is drawn
         for (i, j, (batch, rows, size)), (acts, grads, tgt, _) in zip(spans, feats):

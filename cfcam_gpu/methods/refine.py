@@ -50,6 +50,7 @@ class RefineCAM(CAMEngine):
                              f"{base_method.__name__}, which runs passes of its own")
         super().__init__(model, target_layer, **{k: v for k, v in options.items() if k in ENGINE_OPTIONS})
         self.base = base_method(model, target_layer, **options)
+        self.uses_gradients = self.base.uses_gradients  # a gradient-free base: no graph, no backward
         self.eps = 0.0  # pytorch-grad-cam's scaling uses 1e-7 (cfcam_gpu.compat sets it)
 
     def _from_features(self, activations, gradients):

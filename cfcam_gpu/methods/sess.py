@@ -110,8 +110,7 @@ def _patch_targets(target: Target, b: Tensor):
     callable on the whole output: they were checked against the output once already, and checking them
     again for every chunk of patches would read the device each time."""
     if target.kind == "index":
-        indices = target.indices[b]
-        return lambda output: primary_output(output).gather(1, indices[:, None])[:, 0]
+        return lambda output: target.rows(output, b)
     if target.kind == "each":
         return [target.fns[i] for i in b.tolist()]
     if target.kind == "batch":
